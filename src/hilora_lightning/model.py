@@ -1,0 +1,253 @@
+"""``HiLoRAViT``: a LightningModule with a frozen timm ViT, tiered LoRA adapters and a head.
+
+The *stage* (a :class:`~hilora_lightning.tiers.Tier`) decides what trains: the stage's tier (and the
+head, unless ``train_head=False``) gets gradients, the tiers above it stay active and frozen, the
+tiers below are inactive. The loss is cross-entropy plus the stage's cross-tier orthogonality terms.
+
+Override points for subclasses:
+
+* :meth:`build_backbone` - create a different frozen network (any ``nn.Module`` with Linear layers
+  matching the targets and a ``get_classifier()`` or ``head``).
+* :meth:`compute_loss` - replace the task loss (the orthogonality term is added by the step).
+* :meth:`orthogonality_loss` - replace the regularizer.
+* ``training_step`` / ``validation_step`` as in any LightningModule.
+
+Example:
+    >>> import lightning.pytorch as pl
+    >>> from hilora_lightning import HiLoRAViT
+    >>> from hilora_lightning.data import DigitsDataModule
+    >>> model = HiLoRAViT(backbone="hilora-digits-vit", num_classes=10, stage="root")
+    >>> trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1,
+    ...                      logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    >>> trainer.fit(model, DigitsDataModule(quarter_turns=1))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from hilora_lightning.backbone import create_backbone
+from hilora_lightning.config import AdapterConfig
+from hilora_lightning.inject import find_tiered_layers, inject_tiers
+from hilora_lightning.layer import TieredLoRALinear
+from hilora_lightning.orthogonality import ORTHO_SIDES, stage_penalty
+from hilora_lightning.tiers import Tier, parse_tiers
+
+__all__ = ["HiLoRAViT"]
+
+
+class HiLoRAViT(pl.LightningModule):
+    """A frozen timm ViT with root / cluster / leaf LoRA tiers, trained one stage at a time.
+
+    Args:
+        backbone: a timm model name or ``"hilora-digits-vit"`` (the embedded pretrained backbone).
+        num_classes: number of classes of the head.
+        adapter: an :class:`AdapterConfig` or its dict form (ranks, alphas, targets).
+        stage: the tier that trains first (``"root"``, ``"cluster"``, ``"leaf"``).
+        pretrained: load timm's pretrained weights (needs network or a cache).
+        pretrained_file: local weight file for the backbone (timm ``pretrained_cfg_overlay``).
+        backbone_kwargs: extra ``timm.create_model`` arguments (``img_size``, ...).
+        lr: AdamW learning rate of the trainable parameters.
+        weight_decay: AdamW weight decay.
+        gamma_c: weight of the penalty against the frozen root tier.
+        gamma_l: weight of the penalty against the frozen cluster tier (leaf stage).
+        ortho_side: ``"B"`` (column spaces, the paper) or ``"A"`` (row spaces, for ablations).
+        train_head: whether the classification head trains with the stage's tier.
+        seed: seed of the tiers' initial ``A`` factors (equal seeds give equal shared tiers).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "hilora-digits-vit",
+        num_classes: int = 10,
+        adapter: AdapterConfig | Mapping[str, Any] | None = None,
+        stage: Tier | str = Tier.ROOT,
+        pretrained: bool = False,
+        pretrained_file: str | None = None,
+        backbone_kwargs: Mapping[str, Any] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        gamma_c: float = 0.1,
+        gamma_l: float = 0.1,
+        ortho_side: str = "B",
+        train_head: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        cfg = adapter if isinstance(adapter, AdapterConfig) else AdapterConfig.from_dict(adapter or {})
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr!r}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        if gamma_c < 0 or gamma_l < 0:
+            raise ValueError(f"gamma_c and gamma_l must be >= 0, got {gamma_c!r} and {gamma_l!r}")
+        if ortho_side not in ORTHO_SIDES:
+            raise ValueError(f"ortho_side must be one of {ORTHO_SIDES}, got {ortho_side!r}")
+        # hparams hold plain types only, so a checkpoint can rebuild the module (load_from_checkpoint)
+        self.save_hyperparameters(ignore=["adapter", "stage"])
+        self.hparams["adapter"] = cfg.to_dict()
+        self.hparams["stage"] = Tier.parse(stage).value
+        self.adapter_config = cfg
+        self.strict_loading = False  # adapter-only checkpoints: the frozen backbone is rebuilt, not stored
+        self.model = self.build_backbone()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tiered_layers: dict[str, TieredLoRALinear] = inject_tiers(self.model, cfg, seed=seed)
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.stage: Tier = Tier.ROOT
+        self.set_stage(stage)
+
+    # ---------------------------------------------------------------- construction
+    def build_backbone(self) -> nn.Module:
+        """Create the backbone from the hyper-parameters; override to use another network."""
+        hp = self.hparams
+        return create_backbone(
+            hp["backbone"],
+            num_classes=hp["num_classes"],
+            pretrained=hp["pretrained"],
+            pretrained_file=hp["pretrained_file"],
+            **dict(hp["backbone_kwargs"] or {}),
+        )
+
+    @property
+    def head(self) -> nn.Module:
+        """The classification head (timm's ``get_classifier()``)."""
+        get = getattr(self.model, "get_classifier", None)
+        head = get() if callable(get) else getattr(self.model, "head", None)
+        if not isinstance(head, nn.Module):
+            raise RuntimeError(
+                f"{type(self.model).__name__} exposes no classification head: expected get_classifier() "
+                "or a .head module; override HiLoRAViT.head in your subclass"
+            )
+        return head
+
+    # ---------------------------------------------------------------- stage switches
+    def set_stage(self, stage: Tier | str) -> None:
+        """Train ``stage``'s tier (and the head); keep the tiers above active and frozen."""
+        stage = Tier.parse(stage)
+        self.stage = stage
+        self.hparams["stage"] = stage.value
+        for layer in self.tiered_layers.values():
+            layer.set_active([*stage.frozen_above(), stage])
+            layer.set_trainable([stage])
+        for p in self.head.parameters():
+            p.requires_grad_(bool(self.hparams["train_head"]))
+
+    def set_active_tiers(self, tiers: Iterable[Tier | str]) -> None:
+        """Choose which tiers contribute to the output (e.g. root only for a tier-wise table)."""
+        tiers = parse_tiers(list(tiers))
+        for layer in self.tiered_layers.values():
+            layer.set_active(tiers)
+
+    @contextlib.contextmanager
+    def using_tiers(self, tiers: Iterable[Tier | str]) -> Iterator[None]:
+        """Temporarily evaluate with only ``tiers`` active."""
+        before = {name: layer.active for name, layer in self.tiered_layers.items()}
+        self.set_active_tiers(tiers)
+        try:
+            yield
+        finally:
+            for name, layer in self.tiered_layers.items():
+                layer.set_active(before[name])
+
+    def reset_tier(self, tier: Tier | str, seed: int) -> None:
+        """Re-initialize ``tier`` as a no-op (``B = 0``, ``A`` from ``seed``) on every layer."""
+        for layer in self.tiered_layers.values():
+            layer.reset_tier(tier, seed)
+
+    # ---------------------------------------------------------------- loss
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)  # type: ignore[no-any-return]
+
+    def compute_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """The task loss; cross-entropy by default."""
+        return F.cross_entropy(logits, target)
+
+    def orthogonality_loss(self) -> Tensor:
+        """The stage's cross-tier penalty (zero in the root stage), summed over adapted layers."""
+        frozen = {Tier.ROOT: self.hparams["gamma_c"], Tier.CLUSTER: self.hparams["gamma_l"]}
+        side = self.hparams["ortho_side"]
+        key = "lora_B" if side == "B" else "lora_A"
+        layers = list(self.tiered_layers.values())
+        above = self.stage.frozen_above()
+        if not above or not layers:
+            return torch.zeros((), device=self.device)
+        trainable = [getattr(layer, key)[self.stage.value] for layer in layers]
+        pairs = [(float(frozen[t]), [getattr(layer, key)[t.value] for layer in layers]) for t in above]
+        return stage_penalty(trainable, pairs, side=side)
+
+    def _shared_step(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        return self.compute_loss(logits, y), logits, y
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        task, logits, y = self._shared_step(batch)
+        ortho = self.orthogonality_loss()
+        loss = task + ortho
+        self.train_acc(logits.detach(), y)
+        bs = y.shape[0]
+        self.log("train/loss", loss, batch_size=bs, prog_bar=True)
+        self.log("train/task_loss", task, batch_size=bs)
+        self.log("train/ortho", ortho, batch_size=bs)
+        self.log("train/acc", self.train_acc, batch_size=bs, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        task, logits, y = self._shared_step(batch)
+        self.val_acc(logits, y)
+        self.log("val/loss", task, batch_size=y.shape[0], prog_bar=True)
+        self.log("val/acc", self.val_acc, batch_size=y.shape[0], prog_bar=True)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        task, logits, y = self._shared_step(batch)
+        self.test_acc(logits, y)
+        self.log("test/loss", task, batch_size=y.shape[0])
+        self.log("test/acc", self.test_acc, batch_size=y.shape[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError(
+                f"nothing to train in stage {self.stage.value!r}: the tier is frozen and train_head=False"
+            )
+        return torch.optim.AdamW(params, lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
+
+    # ---------------------------------------------------------------- checkpoints
+    def _is_adapter_key(self, key: str) -> bool:
+        return ".lora_A." in key or ".lora_B." in key or key.startswith(self._head_prefix())
+
+    def _head_prefix(self) -> str:
+        head = self.head
+        for name, module in self.named_modules():
+            if module is head:
+                return name + "."
+        return "model.head."
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only adapter factors and the head: the frozen backbone is rebuilt from hparams."""
+        state = checkpoint.get("state_dict", {})
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if self._is_adapter_key(k)}
+        checkpoint["hilora_stage"] = self.stage.value
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "hilora_stage" in checkpoint:
+            self.set_stage(checkpoint["hilora_stage"])
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """All tiers' factors and the head, as stored in checkpoints."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if self._is_adapter_key(k)}
+
+    def adapted_layers(self) -> dict[str, TieredLoRALinear]:
+        """The tiered layers by path (also found by :func:`find_tiered_layers`)."""
+        return find_tiered_layers(self.model)
