@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import torch
+from timm.models import get_pretrained_cfg_value
 from torch import nn
 
 __all__ = ["EMBEDDED_BACKBONE", "EMBEDDED_VIT_KWARGS", "create_backbone", "embedded_weights_path"]
@@ -43,6 +45,26 @@ EMBEDDED_NUM_CLASSES = 10
 def embedded_weights_path() -> Path:
     """Path of the embedded backbone's ``.safetensors`` weights inside the installed package."""
     return Path(str(resources.files("hilora_lightning") / "assets" / "digits_vit.safetensors"))
+
+
+def _file_head_classes(path: Path, name: str) -> int:
+    """Rows of the classifier weight stored in ``path`` (``-1`` if there is none or it is unreadable)."""
+    try:
+        classifier = get_pretrained_cfg_value(name, "classifier") or "head"
+    except Exception:  # an unregistered name: timm will raise its own clear error later
+        classifier = "head"
+    key = f"{classifier}.weight"
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                return int(fh.get_slice(key).get_shape()[0]) if key in fh.keys() else -1
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else {}
+        return int(state[key].shape[0]) if key in state else -1
+    except Exception:
+        return -1
 
 
 def create_backbone(
@@ -83,7 +105,9 @@ def create_backbone(
                 "(.safetensors/.pth), or pretrained=True on a machine with network access"
             )
         overlay["file"] = str(path)
-        overlay.setdefault("num_classes", num_classes)
+        # timm drops the file's head exactly when the cfg's class count differs from num_classes,
+        # so tell it the head size the file really has (-1 when it cannot be read: head dropped)
+        overlay.setdefault("num_classes", _file_head_classes(path, name))
         pretrained = True
     if overlay:
         kwargs["pretrained_cfg_overlay"] = overlay

@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -97,6 +98,7 @@ class HiLoRAViT(pl.LightningModule):
         self.hparams["stage"] = Tier.parse(stage).value
         self.adapter_config = cfg
         self.strict_loading = False  # adapter-only checkpoints: the frozen backbone is rebuilt, not stored
+        self._fingerprint: str | None = None
         self.model = self.build_backbone()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -109,15 +111,33 @@ class HiLoRAViT(pl.LightningModule):
 
     # ---------------------------------------------------------------- construction
     def build_backbone(self) -> nn.Module:
-        """Create the backbone from the hyper-parameters; override to use another network."""
+        """Create the backbone from the hyper-parameters; override to use another network.
+
+        Randomly initialized parts (a new head, or a whole backbone without pretrained weights)
+        are drawn from ``seed`` under a forked RNG, so the same hyper-parameters always rebuild the
+        same frozen network: adapter-only checkpoints rely on it.
+        """
         hp = self.hparams
-        return create_backbone(
-            hp["backbone"],
-            num_classes=hp["num_classes"],
-            pretrained=hp["pretrained"],
-            pretrained_file=hp["pretrained_file"],
-            **dict(hp["backbone_kwargs"] or {}),
-        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(hp["seed"]))
+            return create_backbone(
+                hp["backbone"],
+                num_classes=hp["num_classes"],
+                pretrained=hp["pretrained"],
+                pretrained_file=hp["pretrained_file"],
+                **dict(hp["backbone_kwargs"] or {}),
+            )
+
+    def backbone_fingerprint(self) -> str:
+        """SHA-256 of the frozen (non-adapter, non-head) weights; stored in checkpoints and checked on load."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for key, value in self.state_dict().items():
+                if not self._is_adapter_key(key):
+                    digest.update(key.encode())
+                    digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     @property
     def head(self) -> nn.Module:
@@ -239,8 +259,17 @@ class HiLoRAViT(pl.LightningModule):
         state = checkpoint.get("state_dict", {})
         checkpoint["state_dict"] = {k: v for k, v in state.items() if self._is_adapter_key(k)}
         checkpoint["hilora_stage"] = self.stage.value
+        checkpoint["hilora_backbone_sha256"] = self.backbone_fingerprint()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the stage; refuse adapters trained on a different frozen backbone."""
+        expected = checkpoint.get("hilora_backbone_sha256")
+        if expected is not None and expected != self.backbone_fingerprint():
+            raise RuntimeError(
+                "this checkpoint's adapters were trained on a different frozen backbone (weight fingerprint "
+                f"{expected[:12]}..., rebuilt backbone {self.backbone_fingerprint()[:12]}...); rebuild it with "
+                "the same backbone, pretrained/pretrained_file, backbone_kwargs and seed"
+            )
         if "hilora_stage" in checkpoint:
             self.set_stage(checkpoint["hilora_stage"])
 
