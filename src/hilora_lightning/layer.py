@@ -109,9 +109,31 @@ class TieredLoRALinear(nn.Module):
             self.scaling[tier] = tcfg.scaling
             self.dropout[tier.value] = nn.Dropout(tcfg.dropout) if tcfg.dropout > 0 else nn.Identity()
             self.reset_tier(tier, seed)
-        self.active: tuple[Tier, ...] = ()
-        self.merged: tuple[Tier, ...] = ()
+        self._full = self.segments[0][0] == ""  # one segment covering every output row
+        self._plan: list[tuple[nn.Module, tuple[str, ...], float | Tensor]] | None = None
+        self._active: tuple[Tier, ...] = ()
+        self._merged: tuple[Tier, ...] = ()
         self._weight_backup: Tensor | None = None
+
+    @property
+    def active(self) -> tuple[Tier, ...]:
+        """Tiers that contribute to the output (merged ones through the base weight)."""
+        return self._active
+
+    @active.setter
+    def active(self, tiers: tuple[Tier, ...]) -> None:
+        self._active = tiers
+        self._plan = None
+
+    @property
+    def merged(self) -> tuple[Tier, ...]:
+        """Tiers currently merged into the base weight."""
+        return self._merged
+
+    @merged.setter
+    def merged(self, tiers: tuple[Tier, ...]) -> None:
+        self._merged = tiers
+        self._plan = None
 
     # ------------------------------------------------------------------ switches
     def set_active(self, tiers: Iterable[Tier | str]) -> None:
@@ -210,36 +232,51 @@ class TieredLoRALinear(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
-        tiers = [t for t in self.active if t not in self.merged]
-        if not tiers:
-            return out
-        groups: dict[float, list[Tier]] = {}
-        for t in tiers:
-            groups.setdefault(self.config.tier(t).dropout, []).append(t)
-        full = len(self.segments) == 1 and self.segments[0][2] - self.segments[0][1] == out.shape[-1]
-        for group in groups.values():
-            h, b_cat = self._down_projection(self.dropout[group[0].value](x), group)
-            if full:
-                out = out + F.linear(h[..., 0, :], b_cat[0]).to(out.dtype)
+        plan = self._plan
+        if plan is None:
+            plan = self._plan = self._make_plan()
+        for dropout, names, scale in plan:
+            xd = dropout(x)
+            if len(names) == 1:
+                a_cat, b_cat = self.lora_A[names[0]], self.lora_B[names[0]]
+            else:
+                a_cat = torch.cat([self.lora_A[n] for n in names], dim=1)
+                b_cat = torch.cat([self.lora_B[n] for n in names], dim=2)
+            n_seg, rank = a_cat.shape[0], a_cat.shape[1]
+            h = F.linear(xd, a_cat.reshape(n_seg * rank, -1).to(xd.dtype))
+            alpha = 1.0
+            if isinstance(scale, float):
+                alpha = scale  # one scaling for the whole group: folded into the final add for free
+            else:
+                h = h * scale.to(device=h.device, dtype=h.dtype)
+            b_cat = b_cat.to(h.dtype)
+            if self._full:
+                out = torch.add(out, F.linear(h, b_cat[0]).to(out.dtype), alpha=alpha)
                 continue
+            h = h.unflatten(-1, (n_seg, rank))
             for s, (_, start, stop) in enumerate(self.segments):
-                out[..., start:stop] += F.linear(h[..., s, :], b_cat[s]).to(out.dtype)
+                out[..., start:stop].add_(F.linear(h[..., s, :], b_cat[s]).to(out.dtype), alpha=alpha)
         return out
 
-    def _down_projection(self, x: Tensor, tiers: list[Tier]) -> tuple[Tensor, Tensor]:
-        """One concatenated down-projection for ``tiers`` and the matching scaled ``B``.
+    def _make_plan(self) -> list[tuple[nn.Module, tuple[str, ...], float | Tensor]]:
+        """Group the active, unmerged tiers by dropout rate: one concatenated LoRA per group.
 
-        Returns ``h`` of shape ``(..., S, R)`` and ``B_cat`` of shape ``(S, rows, R)``, ``R`` the summed rank.
+        Each entry is ``(dropout, tier names, scale)`` where ``scale`` is a float when all tiers of
+        the group share ``alpha / rank``, else a per-column vector over the concatenated rank.
         """
-        if len(tiers) == 1:
-            a_cat = self.lora_A[tiers[0].value]
-            b_cat = self.lora_B[tiers[0].value] * self.scaling[tiers[0]]
-        else:
-            a_cat = torch.cat([self.lora_A[t.value] for t in tiers], dim=1)
-            b_cat = torch.cat([self.lora_B[t.value] * self.scaling[t] for t in tiers], dim=2)
-        n_seg, rank = a_cat.shape[0], a_cat.shape[1]
-        h = F.linear(x, a_cat.reshape(n_seg * rank, -1).to(x.dtype)).unflatten(-1, (n_seg, rank))
-        return h, b_cat.to(h.dtype)
+        groups: dict[float, list[Tier]] = {}
+        for t in self.active:
+            if t not in self.merged:
+                groups.setdefault(self.config.tier(t).dropout, []).append(t)
+        plan: list[tuple[nn.Module, tuple[str, ...], float | Tensor]] = []
+        for tiers in groups.values():
+            scales = [self.scaling[t] for t in tiers]
+            scale: float | Tensor = scales[0]
+            if len(set(scales)) > 1:
+                per_col = torch.cat([torch.full((self.config.tier(t).rank,), self.scaling[t]) for t in tiers])
+                scale = per_col.repeat(len(self.segments))
+            plan.append((self.dropout[tiers[0].value], tuple(t.value for t in tiers), scale))
+        return plan
 
     def extra_repr(self) -> str:
         segs = ",".join(n or "all" for n, _, _ in self.segments)

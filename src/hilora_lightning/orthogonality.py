@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -44,22 +45,43 @@ def stage_penalty(
 ) -> Tensor:
     """Sum over frozen tiers and layers of ``gamma * pair_penalty(frozen_l, trainable_l)``.
 
+    Computed in a handful of batched products: per layer the frozen factors are concatenated with
+    weights ``sqrt(gamma)`` (``sum_k g_k ||F_k^T T||^2 = ||[sqrt(g_1) F_1, ...]^T T||^2``), and layers
+    of equal shape are stacked into one batched matmul.
+
     Args:
-        trainable: the training tier's factor per adapted matrix.
+        trainable: the training tier's factor per adapted matrix (2-D, or 3-D stacked segments).
         frozen: ``(gamma, factors)`` per frozen tier, factors aligned with ``trainable``.
         side: ``"B"`` (the paper's column-space penalty) or ``"A"``.
     """
+    if side not in ORTHO_SIDES:
+        raise ValueError(f"orthogonality side must be one of {ORTHO_SIDES}, got {side!r}")
     if not trainable:
         raise ValueError("stage_penalty needs at least one trainable factor")
-    total = torch.zeros((), dtype=torch.float32, device=trainable[0].device)
     for gamma, factors in frozen:
         if len(factors) != len(trainable):
             raise ValueError(
                 f"frozen tier has {len(factors)} factors but the trainable tier has {len(trainable)}; "
                 "they must come from the same adapted layers"
             )
-        if gamma == 0:
-            continue
-        for f, t in zip(factors, trainable):
-            total = total + gamma * pair_penalty(f, t, side).float()
+    weighted = [(math.sqrt(g), fs) for g, fs in frozen if g != 0]
+    total = torch.zeros((), dtype=torch.float32, device=trainable[0].device)
+    if not weighted:
+        return total
+    cat_dim = -1 if side == "B" else -2
+    groups: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[list[Tensor], list[Tensor]]] = {}
+    with torch.no_grad():
+        frozen_cat = [
+            torch.cat([w * fs[i].detach().to(trainable[i].dtype) for w, fs in weighted], dim=cat_dim)
+            for i in range(len(trainable))
+        ]
+    for f, t in zip(frozen_cat, trainable):
+        fs, ts = groups.setdefault((tuple(f.shape), tuple(t.shape)), ([], []))
+        fs.append(f)
+        ts.append(t)
+    for fs, ts in groups.values():
+        f_stack = torch.stack(fs).flatten(0, -3)
+        t_stack = torch.stack(ts).flatten(0, -3)
+        gram = f_stack.transpose(-2, -1) @ t_stack if side == "B" else f_stack @ t_stack.transpose(-2, -1)
+        total = total + gram.pow(2).sum().float()
     return total
