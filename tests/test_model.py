@@ -166,3 +166,15 @@ def test_checkpoint_from_another_backbone_is_refused(tmp_path: Path) -> None:
     torch.save(raw, ckpt)
     with pytest.raises(RuntimeError, match=r"trained on a different frozen backbone \(weight fingerprint 000000000000"):
         HiLoRAViT.load_from_checkpoint(ckpt)
+
+
+def test_orthogonality_cache_follows_frozen_factor_changes() -> None:
+    model = HiLoRAViT(**TINY, stage="cluster", gamma_c=1.0)
+    for layer in model.tiered_layers.values():
+        randomize_tiers(layer)
+    first = model.orthogonality_loss().item()
+    assert model.orthogonality_loss().item() == first  # cached frozen side, same value
+    with torch.no_grad():
+        for layer in model.tiered_layers.values():
+            layer.lora_B["root"].mul_(2.0)  # a new root (e.g. imported after aggregation)
+    assert model.orthogonality_loss().item() == pytest.approx(4 * first, rel=1e-5)

@@ -239,23 +239,21 @@ class TieredLoRALinear(nn.Module):
             xd = dropout(x)
             if len(names) == 1:
                 a_cat, b_cat = self.lora_A[names[0]], self.lora_B[names[0]]
-            else:
+            else:  # one LoRA of the summed rank instead of one per tier
                 a_cat = torch.cat([self.lora_A[n] for n in names], dim=1)
                 b_cat = torch.cat([self.lora_B[n] for n in names], dim=2)
             n_seg, rank = a_cat.shape[0], a_cat.shape[1]
             h = F.linear(xd, a_cat.reshape(n_seg * rank, -1).to(xd.dtype))
-            alpha = 1.0
-            if isinstance(scale, float):
-                alpha = scale  # one scaling for the whole group: folded into the final add for free
-            else:
+            if isinstance(scale, Tensor):
                 h = h * scale.to(device=h.device, dtype=h.dtype)
+                scale = 1.0
             b_cat = b_cat.to(h.dtype)
-            if self._full:
-                out = torch.add(out, F.linear(h, b_cat[0]).to(out.dtype), alpha=alpha)
+            if self._full:  # the shared scale rides on the add for free
+                out = torch.add(out, F.linear(h, b_cat[0]).to(out.dtype), alpha=scale)
                 continue
             h = h.unflatten(-1, (n_seg, rank))
             for s, (_, start, stop) in enumerate(self.segments):
-                out[..., start:stop].add_(F.linear(h[..., s, :], b_cat[s]).to(out.dtype), alpha=alpha)
+                out[..., start:stop].add_(F.linear(h[..., s, :], b_cat[s]).to(out.dtype), alpha=scale)
         return out
 
     def _make_plan(self) -> list[tuple[nn.Module, tuple[str, ...], float | Tensor]]:

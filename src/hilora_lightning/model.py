@@ -39,7 +39,7 @@ from hilora_lightning.backbone import create_backbone
 from hilora_lightning.config import AdapterConfig
 from hilora_lightning.inject import find_tiered_layers, inject_tiers
 from hilora_lightning.layer import TieredLoRALinear
-from hilora_lightning.orthogonality import ORTHO_SIDES, stage_penalty
+from hilora_lightning.orthogonality import ORTHO_SIDES, FrozenGroups, frozen_groups, grouped_penalty
 from hilora_lightning.tiers import Tier, parse_tiers
 
 __all__ = ["HiLoRAViT"]
@@ -99,6 +99,7 @@ class HiLoRAViT(pl.LightningModule):
         self.adapter_config = cfg
         self.strict_loading = False  # adapter-only checkpoints: the frozen backbone is rebuilt, not stored
         self._fingerprint: str | None = None
+        self._ortho_cache: tuple[Any, FrozenGroups] | None = None
         self.model = self.build_backbone()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -194,17 +195,28 @@ class HiLoRAViT(pl.LightningModule):
         return F.cross_entropy(logits, target)
 
     def orthogonality_loss(self) -> Tensor:
-        """The stage's cross-tier penalty (zero in the root stage), summed over adapted layers."""
-        frozen = {Tier.ROOT: self.hparams["gamma_c"], Tier.CLUSTER: self.hparams["gamma_l"]}
-        side = self.hparams["ortho_side"]
+        """The stage's cross-tier penalty (zero in the root stage), summed over adapted layers.
+
+        The frozen tiers' side is cached for as long as their parameters stay unchanged.
+        """
+        hp = self.hparams
+        side = hp["ortho_side"]
         key = "lora_B" if side == "B" else "lora_A"
         layers = list(self.tiered_layers.values())
         above = self.stage.frozen_above()
         if not above or not layers:
             return torch.zeros((), device=self.device)
         trainable = [getattr(layer, key)[self.stage.value] for layer in layers]
-        pairs = [(float(frozen[t]), [getattr(layer, key)[t.value] for layer in layers]) for t in above]
-        return stage_penalty(trainable, pairs, side=side)
+        frozen_params = [[getattr(layer, key)[t.value] for layer in layers] for t in above]
+        gammas = {Tier.ROOT: float(hp["gamma_c"]), Tier.CLUSTER: float(hp["gamma_l"])}
+        cache_key = (
+            self.stage, side, tuple(gammas[t] for t in above),
+            tuple((id(p), p._version, p.device) for ps in frozen_params for p in ps),
+        )
+        if self._ortho_cache is None or self._ortho_cache[0] != cache_key:
+            pairs = [(gammas[t], ps) for t, ps in zip(above, frozen_params)]
+            self._ortho_cache = (cache_key, frozen_groups(trainable, pairs, side))
+        return grouped_penalty(trainable, self._ortho_cache[1], side)
 
     def _shared_step(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
         x, y = batch[0], batch[1]

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["ORTHO_SIDES", "pair_penalty", "stage_penalty"]
+__all__ = ["ORTHO_SIDES", "frozen_groups", "grouped_penalty", "pair_penalty", "stage_penalty"]
 
 ORTHO_SIDES = ("B", "A")
 
@@ -38,6 +38,57 @@ def pair_penalty(frozen: Tensor, trainable: Tensor, side: str = "B") -> Tensor:
     return gram.pow(2).sum()
 
 
+FrozenGroups = list[tuple[list[int], Tensor]]
+
+
+def frozen_groups(
+    trainable: Sequence[Tensor],
+    frozen: Sequence[tuple[float, Sequence[Tensor]]],
+    side: str = "B",
+) -> FrozenGroups:
+    """Precompute the frozen side of :func:`stage_penalty`: per layer ``[sqrt(g_1) F_1, sqrt(g_2) F_2, ...]``.
+
+    ``sum_k g_k ||F_k^T T||^2 = ||[sqrt(g_1) F_1, ...]^T T||^2``, so the frozen tiers of a layer fold
+    into one matrix; layers of equal shapes are stacked for one batched product. Frozen factors do
+    not change during a stage, so callers may cache the result (:class:`HiLoRAViT` does).
+
+    Returns:
+        ``(layer indices, stacked frozen matrices)`` per shape group; empty if every gamma is 0.
+    """
+    if side not in ORTHO_SIDES:
+        raise ValueError(f"orthogonality side must be one of {ORTHO_SIDES}, got {side!r}")
+    if not trainable:
+        raise ValueError("stage_penalty needs at least one trainable factor")
+    for _gamma, factors in frozen:
+        if len(factors) != len(trainable):
+            raise ValueError(
+                f"frozen tier has {len(factors)} factors but the trainable tier has {len(trainable)}; "
+                "they must come from the same adapted layers"
+            )
+    weighted = [(math.sqrt(g), fs) for g, fs in frozen if g != 0]
+    if not weighted:
+        return []
+    cat_dim = -1 if side == "B" else -2
+    groups: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[list[int], list[Tensor]]] = {}
+    with torch.no_grad():
+        for i, t in enumerate(trainable):
+            f = torch.cat([w * fs[i].detach().to(t.dtype) for w, fs in weighted], dim=cat_dim)
+            idx, mats = groups.setdefault((tuple(f.shape), tuple(t.shape)), ([], []))
+            idx.append(i)
+            mats.append(f)
+        return [(idx, torch.stack(mats).flatten(0, -3)) for idx, mats in groups.values()]
+
+
+def grouped_penalty(trainable: Sequence[Tensor], groups: FrozenGroups, side: str = "B") -> Tensor:
+    """The penalty of ``trainable`` against precomputed :func:`frozen_groups` (one bmm per group)."""
+    total = torch.zeros((), dtype=torch.float32, device=trainable[0].device if trainable else None)
+    for idx, f_stack in groups:
+        t_stack = torch.stack([trainable[i] for i in idx]).flatten(0, -3)
+        gram = f_stack.transpose(-2, -1) @ t_stack if side == "B" else f_stack @ t_stack.transpose(-2, -1)
+        total = total + gram.pow(2).sum().float()
+    return total
+
+
 def stage_penalty(
     trainable: Sequence[Tensor],
     frozen: Sequence[tuple[float, Sequence[Tensor]]],
@@ -45,43 +96,9 @@ def stage_penalty(
 ) -> Tensor:
     """Sum over frozen tiers and layers of ``gamma * pair_penalty(frozen_l, trainable_l)``.
 
-    Computed in a handful of batched products: per layer the frozen factors are concatenated with
-    weights ``sqrt(gamma)`` (``sum_k g_k ||F_k^T T||^2 = ||[sqrt(g_1) F_1, ...]^T T||^2``), and layers
-    of equal shape are stacked into one batched matmul.
-
     Args:
         trainable: the training tier's factor per adapted matrix (2-D, or 3-D stacked segments).
         frozen: ``(gamma, factors)`` per frozen tier, factors aligned with ``trainable``.
         side: ``"B"`` (the paper's column-space penalty) or ``"A"``.
     """
-    if side not in ORTHO_SIDES:
-        raise ValueError(f"orthogonality side must be one of {ORTHO_SIDES}, got {side!r}")
-    if not trainable:
-        raise ValueError("stage_penalty needs at least one trainable factor")
-    for gamma, factors in frozen:
-        if len(factors) != len(trainable):
-            raise ValueError(
-                f"frozen tier has {len(factors)} factors but the trainable tier has {len(trainable)}; "
-                "they must come from the same adapted layers"
-            )
-    weighted = [(math.sqrt(g), fs) for g, fs in frozen if g != 0]
-    total = torch.zeros((), dtype=torch.float32, device=trainable[0].device)
-    if not weighted:
-        return total
-    cat_dim = -1 if side == "B" else -2
-    groups: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[list[Tensor], list[Tensor]]] = {}
-    with torch.no_grad():
-        frozen_cat = [
-            torch.cat([w * fs[i].detach().to(trainable[i].dtype) for w, fs in weighted], dim=cat_dim)
-            for i in range(len(trainable))
-        ]
-    for f, t in zip(frozen_cat, trainable):
-        fs, ts = groups.setdefault((tuple(f.shape), tuple(t.shape)), ([], []))
-        fs.append(f)
-        ts.append(t)
-    for fs, ts in groups.values():
-        f_stack = torch.stack(fs).flatten(0, -3)
-        t_stack = torch.stack(ts).flatten(0, -3)
-        gram = f_stack.transpose(-2, -1) @ t_stack if side == "B" else f_stack @ t_stack.transpose(-2, -1)
-        total = total + gram.pow(2).sum().float()
-    return total
+    return grouped_penalty(trainable, frozen_groups(trainable, frozen, side), side)
