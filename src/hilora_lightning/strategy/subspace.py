@@ -59,11 +59,7 @@ def left_subspace(b: Tensor, rank: int) -> Tensor:
     b = b.detach().double()
     q, r = torch.linalg.qr(b)  # (..., p, k), (..., k, k)
     u_small, _, _ = torch.linalg.svd(r, full_matrices=False)
-    u = q @ u_small  # the left singular vectors of b, ordered by singular value
-    k = min(rank, u.shape[-1])
-    out = torch.zeros(*u.shape[:-1], rank, dtype=torch.float64)
-    out[..., :k] = u[..., :k]
-    return out.float()
+    return _take_columns(q @ u_small, rank)  # the left singular vectors of b, by singular value
 
 
 def delta_subspace(b_local: Tensor, a_local: Tensor, b_ref: Tensor, a_ref: Tensor, rank: int) -> Tensor:
@@ -77,7 +73,15 @@ def delta_subspace(b_local: Tensor, a_local: Tensor, b_ref: Tensor, a_ref: Tenso
     q_b, r_b = torch.linalg.qr(b_cat)
     _, r_a = torch.linalg.qr(a_cat.transpose(-2, -1))
     u_small, _, _ = torch.linalg.svd(r_b @ r_a.transpose(-2, -1), full_matrices=False)
-    return left_subspace(q_b @ u_small, rank)
+    return _take_columns(q_b @ u_small, rank)  # already ordered by singular value
+
+
+def _take_columns(u: Tensor, rank: int) -> Tensor:
+    """The first ``rank`` columns of ``u`` as float32, zero-padded if ``u`` has fewer."""
+    k = min(rank, u.shape[-1])
+    out = torch.zeros(*u.shape[:-1], rank, dtype=torch.float64)
+    out[..., :k] = u[..., :k]
+    return out.float()
 
 
 def pairwise_distances(u: Tensor, chunk: int | None = None) -> Tensor:
