@@ -9,7 +9,7 @@ Example:
     >>> import numpy as np
     >>> from hilora_lightning.strategy.clustering import cluster_distances
     >>> d = np.array([[0, .1, .9, .9], [.1, 0, .9, .9], [.9, .9, 0, .1], [.9, .9, .1, 0]])
-    >>> res = cluster_distances(d, k_min=1, k_max=3, seed=0)
+    >>> res = cluster_distances(d, k_min=2, k_max=3, seed=0)
     >>> res.k, sorted(np.bincount(res.labels).tolist())
     (2, [2, 2])
 """
