@@ -119,11 +119,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="tiny32 only, 2 rounds x 2 steps (a smoke run)")
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="write the headline figures here as a flat JSON object")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    keys = ["tiny32"] if args.quick else list(SETTINGS)
+    keys = ["tiny32"] if args.quick else args.settings
     rounds, steps = (2, 2) if args.quick else (args.rounds, args.steps)
     out: dict[str, float] = {}
     print(f"{'setting':<10} {'method':<12} {'ms/step':>9} {'/peft_r24':>10} {'/head_only':>11}")

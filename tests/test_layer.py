@@ -151,3 +151,17 @@ def test_bf16_autocast_forward_close_to_fp32() -> None:
         out = layer(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), dense_reference(layer, x, list(Tier)), rtol=3e-2, atol=3e-2)
+
+
+def test_plan_follows_dtype_moves_and_assigned_state() -> None:
+    layer = TieredLoRALinear(nn.Linear(16, 48), CFG, segments=("q", "v"))
+    randomize_tiers(layer)
+    layer.set_active(list(Tier))
+    x = torch.randn(3, 16)
+    layer(x)  # builds the plan
+    layer.double()
+    torch.testing.assert_close(layer(x.double()), dense_reference(layer, x.double(), list(Tier)))
+    other = TieredLoRALinear(nn.Linear(16, 48), CFG, segments=("q", "v")).double()
+    randomize_tiers(other, seed=5)
+    layer.load_state_dict(other.state_dict(), assign=True)
+    torch.testing.assert_close(layer(x.double()), dense_reference(layer, x.double(), list(Tier)))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterable, Sequence
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +38,8 @@ from hilora_lightning.errors import NonFiniteError
 from hilora_lightning.tiers import Tier, parse_tiers
 
 __all__ = ["TieredLoRALinear", "tier_seed"]
+
+_PlanEntry = tuple[Optional[nn.Module], tuple[nn.Parameter, ...], tuple[nn.Parameter, ...], Union[float, Tensor]]
 
 
 def tier_seed(seed: int, tier: Tier | str, path: str, segment: str = "") -> int:
@@ -110,7 +113,7 @@ class TieredLoRALinear(nn.Module):
             self.dropout[tier.value] = nn.Dropout(tcfg.dropout) if tcfg.dropout > 0 else nn.Identity()
             self.reset_tier(tier, seed)
         self._full = self.segments[0][0] == ""  # one segment covering every output row
-        self._plan: list[tuple[nn.Module, tuple[str, ...], float | Tensor]] | None = None
+        self._plan: list[_PlanEntry] | None = None
         self._active: tuple[Tier, ...] = ()
         self._merged: tuple[Tier, ...] = ()
         self._weight_backup: Tensor | None = None
@@ -235,13 +238,12 @@ class TieredLoRALinear(nn.Module):
         plan = self._plan
         if plan is None:
             plan = self._plan = self._make_plan()
-        for dropout, names, scale in plan:
-            xd = dropout(x)
-            if len(names) == 1:
-                a_cat, b_cat = self.lora_A[names[0]], self.lora_B[names[0]]
+        for dropout, a_params, b_params, scale in plan:
+            xd = x if dropout is None else dropout(x)
+            if len(a_params) == 1:
+                a_cat, b_cat = a_params[0], b_params[0]
             else:  # one LoRA of the summed rank instead of one per tier
-                a_cat = torch.cat([self.lora_A[n] for n in names], dim=1)
-                b_cat = torch.cat([self.lora_B[n] for n in names], dim=2)
+                a_cat, b_cat = torch.cat(a_params, dim=1), torch.cat(b_params, dim=2)
             n_seg, rank = a_cat.shape[0], a_cat.shape[1]
             h = F.linear(xd, a_cat.reshape(n_seg * rank, -1).to(xd.dtype))
             if isinstance(scale, Tensor):
@@ -256,25 +258,38 @@ class TieredLoRALinear(nn.Module):
                 out[..., start:stop].add_(F.linear(h[..., s, :], b_cat[s]).to(out.dtype), alpha=scale)
         return out
 
-    def _make_plan(self) -> list[tuple[nn.Module, tuple[str, ...], float | Tensor]]:
+    def _make_plan(self) -> list[_PlanEntry]:
         """Group the active, unmerged tiers by dropout rate: one concatenated LoRA per group.
 
-        Each entry is ``(dropout, tier names, scale)`` where ``scale`` is a float when all tiers of
-        the group share ``alpha / rank``, else a per-column vector over the concatenated rank.
+        Each entry is ``(dropout or None, A params, B params, scale)`` where ``scale`` is a float when
+        all tiers of the group share ``alpha / rank``, else a per-column vector over the concatenated
+        rank. Parameters are held directly (they are updated in place, never replaced), so the hot
+        path skips the ``ParameterDict`` look-ups; the plan is rebuilt when tiers change.
         """
         groups: dict[float, list[Tier]] = {}
         for t in self.active:
             if t not in self.merged:
                 groups.setdefault(self.config.tier(t).dropout, []).append(t)
-        plan: list[tuple[nn.Module, tuple[str, ...], float | Tensor]] = []
-        for tiers in groups.values():
+        plan: list[_PlanEntry] = []
+        for rate, tiers in groups.items():
             scales = [self.scaling[t] for t in tiers]
             scale: float | Tensor = scales[0]
             if len(set(scales)) > 1:
                 per_col = torch.cat([torch.full((self.config.tier(t).rank,), self.scaling[t]) for t in tiers])
                 scale = per_col.repeat(len(self.segments))
-            plan.append((self.dropout[tiers[0].value], tuple(t.value for t in tiers), scale))
+            dropout = self.dropout[tiers[0].value] if rate > 0 else None
+            a_params = tuple(self.lora_A[t.value] for t in tiers)
+            b_params = tuple(self.lora_B[t.value] for t in tiers)
+            plan.append((dropout, a_params, b_params, scale))
         return plan
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._plan = None  # load_state_dict(assign=True) replaces parameter objects
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> TieredLoRALinear:
+        self._plan = None  # .to()/.cuda() may swap parameter objects; rebuild the plan lazily
+        return super()._apply(fn, recurse)  # type: ignore[no-any-return]
 
     def extra_repr(self) -> str:
         segs = ",".join(n or "all" for n, _, _ in self.segments)
