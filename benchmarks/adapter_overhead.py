@@ -31,13 +31,14 @@ from torch.nn import functional as F
 from hilora_lightning import AdapterConfig, HiLoRAViT, TierConfig
 
 TARGET_REGEX = r".*blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SETTINGS = {
     "tiny32": ("vit_tiny_patch16_224", 32, 64),
     "small224": ("vit_small_patch16_224", 224, 8),
 }
 
 
-def _hilora(name: str, img: int, stage: str, all_trainable: bool) -> tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+def _hilora(name: str, img: int, stage: str, all_trainable: bool) -> tuple[nn.Module, LossFn]:
     cfg = AdapterConfig(targets="all_linear", root=TierConfig(8, 16), cluster=TierConfig(8, 16), leaf=TierConfig(8, 16))
     model = HiLoRAViT(backbone=name, num_classes=100, adapter=cfg, stage=stage, backbone_kwargs={"img_size": img})
     with torch.no_grad():  # non-zero frozen tiers, as after their stages
@@ -54,7 +55,7 @@ def _hilora(name: str, img: int, stage: str, all_trainable: bool) -> tuple[nn.Mo
     return model, loss_fn
 
 
-def _peft(name: str, img: int) -> tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+def _peft(name: str, img: int) -> tuple[nn.Module, LossFn]:
     from peft import LoraConfig, get_peft_model
 
     base = timm.create_model(name, pretrained=False, num_classes=100, img_size=img)
@@ -67,7 +68,7 @@ def _peft(name: str, img: int) -> tuple[nn.Module, Callable[[torch.Tensor, torch
     return model, loss_fn
 
 
-def _head_only(name: str, img: int) -> tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+def _head_only(name: str, img: int) -> tuple[nn.Module, LossFn]:
     model = timm.create_model(name, pretrained=False, num_classes=100, img_size=img)
     for n, p in model.named_parameters():
         p.requires_grad_(n.startswith("head."))
@@ -78,7 +79,7 @@ def _head_only(name: str, img: int) -> tuple[nn.Module, Callable[[torch.Tensor, 
     return model, loss_fn
 
 
-def _stepper(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], None]:
+def _stepper(model: nn.Module, loss_fn: LossFn) -> Callable[[torch.Tensor, torch.Tensor], None]:
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 

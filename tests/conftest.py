@@ -5,7 +5,6 @@ import timm
 import torch
 
 
-
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -63,7 +63,8 @@ def test_bad_arguments(kwargs, match) -> None:
 
 
 def test_shape_mismatch_names_the_participant() -> None:
-    with pytest.raises(ValueError, match=r"participant 1: expected B \(p=4, r\) and A \(r, q=3\) with matching r, got B \(5, 2\)"):
+    msg = r"participant 1: expected B \(p=4, r\) and A \(r, q=3\) with matching r, got B \(5, 2\)"
+    with pytest.raises(ValueError, match=msg):
         product_space_aggregate([torch.randn(4, 2), torch.randn(5, 2)], [torch.randn(2, 3)] * 2, [1, 1], 2)
 
 
@@ -78,7 +79,8 @@ def test_state_aggregation_is_per_matrix_and_keeps_keys() -> None:
     out = product_space_aggregate_states(states, [1, 2, 3], rank=2)
     assert list(out) == list(states[0])
     for prefix in factor_pairs(out):
-        ref = _dense_truncated([s[f"{prefix}.lora_B"] for s in states], [s[f"{prefix}.lora_A"] for s in states], [1, 2, 3], 2)
+        bs, as_ = [s[f"{prefix}.lora_B"] for s in states], [s[f"{prefix}.lora_A"] for s in states]
+        ref = _dense_truncated(bs, as_, [1, 2, 3], 2)
         np.testing.assert_allclose((out[f"{prefix}.lora_B"] @ out[f"{prefix}.lora_A"]).numpy(), ref, atol=1e-5)
 
 

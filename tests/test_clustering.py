@@ -107,8 +107,9 @@ def test_unseen_client_is_routed_to_its_group() -> None:
     centers = {g: mean_projector_subspace(u[truth == g], rank=4) for g in range(4)}
     gen = torch.Generator().manual_seed(99)
     for g in range(4):
-        probe = torch.stack([left_subspace(b @ torch.randn(4, 4, generator=gen) + 0.3 * torch.randn(48, 4, generator=gen) / 48**0.5, 4)
-                             for b in bases[g]])
+        noisy = [b @ torch.randn(4, 4, generator=gen) + 0.3 * torch.randn(48, 4, generator=gen) / 48**0.5
+                 for b in bases[g]]
+        probe = torch.stack([left_subspace(m, 4) for m in noisy])
         best, scores = route_to_cluster(probe, centers)
         assert best == g and scores[g] == max(scores.values())
     with pytest.raises(ValueError, match=r"no clusters to route to"):

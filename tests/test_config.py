@@ -67,7 +67,7 @@ def test_dict_round_trip_and_unknown_keys() -> None:
 
 def test_tier_parsing() -> None:
     assert Tier.parse(" LEAF ") is Tier.LEAF
-    assert [t.index for t in Tier] == [0, 1, 2]
+    assert [t.position for t in Tier] == [0, 1, 2]
     assert Tier.CLUSTER.frozen_above() == (Tier.ROOT,)
     assert parse_tiers("cluster") == (Tier.CLUSTER,)
     with pytest.raises(ValueError, match=r"unknown tier 'branch': expected one of root, cluster, leaf"):

@@ -5,11 +5,11 @@ import timm
 import torch
 from torch import nn
 
+from helpers import randomize_tiers
 from hilora_lightning.config import AdapterConfig, TargetSpec
 from hilora_lightning.errors import TargetNotFoundError
 from hilora_lightning.inject import find_tiered_layers, inject_tiers, set_active, unload
 from hilora_lightning.layer import TieredLoRALinear
-from helpers import randomize_tiers
 
 
 @pytest.mark.parametrize(

@@ -4,14 +4,15 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import randomize_tiers
 from hilora_lightning.config import AdapterConfig, TierConfig
 from hilora_lightning.errors import NonFiniteError
 from hilora_lightning.layer import TieredLoRALinear, tier_seed
 from hilora_lightning.tiers import Tier
 
-from helpers import randomize_tiers
-
-CFG = AdapterConfig(root=TierConfig(rank=4, alpha=8), cluster=TierConfig(rank=3, alpha=3), leaf=TierConfig(rank=2, alpha=1))
+CFG = AdapterConfig(
+    root=TierConfig(rank=4, alpha=8), cluster=TierConfig(rank=3, alpha=3), leaf=TierConfig(rank=2, alpha=1)
+)
 
 
 def dense_reference(layer: TieredLoRALinear, x: torch.Tensor, tiers: list[Tier]) -> torch.Tensor:

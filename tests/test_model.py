@@ -8,10 +8,10 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from helpers import randomize_tiers
 from hilora_lightning import HiLoRAViT, Tier
 from hilora_lightning.backbone import create_backbone
 from hilora_lightning.data import DigitsDataModule
-from helpers import randomize_tiers
 
 TINY = {"backbone": "vit_tiny_patch16_224", "num_classes": 10, "backbone_kwargs": {"img_size": 32, "depth": 2}}
 

@@ -6,11 +6,11 @@ import pytest
 import timm
 import torch
 
+from helpers import randomize_tiers
 from hilora_lightning.config import AdapterConfig, TierConfig
 from hilora_lightning.errors import AdapterStateError
 from hilora_lightning.inject import inject_tiers
 from hilora_lightning.state import export_tier, import_tier, load_tier_file, save_tier_file
-from helpers import randomize_tiers
 
 
 def _model(seed: int = 0, targets: str = "paper") -> torch.nn.Module:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 from hilora_lightning.tiers import Tier
 
@@ -64,7 +64,7 @@ TARGET_PRESETS: dict[str, tuple[TargetSpec, ...]] = {
     "all_linear": tuple(TargetSpec(p) for p in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")),
 }
 
-TargetsLike = Union[str, Sequence[Union[str, TargetSpec, Mapping[str, Any]]]]
+TargetsLike = str | Sequence[str | TargetSpec | Mapping[str, Any]]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,16 +72,23 @@ def run_demo(
     start = time.perf_counter()
     for tier in Tier:
         model.set_stage(tier)
-        print(f"\n== stage {tier.index + 1}/3: training the {tier.value} tier "
+        print(f"\n== stage {tier.position + 1}/3: training the {tier.value} tier "
               f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters) ==")
         trainer = pl.Trainer(
-            max_epochs=epochs_per_stage, precision=precision, accelerator="cpu", devices=1, logger=False,
-            enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
+            max_epochs=epochs_per_stage,
+            precision=precision,  # type: ignore[arg-type]
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=progress,
         )
         trainer.fit(model, dm)
         results[f"ortho penalty after {tier.value} stage"] = float(model.orthogonality_loss().detach())
     results["train seconds"] = time.perf_counter() - start
-    for label, tiers in (("root", ["root"]), ("root + cluster", ["root", "cluster"]), ("root + cluster + leaf", list(Tier))):
+    views = (("root", ["root"]), ("root + cluster", ["root", "cluster"]), ("root + cluster + leaf", list(Tier)))
+    for label, tiers in views:
         with model.using_tiers(tiers):
             results[label] = _accuracy(model, dm)
     return results

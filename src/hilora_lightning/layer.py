@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterable, Sequence
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,7 @@ from hilora_lightning.tiers import Tier, parse_tiers
 
 __all__ = ["TieredLoRALinear", "tier_seed"]
 
-_PlanEntry = tuple[Optional[nn.Module], tuple[nn.Parameter, ...], tuple[nn.Parameter, ...], Union[float, Tensor]]
+_PlanEntry = tuple[nn.Module | None, tuple[nn.Parameter, ...], tuple[nn.Parameter, ...], float | Tensor]
 
 
 def tier_seed(seed: int, tier: Tier | str, path: str, segment: str = "") -> int:
@@ -240,6 +240,8 @@ class TieredLoRALinear(nn.Module):
             plan = self._plan = self._make_plan()
         for dropout, a_params, b_params, scale in plan:
             xd = x if dropout is None else dropout(x)
+            a_cat: Tensor
+            b_cat: Tensor
             if len(a_params) == 1:
                 a_cat, b_cat = a_params[0], b_params[0]
             else:  # one LoRA of the summed rank instead of one per tier

@@ -26,13 +26,13 @@ class Tier(str, enum.Enum):
     LEAF = "leaf"
 
     @property
-    def index(self) -> int:
+    def position(self) -> int:
         """Position in the cascade: root 0, cluster 1, leaf 2."""
         return _ORDER.index(self)
 
     def frozen_above(self) -> tuple[Tier, ...]:
         """The tiers trained in earlier stages, frozen while this tier trains."""
-        return _ORDER[: self.index]
+        return _ORDER[: self.position]
 
     @classmethod
     def parse(cls, value: Tier | str) -> Tier:
@@ -67,4 +67,4 @@ def parse_tiers(values: Iterable[Tier | str] | Tier | str) -> tuple[Tier, ...]:
     """
     if isinstance(values, (str, Tier)):
         values = [values]
-    return tuple(sorted({Tier.parse(v) for v in values}, key=lambda t: t.index))
+    return tuple(sorted({Tier.parse(v) for v in values}, key=lambda t: t.position))

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from hilora_lightning.strategy.aggregation import (
-    fedavg_states,
     factor_pairs,
+    fedavg_states,
     product_space_aggregate,
     product_space_aggregate_states,
     relative_change,

@@ -188,7 +188,9 @@ def match_clusters(old: Sequence[int] | np.ndarray, new: Sequence[int] | np.ndar
 
     old_arr, new_arr = np.asarray(old), np.asarray(new)
     if old_arr.shape != new_arr.shape:
-        raise ValueError(f"old and new assignments must cover the same clients, got {old_arr.shape} and {new_arr.shape}")
+        raise ValueError(
+            f"old and new assignments must cover the same clients, got {old_arr.shape} and {new_arr.shape}"
+        )
     old_ids, new_ids = np.unique(old_arr), np.unique(new_arr)
     overlap = np.array([[np.sum((new_arr == n) & (old_arr == o)) for o in old_ids] for n in new_ids])
     rows, cols = linear_sum_assignment(-overlap)
