@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -27,7 +28,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["DigitsDataModule", "digits_split", "load_digits_tensors", "rotate"]
+__all__ = ["DigitsDataModule", "digits_federation", "digits_split", "load_digits_tensors", "rotate"]
 
 SOURCE_SIZE = 900
 
@@ -121,3 +122,56 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.test_set, batch_size=256)
+
+
+def digits_federation(
+    num_clients: int,
+    num_groups: int = 4,
+    img_size: int = 32,
+    train_fraction: float = 0.75,
+    seed: int = 0,
+) -> list[Any]:
+    """Split the target digits into ``num_clients`` disjoint clients in ``num_groups`` latent groups.
+
+    Client ``i`` belongs to group ``i % num_groups`` and sees its digits rotated by ``group * 90``
+    degrees (four groups at most: the four exact rotations). Each client's images are split into
+    train and test with the same (shuffled) label mix.
+
+    Returns:
+        A list of :class:`~hilora_lightning.federation.client.ClientData`.
+
+    Example:
+        >>> clients = digits_federation(8, num_groups=4)
+        >>> [c.group for c in clients]
+        [0, 1, 2, 3, 0, 1, 2, 3]
+        >>> sum(len(c.train) + len(c.test) for c in clients)
+        897
+    """
+    from hilora_lightning.federation.client import ClientData
+
+    if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
+        raise ValueError(f"num_clients must be a positive int, got {num_clients!r}")
+    if not 1 <= num_groups <= 4:
+        raise ValueError(f"num_groups must be in [1, 4] (one per 90-degree rotation), got {num_groups!r}")
+    x, y = load_digits_tensors(img_size)
+    target = digits_split()[1]
+    if len(target) < 2 * num_clients:
+        raise ValueError(
+            f"{len(target)} target digits cannot give {num_clients} clients two images each; use at most "
+            f"{len(target) // 2} clients"
+        )
+    perm = target[torch.randperm(len(target), generator=torch.Generator().manual_seed(seed))]
+    clients = []
+    for cid, chunk in enumerate(torch.tensor_split(perm, num_clients)):
+        group = cid % num_groups
+        n_train = min(max(1, round(train_fraction * len(chunk))), len(chunk) - 1)
+        xs, ys = rotate(x[chunk], group), y[chunk]
+        clients.append(
+            ClientData(
+                client_id=cid,
+                train=TensorDataset(xs[:n_train], ys[:n_train]),
+                test=TensorDataset(xs[n_train:], ys[n_train:]),
+                group=group,
+            )
+        )
+    return clients

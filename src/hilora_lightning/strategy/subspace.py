@@ -23,7 +23,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "delta_left_factor",
     "delta_subspace",
+    "ema_left_factor",
     "ema_normalized",
     "left_subspace",
     "mean_projector_subspace",
@@ -132,3 +134,34 @@ def subspace_affinity_to(u: Tensor, centers: Tensor) -> Tensor:
         )
     overlap = torch.einsum("lpr,klps->klrs", u.double(), centers.double()).square().sum(dim=(2, 3))
     return overlap.mean(dim=1) / u.shape[-1]
+
+
+def ema_left_factor(previous: Tensor | None, factor: Tensor, decay: float, rank: int) -> Tensor:
+    """EMA of a normalized left factor's *covariance*, kept in factored form ``(p, rank)``.
+
+    With ``D = factor / ||factor||_F`` it returns ``M`` such that ``M M^T`` is the rank-``rank``
+    truncation of ``decay * M_prev M_prev^T + (1 - decay) * D D^T``: an EMA over rounds that, unlike an
+    EMA of the factor itself, does not depend on the factor's basis (signs, rotations). Used for the
+    ``delta`` feature, whose factors come from an SVD each round.
+    """
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"EMA decay must be in [0, 1), got {decay!r}")
+    d = factor.detach().double()
+    d = d / d.flatten(-2).norm(dim=-1).clamp_min(1e-12)[..., None, None]
+    if previous is None:
+        stacked = d
+    else:
+        stacked = torch.cat([decay**0.5 * previous.double(), (1.0 - decay) ** 0.5 * d], dim=-1)
+    q, r = torch.linalg.qr(stacked)
+    u, s, _ = torch.linalg.svd(r, full_matrices=False)
+    return _take_columns((q @ u) * s[..., None, :], rank)
+
+
+def delta_left_factor(b_local: Tensor, a_local: Tensor, b_ref: Tensor, a_ref: Tensor, rank: int) -> Tensor:
+    """``U_r S_r`` of the local change ``B_i A_i - B_r A_r`` (factored; ``p x rank``)."""
+    b_cat = torch.cat([b_local.detach().double(), -b_ref.detach().double()], dim=-1)
+    a_cat = torch.cat([a_local.detach().double(), a_ref.detach().double()], dim=-2)
+    q_b, r_b = torch.linalg.qr(b_cat)
+    _, r_a = torch.linalg.qr(a_cat.transpose(-2, -1))
+    u_small, s, _ = torch.linalg.svd(r_b @ r_a.transpose(-2, -1), full_matrices=False)
+    return _take_columns((q_b @ u_small) * s[..., None, :], rank)

@@ -1,0 +1,79 @@
+"""What a simulated client is: its data, and the state that stays on it between rounds.
+
+A client is *not* a model copy: the orchestrator keeps one frozen backbone and loads a client's
+tiers and head into it when the client trains. Per client it stores only the leaf factors, the
+personal head and the server-side LSAC features.
+
+Example:
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset
+    >>> from hilora_lightning.federation.client import ClientData
+    >>> ds = TensorDataset(torch.zeros(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))
+    >>> ClientData(client_id=0, train=ds, test=ds, group=1).num_samples
+    4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = ["ClientData", "ClientState", "state_bytes"]
+
+
+@dataclasses.dataclass
+class ClientData:
+    """One client's private data.
+
+    Attributes:
+        client_id: unique, non-negative id.
+        train: the local training set (items ``(image, label)``).
+        test: the local test set, following the client's label distribution.
+        group: the latent group if known (used only to score clustering, never by the method).
+    """
+
+    client_id: int
+    train: Dataset
+    test: Dataset
+    group: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.client_id, bool) or not isinstance(self.client_id, int) or self.client_id < 0:
+            raise ValueError(f"client_id must be a non-negative int, got {self.client_id!r}")
+        for name in ("train", "test"):
+            if len(getattr(self, name)) == 0:  # type: ignore[arg-type]
+                raise ValueError(
+                    f"client {self.client_id} has an empty {name} set; every client needs at least one "
+                    f"{name} sample (re-partition, or drop the client)"
+                )
+
+    @property
+    def num_samples(self) -> int:
+        """Training samples, the client's aggregation weight."""
+        return len(self.train)  # type: ignore[arg-type]
+
+
+@dataclasses.dataclass
+class ClientState:
+    """What stays on (or about) a client between rounds; everything on the CPU.
+
+    Attributes:
+        leaf: the client's leaf factors (tier-free keys), once it has trained its leaf.
+        head: the client's personal head, once it has one.
+        features: the server's EMA of the client's normalized root ``B`` per adapted matrix.
+        rounds_trained: how many rounds the client took part in.
+    """
+
+    leaf: dict[str, Tensor] | None = None
+    head: dict[str, Tensor] | None = None
+    features: dict[str, Tensor] | None = None
+    rounds_trained: int = 0
+
+
+def state_bytes(state: dict[str, Tensor] | None) -> int:
+    """Bytes of the tensors in ``state`` as they would travel (0 for ``None``)."""
+    if not state:
+        return 0
+    return sum(t.numel() * t.element_size() for t in state.values())

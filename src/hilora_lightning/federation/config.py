@@ -1,0 +1,172 @@
+"""Validated configuration of a federated HiLoRA run (schedule, sampling, local training, clustering).
+
+Example:
+    >>> from hilora_lightning.federation.config import FederationConfig
+    >>> cfg = FederationConfig(rounds=12, root_rounds=(2, 5), cluster_rounds=(2, 4))
+    >>> cfg.local_epochs, cfg.aggregation
+    (1, 'product')
+    >>> FederationConfig(fraction_fit=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: fraction_fit must be in (0, 1], got 0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["AGGREGATIONS", "CLUSTERINGS", "HEAD_POLICIES", "SCHEDULES", "ClusteringConfig", "FederationConfig"]
+
+SCHEDULES = ("stagewise", "per_round")
+AGGREGATIONS = ("product", "fedavg")
+HEAD_POLICIES = ("tier", "local")
+CLUSTERINGS = ("lsac", "given", "kmeans", "random")
+FEATURES = ("A", "B", "delta")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_bounds(name: str, value: Any) -> tuple[int, int]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{name} must be a (min_rounds, max_rounds) pair, got {value!r}")
+    lo, hi = value
+    _check_int(f"{name}[0]", lo, 0)
+    _check_int(f"{name}[1]", hi, 0)
+    if lo > hi:
+        raise ValueError(f"{name} must have min_rounds <= max_rounds, got {value!r}")
+    return int(lo), int(hi)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusteringConfig:
+    """How clients are grouped at the root-to-cluster transition.
+
+    Attributes:
+        method: ``"lsac"`` (the paper), ``"given"`` (use ``assignment``), ``"kmeans"`` (k-means with
+            cosine on flattened root updates, the paper's ablation) or ``"random"`` (an ablation).
+        assignment: client id -> cluster id, for ``"given"``.
+        k_min: smallest K the eigengap may choose (1 allows a single cluster).
+        k_max: largest K.
+        ema_decay: ``lambda`` of the EMA of normalized ``B`` over the root stage.
+        feature: ``"B"`` (EMA of the normalized local root ``B``, paper-literal: column spaces),
+            ``"A"`` (the same for ``A^T``: row spaces) or ``"delta"`` (the local change of the root
+            product, ``B_i A_i - B_r A_r``). Default ``"B"``, as in the paper. On the embedded
+            digits (four rotation groups) ``B`` reliably merges 0/180 and 90/270 degrees; ``A``
+            sometimes separates all four, not reliably yet (see the README).
+        sigma: kernel width rule, ``"median"`` (paper) or ``"local"``.
+        k: a fixed number of clusters for ``kmeans``/``random`` (default: what LSAC would choose).
+    """
+
+    method: str = "lsac"
+    assignment: Mapping[int, int] | None = None
+    k_min: int = 2
+    k_max: int = 10
+    ema_decay: float = 0.9
+    feature: str = "B"
+    sigma: str = "median"
+    k: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in CLUSTERINGS:
+            raise ValueError(f"clustering.method must be one of {CLUSTERINGS}, got {self.method!r}")
+        if self.method == "given" and not self.assignment:
+            raise ValueError("clustering.method='given' needs an assignment {client_id: cluster_id}")
+        _check_int("clustering.k_min", self.k_min, 1)
+        _check_int("clustering.k_max", self.k_max, self.k_min)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"clustering.ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if self.feature not in FEATURES:
+            raise ValueError(f"clustering.feature must be one of {FEATURES}, got {self.feature!r}")
+        if self.sigma not in ("median", "local"):
+            raise ValueError(f"clustering.sigma must be 'median' or 'local', got {self.sigma!r}")
+        if self.k is not None:
+            _check_int("clustering.k", self.k, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class FederationConfig:
+    """Schedule, participation, local training and aggregation of a federated HiLoRA run.
+
+    Attributes:
+        rounds: total communication rounds (the paper: 50), split over the stages.
+        root_rounds: ``(min, max)`` rounds of the root stage; it ends early once ``rho_t <= tau_rel``.
+        cluster_rounds: ``(min, max)`` rounds of the cluster stage (same rule, mean rho over clusters);
+            the leaf stage gets the rest of the budget.
+        tau_rel: threshold of the relative-change rule ``rho_t``.
+        schedule: ``"stagewise"`` (the paper) or ``"per_round"`` (all three stages in every round).
+        fraction_fit: share of the clients selected per round, in (0, 1].
+        min_clients: fewest clients per round; a round with fewer successful clients fails.
+        local_epochs: local epochs per round (ignored when ``local_steps`` is set).
+        local_steps: local optimizer steps per round instead of epochs.
+        batch_size: local batch size.
+        aggregation: ``"product"`` (sum pi B A + SVD) or ``"fedavg"`` (factor averaging).
+        head_policy: ``"tier"`` (head aggregated at the training tier's level) or ``"local"``.
+        max_update_norm: reject uploaded factors whose Frobenius norm exceeds this (``None``: off).
+        eval_every: evaluate every n rounds (the final round is always evaluated).
+        seed: seeds client sampling, tier initialization and local shuffling.
+        clustering: a :class:`ClusteringConfig`.
+        finetune_epochs: leaf fine-tuning epochs of unseen clients (the paper: 5).
+        probe_steps: local steps of an unseen client's probe update.
+    """
+
+    rounds: int = 50
+    root_rounds: tuple[int, int] = (5, 20)
+    cluster_rounds: tuple[int, int] = (5, 20)
+    tau_rel: float = 0.01
+    schedule: str = "stagewise"
+    fraction_fit: float = 1.0
+    min_clients: int = 1
+    local_epochs: int = 1
+    local_steps: int | None = None
+    batch_size: int = 32
+    aggregation: str = "product"
+    head_policy: str = "tier"
+    max_update_norm: float | None = None
+    eval_every: int = 1
+    seed: int = 0
+    clustering: ClusteringConfig = dataclasses.field(default_factory=ClusteringConfig)
+    finetune_epochs: int = 5
+    probe_steps: int = 20
+
+    def __post_init__(self) -> None:
+        _check_int("rounds", self.rounds, 1)
+        object.__setattr__(self, "root_rounds", _check_bounds("root_rounds", self.root_rounds))
+        object.__setattr__(self, "cluster_rounds", _check_bounds("cluster_rounds", self.cluster_rounds))
+        if self.root_rounds[0] < 1:
+            raise ValueError(f"root_rounds[0] must be >= 1 (the root stage needs a round), got {self.root_rounds!r}")
+        if self.schedule == "stagewise" and self.root_rounds[0] + self.cluster_rounds[0] > self.rounds:
+            raise ValueError(
+                f"rounds={self.rounds} cannot fit the minimum stage lengths root {self.root_rounds[0]} + "
+                f"cluster {self.cluster_rounds[0]}; raise rounds or lower the minimums"
+            )
+        if not isinstance(self.tau_rel, (int, float)) or not math.isfinite(self.tau_rel) or self.tau_rel < 0:
+            raise ValueError(f"tau_rel must be a finite number >= 0, got {self.tau_rel!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not isinstance(self.fraction_fit, (int, float)) or not 0.0 < self.fraction_fit <= 1.0:
+            raise ValueError(f"fraction_fit must be in (0, 1], got {self.fraction_fit!r}")
+        _check_int("min_clients", self.min_clients, 1)
+        _check_int("local_epochs", self.local_epochs, 1)
+        if self.local_steps is not None:
+            _check_int("local_steps", self.local_steps, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.head_policy not in HEAD_POLICIES:
+            raise ValueError(f"head_policy must be one of {HEAD_POLICIES}, got {self.head_policy!r}")
+        if self.max_update_norm is not None and not self.max_update_norm > 0:
+            raise ValueError(f"max_update_norm must be > 0 or None, got {self.max_update_norm!r}")
+        _check_int("eval_every", self.eval_every, 1)
+        _check_int("seed", self.seed, 0)
+        if isinstance(self.clustering, Mapping):
+            object.__setattr__(self, "clustering", ClusteringConfig(**self.clustering))
+        if not isinstance(self.clustering, ClusteringConfig):
+            raise TypeError(f"clustering must be a ClusteringConfig or a mapping, got {type(self.clustering).__name__}")
+        _check_int("finetune_epochs", self.finetune_epochs, 0)
+        _check_int("probe_steps", self.probe_steps, 1)

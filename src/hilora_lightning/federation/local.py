@@ -1,0 +1,128 @@
+"""Client-side work on the one shared model: load a client's view, fit it with Lightning, evaluate.
+
+The orchestrator (and the Flower client app) keep one :class:`HiLoRAViT` in memory; a client's turn
+loads its tiers and head into it, runs a Lightning ``Trainer.fit`` and reads the trained tier back.
+
+Example:
+    >>> from hilora_lightning.federation.local import trainer_for
+    >>> trainer_for(local_epochs=1, local_steps=None, extra={}).max_epochs
+    1
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import zlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from hilora_lightning.model import HiLoRAViT
+from hilora_lightning.state import export_tier, import_tier
+from hilora_lightning.tiers import Tier
+
+__all__ = ["client_seed", "evaluate", "fit_client", "head_state", "load_view", "quiet_lightning", "trainer_for"]
+
+
+def client_seed(seed: int, round_idx: int, client_id: int, purpose: str = "fit") -> int:
+    """A deterministic seed per (run, round, client, purpose): resumed runs replay the same draws."""
+    return zlib.crc32(f"{seed}|{round_idx}|{client_id}|{purpose}".encode())
+
+
+def head_state(model: HiLoRAViT) -> dict[str, Tensor]:
+    """A CPU float32 copy of the head's parameters."""
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.head.state_dict().items()}
+
+
+@torch.no_grad()
+def load_view(
+    model: HiLoRAViT,
+    tiers: Mapping[Tier, Mapping[str, Tensor] | None],
+    head: Mapping[str, Tensor] | None,
+) -> None:
+    """Load the given tier states (validated) and head into the shared model; ``None`` leaves a slot."""
+    for tier, state in tiers.items():
+        if state is not None:
+            import_tier(model, tier, state)
+    if head is not None:
+        model.head.load_state_dict(dict(head))
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's per-Trainer info lines (hundreds of client fits would drown the log)."""
+    names = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def trainer_for(local_epochs: int, local_steps: int | None, extra: Mapping[str, Any]) -> pl.Trainer:
+    """A Trainer for one local update; ``extra`` passes Lightning options through (precision, loggers, ...)."""
+    kwargs: dict[str, Any] = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+    }
+    kwargs.update(extra)
+    if local_steps is not None:
+        kwargs.update(max_steps=local_steps, max_epochs=-1)
+    else:
+        kwargs.update(max_epochs=local_epochs)
+    return pl.Trainer(**kwargs)
+
+
+def fit_client(
+    model: HiLoRAViT,
+    train: Dataset,
+    stage: Tier,
+    seed: int,
+    batch_size: int,
+    local_epochs: int,
+    local_steps: int | None,
+    trainer_kwargs: Mapping[str, Any],
+) -> dict[str, Tensor]:
+    """Train ``stage``'s tier (and the head) on ``train``; return the trained tier's factors (CPU)."""
+    model.set_stage(stage)
+    torch.manual_seed(seed)
+    loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    with quiet_lightning():
+        trainer_for(local_epochs, local_steps, trainer_kwargs).fit(model, train_dataloaders=loader)
+    model.cpu()
+    return export_tier(model, stage)
+
+
+@torch.no_grad()
+def evaluate(model: HiLoRAViT, data: Dataset, tiers: list[Tier], batch_size: int = 256,
+             device: torch.device | None = None) -> float:
+    """Accuracy of ``model`` with only ``tiers`` active on ``data``."""
+    was_training = model.training
+    model.eval()
+    if device is not None:
+        model.to(device)
+    correct = total = 0
+    try:
+        with model.using_tiers(tiers):
+            for x, y in DataLoader(data, batch_size=batch_size):
+                dev = device or torch.device("cpu")
+                pred = model(x.to(dev)).argmax(-1).cpu()
+                correct += int((pred == y).sum())
+                total += len(y)
+    finally:
+        model.cpu()
+        model.train(was_training)
+    return correct / max(total, 1)

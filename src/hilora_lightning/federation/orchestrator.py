@@ -1,0 +1,437 @@
+"""``FederatedOrchestrator``: a whole personalized HiLoRA federation in one process.
+
+One frozen backbone (a :class:`HiLoRAViT`) is shared by every simulated client; a client is its
+data plus a small :class:`ClientState`. Each round reads like Flower's ``Strategy.start``: select
+clients, send each what its stage needs, run a Lightning ``Trainer.fit`` per client, validate and
+aggregate the uploads per tier, move the stage on, evaluate, checkpoint atomically.
+
+Example:
+    >>> from hilora_lightning import HiLoRAViT
+    >>> from hilora_lightning.data import digits_federation
+    >>> from hilora_lightning.federation import FederatedOrchestrator, FederationConfig
+    >>> orch = FederatedOrchestrator(
+    ...     HiLoRAViT(), digits_federation(4),
+    ...     FederationConfig(rounds=3, root_rounds=(1, 1), cluster_rounds=(1, 1), local_steps=2),
+    ...     progress=False)
+    >>> result = orch.run()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hilora_lightning.errors import AdapterStateError, HiLoraError
+from hilora_lightning.federation import transition
+from hilora_lightning.federation.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from hilora_lightning.federation.client import ClientData, ClientState, state_bytes
+from hilora_lightning.federation.config import FederationConfig
+from hilora_lightning.federation.local import client_seed, evaluate, fit_client, head_state, load_view
+from hilora_lightning.federation.result import FederatedResult, RoundRecord, accuracy_summary
+from hilora_lightning.model import HiLoRAViT
+from hilora_lightning.state import expected_shapes, export_tier, validate_tier_state
+from hilora_lightning.strategy.aggregation import fedavg_states, product_space_aggregate_states, relative_change
+from hilora_lightning.tiers import Tier
+
+__all__ = ["FederatedOrchestrator", "FederationError", "Payload"]
+
+CHECKPOINT_VERSION = 1
+
+
+class FederationError(HiLoraError, RuntimeError):
+    """A round could not complete (too few clients succeeded); the last good state is kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Payload:
+    """One client's upload: the trained shared tier's factors, maybe the head, and its sample count."""
+
+    client_id: int
+    round: int
+    tier: Tier
+    factors: dict[str, Tensor]
+    head: dict[str, Tensor] | None
+    num_samples: int
+
+    @property
+    def nbytes(self) -> int:
+        return state_bytes(self.factors) + state_bytes(self.head)
+
+
+class FederatedOrchestrator:
+    """Drive Lightning Trainers as federated clients through HiLoRA's stage-wise schedule.
+
+    Args:
+        model: the shared :class:`HiLoRAViT` (frozen backbone; its tiers are overwritten per client).
+        clients: the training clients.
+        config: schedule, sampling, local training and clustering settings.
+        unseen: held-out clients, evaluated at the end by probe routing (generalization table).
+        trainer_kwargs: passed to every local ``lightning.pytorch.Trainer`` (``precision``,
+            ``accelerator``, ``devices``, ``logger``, ``callbacks``, ...).
+        checkpoint_path: where the federation state is written atomically after every round.
+        upload_hook: called with every received :class:`Payload` before validation (inspection,
+            logging, privacy noise); may raise to reject it.
+        progress: print a line per round.
+    """
+
+    def __init__(
+        self,
+        model: HiLoRAViT,
+        clients: Sequence[ClientData],
+        config: FederationConfig,
+        unseen: Sequence[ClientData] = (),
+        trainer_kwargs: Mapping[str, Any] | None = None,
+        checkpoint_path: str | Path | None = None,
+        upload_hook: Callable[[Payload], None] | None = None,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(model, HiLoRAViT):
+            raise TypeError(f"model must be a HiLoRAViT, got {type(model).__name__}")
+        if not clients:
+            raise ValueError("a federation needs at least one client, got none")
+        ids = [c.client_id for c in clients] + [c.client_id for c in unseen]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"client ids must be unique across clients and unseen clients, repeated: {dupes}")
+        if config.min_clients > len(clients):
+            raise ValueError(f"min_clients={config.min_clients} exceeds the {len(clients)} training clients")
+        self.model = model.cpu()
+        self.clients = {c.client_id: c for c in clients}
+        self.unseen = {c.client_id: c for c in unseen}
+        self.config = config
+        self.trainer_kwargs = dict(trainer_kwargs or {})
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self.upload_hook = upload_hook
+        self.progress = progress
+        self.eval_device = self._eval_device()
+        self._init_state()
+
+    # ------------------------------------------------------------------ state
+    def _init_state(self) -> None:
+        cfg, model = self.config, self.model
+        model.reset_tier(Tier.ROOT, cfg.seed)  # the shared-seed root: B = 0, A from the run's seed
+        self.round = 0
+        self.stage = Tier.ROOT
+        self.rounds_in_stage = 0
+        self.root = export_tier(model, Tier.ROOT)
+        self.initial_head = head_state(model)
+        self.global_head = dict(self.initial_head)
+        self.clusters: dict[int, dict[str, Tensor]] = {}
+        self.cluster_heads: dict[int, dict[str, Tensor]] = {}
+        self.assignment: dict[int, int] = {}
+        self.num_clusters = 0
+        self.clustering_ari: float | None = None
+        self.client_states = {cid: ClientState() for cid in self.clients}
+        self.records: list[RoundRecord] = []
+        self.has_final: dict[Tier, set[int]] = {Tier.ROOT: set(), Tier.CLUSTER: set()}
+        self.elapsed = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume bit for bit (tensors, numbers, strings, lists, dicts)."""
+        return {
+            "version": CHECKPOINT_VERSION,
+            "config": repr(self.config),
+            "client_ids": sorted(self.clients),
+            "round": self.round,
+            "stage": self.stage.value,
+            "rounds_in_stage": self.rounds_in_stage,
+            "root": self.root,
+            "global_head": self.global_head,
+            "clusters": self.clusters,
+            "cluster_heads": self.cluster_heads,
+            "assignment": self.assignment,
+            "num_clusters": self.num_clusters,
+            "clustering_ari": self.clustering_ari,
+            "clients": {cid: dataclasses.asdict(s) for cid, s in self.client_states.items()},
+            "records": [r.to_dict() for r in self.records],
+            "has_final": {t.value: sorted(v) for t, v in self.has_final.items()},
+            "elapsed": self.elapsed,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; refuses a checkpoint of a different run."""
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise CheckpointError(f"checkpoint version {state.get('version')!r}, expected {CHECKPOINT_VERSION}")
+        if state.get("config") != repr(self.config) or state.get("client_ids") != sorted(self.clients):
+            raise CheckpointError(
+                "the checkpoint belongs to a different run (config or client ids differ); "
+                "resume with the same FederationConfig and clients, or start a new checkpoint path"
+            )
+        self.round, self.rounds_in_stage = int(state["round"]), int(state["rounds_in_stage"])
+        self.stage = Tier.parse(state["stage"])
+        self.root, self.global_head = dict(state["root"]), dict(state["global_head"])
+        self.clusters = {int(k): dict(v) for k, v in state["clusters"].items()}
+        self.cluster_heads = {int(k): dict(v) for k, v in state["cluster_heads"].items()}
+        self.assignment = {int(k): int(v) for k, v in state["assignment"].items()}
+        self.num_clusters, self.clustering_ari = int(state["num_clusters"]), state["clustering_ari"]
+        self.client_states = {int(k): ClientState(**v) for k, v in state["clients"].items()}
+        self.records = [RoundRecord.from_dict(r) for r in state["records"]]
+        self.has_final = {Tier.parse(k): set(v) for k, v in state["has_final"].items()}
+        self.elapsed = float(state["elapsed"])
+
+    def _eval_device(self) -> torch.device:
+        acc = str(self.trainer_kwargs.get("accelerator", "cpu"))
+        if acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available()):
+            return torch.device("cuda")
+        return torch.device("cpu")
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, resume: bool = False, stop_after: int | None = None) -> FederatedResult:
+        """Run (or, with ``resume``, continue from the checkpoint) until the round budget is spent.
+
+        Args:
+            resume: continue from ``checkpoint_path`` if a checkpoint exists there.
+            stop_after: return after this many completed rounds in total (to split a run).
+        """
+        if resume:
+            if self.checkpoint_path is None:
+                raise ValueError("resume=True needs a checkpoint_path")
+            if self.checkpoint_path.exists():
+                self.load_state_dict(load_checkpoint(self.checkpoint_path))
+        last = self.config.rounds if stop_after is None else min(self.config.rounds, stop_after)
+        while self.round < last:
+            start = time.perf_counter()
+            record = self._run_round(self.round + 1)
+            record.seconds = time.perf_counter() - start
+            self.elapsed += record.seconds
+            self.records.append(record)
+            self.round += 1
+            if self.checkpoint_path is not None:
+                save_checkpoint(self.state_dict(), self.checkpoint_path)
+            if self.progress:
+                print(self._progress_line(record), flush=True)
+        return self._result()
+
+    def _progress_line(self, r: RoundRecord) -> str:
+        acc = "" if r.acc_mean is None else f" acc mean {r.acc_mean:.3f} p10 {r.acc_p10:.3f}"
+        rho = "" if r.rho is None or not math.isfinite(r.rho) else f" rho {r.rho:.3f}"
+        fails = f" failed {sorted(r.failed)}" if r.failed else ""
+        return (f"round {r.round}/{self.config.rounds} [{r.stage}] clients {len(r.succeeded)}/{len(r.selected)}"
+                f"{fails}{rho}{acc} ({r.seconds:.1f}s)")
+
+    def select_clients(self, round_idx: int) -> list[int]:
+        """Seeded sampling of ``max(min_clients, ceil(fraction_fit * n))`` clients."""
+        ids = sorted(self.clients)
+        k = min(len(ids), max(self.config.min_clients, math.ceil(self.config.fraction_fit * len(ids))))
+        rng = np.random.default_rng([self.config.seed, round_idx])
+        return sorted(int(i) for i in rng.choice(ids, size=k, replace=False))
+
+    def _run_round(self, t: int) -> RoundRecord:
+        stage = self.stage
+        selected = self.select_clients(t)
+        tiers = [stage]
+        if self.config.schedule == "per_round" and stage is not Tier.ROOT:
+            tiers = list(Tier)
+        failed: dict[int, str] = {}
+        up = down = 0
+        rho: float | None = None
+        for tier in tiers:
+            payloads, pending, tier_failed, tier_down = self._train_tier(t, tier, selected)
+            failed.update(tier_failed)
+            ok = [cid for cid in selected if cid not in failed]
+            if len(ok) < self.config.min_clients:
+                raise FederationError(
+                    f"round {t}: only {len(ok)} of {len(selected)} clients succeeded, fewer than "
+                    f"min_clients={self.config.min_clients}; failures: {tier_failed}. The state after round "
+                    f"{t - 1} is kept (checkpoint untouched)"
+                )
+            rho = self._aggregate(tier, {c: p for c, p in payloads.items() if c in ok}) if tier is not Tier.LEAF else rho
+            for cid in ok:
+                pending[cid](self.client_states[cid])
+            up += sum(p.nbytes for c, p in payloads.items() if c in ok)
+            down += sum(tier_down.get(c, 0) for c in ok)
+        succeeded = [cid for cid in selected if cid not in failed]
+        for cid in succeeded:
+            self.client_states[cid].rounds_trained += 1
+        record = RoundRecord(t, stage.value, selected, succeeded, failed, rho,
+                             bytes_up_per_client=up / max(len(succeeded), 1),
+                             bytes_down_per_client=down / max(len(succeeded), 1))
+        self._advance_stage(rho)
+        if t % self.config.eval_every == 0 or t == self.config.rounds:
+            summary = accuracy_summary(list(self.evaluate_clients(self._eval_tiers()).values()))
+            record.acc_mean, record.acc_p10, record.acc_min, record.acc_std = (
+                summary["mean"], summary["p10"], summary["min"], summary["std"])
+        return record
+
+    # ------------------------------------------------------------------ one tier
+    def _client_view(self, cid: int, tier: Tier) -> tuple[dict[Tier, Any], dict[str, Tensor], int]:
+        """The tiers and head client ``cid`` works with at ``tier``, and the bytes it must download."""
+        cs = self.client_states[cid]
+        view: dict[Tier, Any] = {Tier.ROOT: self.root}
+        down = 0
+        if tier is Tier.ROOT:
+            down += state_bytes(self.root)
+        elif cid not in self.has_final[Tier.ROOT]:
+            down += state_bytes(self.root)
+        if tier is not Tier.ROOT:
+            cluster = self.clusters[self.assignment[cid]]
+            view[Tier.CLUSTER] = cluster
+            if tier is Tier.CLUSTER or cid not in self.has_final[Tier.CLUSTER]:
+                down += state_bytes(cluster)
+        if tier is Tier.LEAF:
+            view[Tier.LEAF] = cs.leaf
+        head = self._head_for(cid, tier)
+        if self.config.head_policy == "tier" and tier is not Tier.LEAF:
+            down += state_bytes(head)
+        return view, head, down
+
+    def _head_for(self, cid: int, tier: Tier) -> dict[str, Tensor]:
+        cs = self.client_states[cid]
+        if self.config.head_policy == "local":
+            return cs.head or self.initial_head
+        if tier is Tier.ROOT:
+            return self.global_head
+        if tier is Tier.CLUSTER:
+            return self.cluster_heads[self.assignment[cid]]
+        return cs.head or self.cluster_heads[self.assignment[cid]]
+
+    def _train_tier(self, t: int, tier: Tier, selected: list[int]) -> tuple[
+        dict[int, Payload], dict[int, Callable[[ClientState], None]], dict[int, str], dict[int, int]
+    ]:
+        cfg, model = self.config, self.model
+        payloads: dict[int, Payload] = {}
+        pending: dict[int, Callable[[ClientState], None]] = {}
+        failed: dict[int, str] = {}
+        downloads: dict[int, int] = {}
+        expected = expected_shapes(model, tier)
+        for cid in selected:
+            try:
+                view, head, downloads[cid] = self._client_view(cid, tier)
+                if tier is Tier.LEAF and view[Tier.LEAF] is None:
+                    model.reset_tier(Tier.LEAF, client_seed(cfg.seed, 0, cid, "leaf"))
+                load_view(model, view, head)
+                factors = fit_client(model, self.clients[cid].train, tier, client_seed(cfg.seed, t, cid),
+                                     cfg.batch_size, cfg.local_epochs, cfg.local_steps, self.trainer_kwargs)
+                new_head = head_state(model)
+                pending[cid] = self._keep_on_client(tier, factors, new_head)
+                if tier is Tier.LEAF:
+                    continue  # leaf and personal head never leave the client
+                share_head = cfg.head_policy == "tier"
+                payload = Payload(cid, t, tier, factors, new_head if share_head else None,
+                                  self.clients[cid].num_samples)
+                if self.upload_hook is not None:
+                    self.upload_hook(payload)
+                self._validate(payload, expected)
+                payloads[cid] = payload
+            except Exception as exc:  # a failing client is dropped and recorded, the round goes on
+                failed[cid] = f"{type(exc).__name__}: {exc}"
+                pending.pop(cid, None)
+        return payloads, pending, failed, downloads
+
+    def _keep_on_client(self, tier: Tier, factors: dict[str, Tensor], head: dict[str, Tensor]
+                        ) -> Callable[[ClientState], None]:
+        """What the client keeps after a successful round, applied only once the round commits."""
+        cfg = self.config
+        root_before = self.root
+        rank = self.model.adapter_config.root.rank
+
+        def commit(cs: ClientState) -> None:
+            if tier is Tier.LEAF:
+                cs.leaf, cs.head = factors, head
+            elif cfg.head_policy == "local":
+                cs.head = head
+            if tier is Tier.ROOT:
+                cs.features = transition.update_features(cs.features, factors, root_before, cfg.clustering, rank)
+
+        return commit
+
+    def _validate(self, payload: Payload, expected: Mapping[str, tuple[int, ...]]) -> None:
+        validate_tier_state(payload.factors, expected, self.config.max_update_norm)
+        if payload.head is not None:
+            ref = self.initial_head
+            if set(payload.head) != set(ref) or any(payload.head[k].shape != ref[k].shape for k in ref):
+                raise AdapterStateError(f"head update has keys/shapes {[(k, tuple(v.shape)) for k, v in payload.head.items()]}, "
+                                        f"expected {[(k, tuple(v.shape)) for k, v in ref.items()]}")
+            if not all(torch.isfinite(v).all() for v in payload.head.values()):
+                raise AdapterStateError("head update holds NaN or Inf values")
+
+    # ------------------------------------------------------------------ aggregation and stages
+    def _aggregate_group(self, payloads: list[Payload], tier: Tier) -> dict[str, Tensor]:
+        weights = [p.num_samples for p in payloads]
+        states = [p.factors for p in payloads]
+        if self.config.aggregation == "product":
+            return product_space_aggregate_states(states, weights, self.model.adapter_config.tier(tier).rank)
+        return fedavg_states(states, weights)
+
+    def _aggregate(self, tier: Tier, payloads: Mapping[int, Payload]) -> float:
+        share_head = self.config.head_policy == "tier"
+        if tier is Tier.ROOT:
+            new_root = self._aggregate_group(list(payloads.values()), tier)
+            rho = relative_change(self.root, new_root)
+            self.root = new_root
+            if share_head:
+                self.global_head = fedavg_states([p.head for p in payloads.values()],  # type: ignore[misc]
+                                                 [p.num_samples for p in payloads.values()])
+            return rho
+        rhos = []
+        for j in sorted(set(self.assignment[c] for c in payloads)):
+            members = [p for c, p in payloads.items() if self.assignment[c] == j]
+            new = self._aggregate_group(members, tier)
+            rhos.append(relative_change(self.clusters[j], new))
+            self.clusters[j] = new
+            if share_head:
+                self.cluster_heads[j] = fedavg_states([p.head for p in members],  # type: ignore[misc]
+                                                      [p.num_samples for p in members])
+        return float(np.mean(rhos)) if rhos else float("nan")
+
+    def _advance_stage(self, rho: float | None) -> None:
+        cfg = self.config
+        self.rounds_in_stage += 1
+        if self.stage is Tier.LEAF:
+            return
+        lo, hi = cfg.root_rounds if self.stage is Tier.ROOT else cfg.cluster_rounds
+        left = cfg.rounds - self.round - 1  # rounds after this one
+        reserve = (cfg.cluster_rounds[0] + 1) if self.stage is Tier.ROOT else 1
+        converged = rho is not None and math.isfinite(rho) and rho <= cfg.tau_rel
+        if self.rounds_in_stage >= hi or left <= reserve or (self.rounds_in_stage >= lo and converged):
+            if self.stage is Tier.ROOT:
+                self.has_final[Tier.ROOT] = set()
+                transition.form_clusters(self)
+                self.stage = Tier.CLUSTER
+            else:
+                self.stage = Tier.LEAF
+            self.rounds_in_stage = 0
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_tiers(self) -> list[Tier]:
+        return list(Tier)[: self.stage.position + 1]
+
+    def evaluate_clients(self, tiers: list[Tier], head_level: Tier | None = None) -> dict[int, float]:
+        """Accuracy of every training client on its own test split with ``tiers`` active."""
+        level = head_level or tiers[-1]
+        out: dict[int, float] = {}
+        for cid, data in sorted(self.clients.items()):
+            cs = self.client_states[cid]
+            view: dict[Tier, Any] = {Tier.ROOT: self.root}
+            if Tier.CLUSTER in tiers and self.assignment:
+                view[Tier.CLUSTER] = self.clusters[self.assignment[cid]]
+            if Tier.LEAF in tiers:
+                if cs.leaf is None:
+                    self.model.reset_tier(Tier.LEAF, 0)  # no leaf yet: the zero (no-op) leaf
+                view[Tier.LEAF] = cs.leaf
+            load_view(self.model, view, self._head_for(cid, level) if self.assignment or level is Tier.ROOT
+                      else self.global_head)
+            out[cid] = evaluate(self.model, data.test, tiers, device=self.eval_device)
+        return out
+
+    def _result(self) -> FederatedResult:
+        tierwise: dict[str, dict[str, float]] = {}
+        final: dict[int, float] = {}
+        for name, tiers in (("root", [Tier.ROOT]), ("root+cluster", [Tier.ROOT, Tier.CLUSTER]),
+                            ("root+cluster+leaf", list(Tier))):
+            if tiers[-1].position > self.stage.position:
+                continue
+            accs = self.evaluate_clients(tiers)
+            tierwise[name] = accuracy_summary(list(accs.values()))
+            final = accs
+        generalization, routing = transition.evaluate_unseen(self) if self.unseen and self.assignment else ({}, {})
+        return FederatedResult(self.records, final, tierwise, dict(self.assignment), self.num_clusters,
+                               self.clustering_ari, generalization, routing, self.elapsed)
