@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 import zlib
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -100,7 +101,9 @@ def fit_client(
     model.set_stage(stage)
     torch.manual_seed(seed)
     loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    with quiet_lightning():
+    with quiet_lightning(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         trainer_for(local_epochs, local_steps, trainer_kwargs).fit(model, train_dataloaders=loader)
     model.cpu()
     return export_tier(model, stage)

@@ -311,9 +311,10 @@ class FederatedOrchestrator:
                 factors = fit_client(model, self.clients[cid].train, tier, client_seed(cfg.seed, t, cid),
                                      cfg.batch_size, cfg.local_epochs, cfg.local_steps, self.trainer_kwargs)
                 new_head = head_state(model)
-                pending[cid] = self._keep_on_client(tier, factors, new_head)
-                if tier is Tier.LEAF:
-                    continue  # leaf and personal head never leave the client
+                if tier is Tier.LEAF:  # leaf and personal head never leave the client; still reject divergence
+                    self._validate(Payload(cid, t, tier, factors, new_head, 0), expected, bound=False)
+                    pending[cid] = self._keep_on_client(tier, factors, new_head)
+                    continue
                 share_head = cfg.head_policy == "tier"
                 payload = Payload(cid, t, tier, factors, new_head if share_head else None,
                                   self.clients[cid].num_samples)
@@ -321,6 +322,7 @@ class FederatedOrchestrator:
                     self.upload_hook(payload)
                 self._validate(payload, expected)
                 payloads[cid] = payload
+                pending[cid] = self._keep_on_client(tier, factors, new_head)
             except Exception as exc:  # a failing client is dropped and recorded, the round goes on
                 failed[cid] = f"{type(exc).__name__}: {exc}"
                 pending.pop(cid, None)
@@ -343,8 +345,9 @@ class FederatedOrchestrator:
 
         return commit
 
-    def _validate(self, payload: Payload, expected: Mapping[str, tuple[int, ...]]) -> None:
-        validate_tier_state(payload.factors, expected, self.config.max_update_norm)
+    def _validate(self, payload: Payload, expected: Mapping[str, tuple[int, ...]], bound: bool = True) -> None:
+        """Keys, shapes, dtypes, finiteness (and the norm bound) of factors and head, on receipt."""
+        validate_tier_state(payload.factors, expected, self.config.max_update_norm if bound else None)
         if payload.head is not None:
             ref = self.initial_head
             if set(payload.head) != set(ref) or any(payload.head[k].shape != ref[k].shape for k in ref):

@@ -1,0 +1,205 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from hilora_lightning import HiLoRAViT, Tier
+from hilora_lightning.data import digits_federation
+from hilora_lightning.federation import (
+    ClientData,
+    ClusteringConfig,
+    FederatedOrchestrator,
+    FederationConfig,
+    FederationError,
+    Payload,
+)
+from hilora_lightning.strategy.aggregation import factor_pairs
+
+FAST = {"local_steps": 2, "batch_size": 16}
+
+
+def _config(**kw) -> FederationConfig:
+    base = {"rounds": 4, "root_rounds": (2, 2), "cluster_rounds": (1, 1), **FAST}
+    base.update(kw)
+    return FederationConfig(**base)
+
+
+def _orch(clients=None, config=None, **kw) -> FederatedOrchestrator:
+    return FederatedOrchestrator(HiLoRAViT(lr=3e-3), clients or digits_federation(4), config or _config(),
+                                 progress=False, **kw)
+
+
+def _dense(payloads: list[Payload], prefix: str, rank: int) -> np.ndarray:
+    w = np.array([p.num_samples for p in payloads], dtype=np.float64)
+    w /= w.sum()
+    total = sum(wi * (p.factors[f"{prefix}.lora_B"].double() @ p.factors[f"{prefix}.lora_A"].double()).numpy()
+                for wi, p in zip(w, payloads))
+    u, s, vh = np.linalg.svd(total, full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+
+def test_three_stages_and_dense_reference_aggregation() -> None:
+    seen: list[Payload] = []
+    orch = _orch(config=_config(clustering=ClusteringConfig(method="given", assignment={0: 0, 1: 0, 2: 1, 3: 1})),
+                 upload_hook=seen.append)
+    result = orch.run(stop_after=1)
+    root_payloads = [p for p in seen if p.round == 1]
+    assert len(root_payloads) == 4 and all(p.tier is Tier.ROOT for p in root_payloads)
+    for prefix in factor_pairs(orch.root):
+        got = (orch.root[f"{prefix}.lora_B"] @ orch.root[f"{prefix}.lora_A"]).double().numpy()
+        np.testing.assert_allclose(got, _dense(root_payloads, prefix, 8), atol=1e-5)
+    result = orch.run()
+    assert [r.stage for r in result.records] == ["root", "root", "cluster", "leaf"]
+    assert set(result.tierwise) == {"root", "root+cluster", "root+cluster+leaf"}
+    assert result.assignment == {0: 0, 1: 0, 2: 1, 3: 1}
+    cluster_payloads = [p for p in seen if p.round == 3]
+    assert all(p.tier is Tier.CLUSTER for p in cluster_payloads)
+    for j, members in ((0, [0, 1]), (1, [2, 3])):  # each cluster aggregates its members only
+        mine = [p for p in cluster_payloads if p.client_id in members]
+        for prefix in factor_pairs(orch.clusters[j]):
+            got = (orch.clusters[j][f"{prefix}.lora_B"] @ orch.clusters[j][f"{prefix}.lora_A"]).double().numpy()
+            np.testing.assert_allclose(got, _dense(mine, prefix, 8), atol=1e-5)
+    assert all(0.0 <= a <= 1.0 for a in result.client_accuracy.values())
+    assert result.records[-1].acc_mean is not None and result.records[-1].bytes_up_per_client == 0.0
+
+
+def test_no_leaf_or_personal_head_is_ever_uploaded() -> None:
+    seen: list[Payload] = []
+    orch = _orch(config=_config(head_policy="local", clustering=ClusteringConfig(method="given",
+                                                                                 assignment={0: 0, 1: 1, 2: 0, 3: 1})),
+                 upload_hook=seen.append)
+    orch.run()
+    assert seen and all(p.tier in (Tier.ROOT, Tier.CLUSTER) and p.head is None for p in seen)
+    assert not [p for p in seen if p.round == 4]  # the leaf round uploads nothing
+    leaves = [t for cs in orch.client_states.values() for t in (cs.leaf or {}).values()]
+    heads = [t for cs in orch.client_states.values() for t in (cs.head or {}).values()]
+    assert leaves and heads
+    uploaded = [t for p in seen for t in p.factors.values()]
+    assert not any(t.shape == u.shape and torch.equal(t, u) for t in leaves + heads for u in uploaded)
+
+
+def test_tier_head_policy_shares_the_head_before_the_leaf_stage_only() -> None:
+    seen: list[Payload] = []
+    _orch(config=_config(clustering=ClusteringConfig(method="given", assignment={0: 0, 1: 1, 2: 0, 3: 1})),
+          upload_hook=seen.append).run()
+    assert all(p.head is not None for p in seen) and {p.round for p in seen} == {1, 2, 3}
+
+
+@pytest.mark.parametrize(("tau", "expected"), [(1e12, ["root", "cluster", "leaf", "leaf", "leaf"]),
+                                               (0.0, ["root", "root", "root", "cluster", "leaf"])])
+def test_root_stage_ends_on_the_rho_rule(tau: float, expected: list[str]) -> None:
+    cfg = _config(rounds=5, root_rounds=(1, 3), cluster_rounds=(1, 2), tau_rel=tau,
+                  clustering=ClusteringConfig(method="given", assignment={0: 0, 1: 0, 2: 0, 3: 0}))
+    result = _orch(config=cfg).run()
+    assert [r.stage for r in result.records] == expected
+    assert all(r.rho is not None for r in result.records if r.stage != "leaf")
+
+
+class Exploding(Dataset):
+    def __init__(self, base: TensorDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        raise OSError("disk on fire")
+
+
+def test_failing_and_nan_clients_are_dropped_and_recorded() -> None:
+    clients = digits_federation(4)
+    x, y = clients[3].train.tensors
+    clients[2] = ClientData(2, Exploding(clients[2].train), clients[2].test, clients[2].group)
+    clients[3] = ClientData(3, TensorDataset(torch.full_like(x, float("nan")), y), clients[3].test, clients[3].group)
+    orch = _orch(clients, _config(rounds=3, root_rounds=(1, 1), cluster_rounds=(1, 1), min_clients=2,
+                                  clustering=ClusteringConfig(method="given", assignment={0: 0, 1: 0, 2: 0, 3: 0})))
+    result = orch.run()
+    first = result.records[0]
+    assert first.succeeded == [0, 1]
+    assert "OSError: disk on fire" in first.failed[2]
+    assert "AdapterStateError" in first.failed[3] and "NaN or Inf" in first.failed[3]
+    assert all(torch.isfinite(v).all() for v in orch.root.values())
+
+
+def test_too_few_successes_fail_the_round_and_keep_the_last_good_state(tmp_path) -> None:
+    clients = digits_federation(4)
+    clients[1] = ClientData(1, Exploding(clients[1].train), clients[1].test)
+    ckpt = tmp_path / "fed.pt"
+    orch = _orch(clients, _config(min_clients=4), checkpoint_path=ckpt)
+    with pytest.raises(FederationError, match=r"round 1: only 3 of 4 clients succeeded, fewer than min_clients=4"):
+        orch.run()
+    assert orch.round == 0 and not ckpt.exists()
+    assert all(torch.count_nonzero(v) == 0 for k, v in orch.root.items() if k.endswith("lora_B"))
+
+
+def test_update_norm_bound_rejects_large_updates() -> None:
+    orch = _orch(config=_config(rounds=3, root_rounds=(1, 1), cluster_rounds=(1, 1), max_update_norm=1e-6,
+                                min_clients=1))
+    with pytest.raises(FederationError, match=r"exceeds the bound"):
+        orch.run()
+
+
+def _final_state(orch: FederatedOrchestrator) -> dict[str, torch.Tensor]:
+    out = {f"root/{k}": v for k, v in orch.root.items()}
+    for j, st in orch.clusters.items():
+        out.update({f"cluster{j}/{k}": v for k, v in st.items()})
+    for cid, cs in orch.client_states.items():
+        out.update({f"leaf{cid}/{k}": v for k, v in (cs.leaf or {}).items()})
+        out.update({f"head{cid}/{k}": v for k, v in (cs.head or {}).items()})
+    return out
+
+
+def test_resume_is_bitwise_identical(tmp_path) -> None:
+    cfg = _config(rounds=5, root_rounds=(2, 2), cluster_rounds=(1, 2), clustering=ClusteringConfig(k_min=1, k_max=3))
+    straight = _orch(config=cfg)
+    straight.run()
+    first = _orch(config=cfg, checkpoint_path=tmp_path / "fed.pt")
+    first.run(stop_after=3)
+    resumed = _orch(config=cfg, checkpoint_path=tmp_path / "fed.pt")
+    result = resumed.run(resume=True)
+    a, b = _final_state(straight), _final_state(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert result.assignment == straight.assignment
+    assert [r.stage for r in result.records] == [r.stage for r in straight.records]
+    assert [p.name for p in tmp_path.iterdir()] == ["fed.pt"]
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path) -> None:
+    _orch(config=_config(rounds=3, root_rounds=(1, 1), cluster_rounds=(1, 1)),
+          checkpoint_path=tmp_path / "fed.pt").run(stop_after=1)
+    other = _orch(config=_config(rounds=3, root_rounds=(1, 1), cluster_rounds=(1, 1), seed=1),
+                  checkpoint_path=tmp_path / "fed.pt")
+    with pytest.raises(RuntimeError, match=r"the checkpoint belongs to a different run"):
+        other.run(resume=True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rounds": 0}, r"rounds must be an int >= 1, got 0"),
+        ({"fraction_fit": 1.5}, r"fraction_fit must be in \(0, 1\], got 1.5"),
+        ({"root_rounds": (3, 2)}, r"root_rounds must have min_rounds <= max_rounds, got \(3, 2\)"),
+        ({"rounds": 3, "root_rounds": (2, 4), "cluster_rounds": (2, 2)}, r"rounds=3 cannot fit the minimum stage lengths"),
+        ({"aggregation": "median"}, r"aggregation must be one of \('product', 'fedavg'\), got 'median'"),
+        ({"clustering": {"method": "given"}}, r"clustering.method='given' needs an assignment"),
+        ({"clustering": {"feature": "C"}}, r"clustering.feature must be one of \('A', 'B', 'delta'\), got 'C'"),
+        ({"local_steps": 0}, r"local_steps must be an int >= 1, got 0"),
+    ],
+)
+def test_invalid_configs_fail_at_construction(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        FederationConfig(**kwargs)
+
+
+def test_invalid_federations_fail_at_construction() -> None:
+    clients = digits_federation(4)
+    with pytest.raises(ValueError, match=r"a federation needs at least one client, got none"):
+        FederatedOrchestrator(HiLoRAViT(), [], _config())
+    with pytest.raises(ValueError, match=r"client ids must be unique across clients and unseen clients, repeated: \[0\]"):
+        FederatedOrchestrator(HiLoRAViT(), clients, _config(), unseen=clients[:1])
+    with pytest.raises(ValueError, match=r"min_clients=5 exceeds the 4 training clients"):
+        FederatedOrchestrator(HiLoRAViT(), clients, _config(min_clients=5))
+    with pytest.raises(ValueError, match=r"client 7 has an empty test set"):
+        ClientData(7, clients[0].train, TensorDataset(torch.zeros(0, 3, 32, 32), torch.zeros(0)))
