@@ -15,13 +15,14 @@ from hilora_lightning.federation import (
     FederationError,
     Payload,
 )
+from hilora_lightning.federation.checkpoint import load_checkpoint
 from hilora_lightning.strategy.aggregation import factor_pairs
 
 FAST = {"local_steps": 2, "batch_size": 16}
 
 
 def _config(**kw) -> FederationConfig:
-    base = {"rounds": 4, "root_rounds": (2, 2), "cluster_rounds": (1, 1), **FAST}
+    base: dict = {"rounds": 4, "root_rounds": (2, 2), "cluster_rounds": (1, 1), **FAST}
     base.update(kw)
     return FederationConfig(**base)
 
@@ -151,19 +152,84 @@ def _final_state(orch: FederatedOrchestrator) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_resume_is_bitwise_identical(tmp_path) -> None:
-    cfg = _config(rounds=5, root_rounds=(2, 2), cluster_rounds=(1, 2), clustering=ClusteringConfig(k_min=1, k_max=3))
-    straight = _orch(config=cfg)
-    straight.run()
-    first = _orch(config=cfg, checkpoint_path=tmp_path / "fed.pt")
+RESUME_CFG = {"rounds": 5, "root_rounds": (2, 2), "cluster_rounds": (1, 2), "clustering": {"k_min": 1, "k_max": 3}}
+
+
+@pytest.fixture(scope="module")
+def straight_run() -> FederatedOrchestrator:
+    orch = _orch(config=_config(**RESUME_CFG))
+    orch.run()
+    return orch
+
+
+def _assert_same_run(a: FederatedOrchestrator, b: FederatedOrchestrator) -> None:
+    sa, sb = _final_state(a), _final_state(b)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.assignment == b.assignment
+    assert [r.stage for r in a.records] == [r.stage for r in b.records]
+    assert [r.rho for r in a.records] == [r.rho for r in b.records]
+
+
+def test_resume_is_bitwise_identical(tmp_path, straight_run) -> None:
+    first = _orch(config=_config(**RESUME_CFG), checkpoint_path=tmp_path / "fed.pt")
     first.run(stop_after=3)
-    resumed = _orch(config=cfg, checkpoint_path=tmp_path / "fed.pt")
-    result = resumed.run(resume=True)
-    a, b = _final_state(straight), _final_state(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert result.assignment == straight.assignment
-    assert [r.stage for r in result.records] == [r.stage for r in straight.records]
+    resumed = _orch(config=_config(**RESUME_CFG), checkpoint_path=tmp_path / "fed.pt")
+    resumed.run(resume=True)
+    _assert_same_run(straight_run, resumed)
     assert [p.name for p in tmp_path.iterdir()] == ["fed.pt"]
+
+
+KILLER = """
+import os, signal, sys
+from hilora_lightning import HiLoRAViT
+from hilora_lightning.data import digits_federation
+from hilora_lightning.federation import FederatedOrchestrator, FederationConfig
+
+def hook(payload):
+    if payload.round == 4 and payload.client_id == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # dies in the middle of round 4
+
+cfg = FederationConfig(local_steps=2, batch_size=16, **{cfg})
+FederatedOrchestrator(HiLoRAViT(lr=3e-3), digits_federation(4), cfg, checkpoint_path=sys.argv[1],
+                      upload_hook=hook, progress=False).run()
+"""
+
+
+def test_sigkill_mid_round_loses_at_most_that_round(tmp_path, straight_run) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER.replace("{cfg}", repr(RESUME_CFG)))
+    ckpt = tmp_path / "fed.pt"
+    proc = subprocess.run([sys.executable, str(script), str(ckpt)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    resumed = _orch(config=_config(**RESUME_CFG), checkpoint_path=ckpt)
+    resumed.load_state_dict(load_checkpoint(ckpt))
+    assert resumed.round == 3  # rounds 1-3 survived, round 4 was lost
+    resumed.run(resume=True)
+    _assert_same_run(straight_run, resumed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fed.pt", "killer.py"]  # no temp file left
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch) -> None:
+    from hilora_lightning.federation import checkpoint as ck
+
+    path = ck.save_checkpoint({"round": 1}, tmp_path / "fed.pt")
+
+    def broken_save(obj, fh):
+        fh.write(b"half a checkp")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ck.save_checkpoint({"round": 2}, path)
+    monkeypatch.undo()
+    assert ck.load_checkpoint(path) == {"round": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["fed.pt"]
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match=r"is not a readable federation checkpoint"):
+        ck.load_checkpoint(tmp_path / "junk.pt")
 
 
 def test_checkpoint_of_another_run_is_refused(tmp_path) -> None:
@@ -181,7 +247,8 @@ def test_checkpoint_of_another_run_is_refused(tmp_path) -> None:
         ({"rounds": 0}, r"rounds must be an int >= 1, got 0"),
         ({"fraction_fit": 1.5}, r"fraction_fit must be in \(0, 1\], got 1.5"),
         ({"root_rounds": (3, 2)}, r"root_rounds must have min_rounds <= max_rounds, got \(3, 2\)"),
-        ({"rounds": 3, "root_rounds": (2, 4), "cluster_rounds": (2, 2)}, r"rounds=3 cannot fit the minimum stage lengths"),
+        ({"rounds": 3, "root_rounds": (2, 4), "cluster_rounds": (2, 2)},
+         r"rounds=3 cannot fit the minimum stage lengths"),
         ({"aggregation": "median"}, r"aggregation must be one of \('product', 'fedavg'\), got 'median'"),
         ({"clustering": {"method": "given"}}, r"clustering.method='given' needs an assignment"),
         ({"clustering": {"feature": "C"}}, r"clustering.feature must be one of \('A', 'B', 'delta'\), got 'C'"),
@@ -197,7 +264,7 @@ def test_invalid_federations_fail_at_construction() -> None:
     clients = digits_federation(4)
     with pytest.raises(ValueError, match=r"a federation needs at least one client, got none"):
         FederatedOrchestrator(HiLoRAViT(), [], _config())
-    with pytest.raises(ValueError, match=r"client ids must be unique across clients and unseen clients, repeated: \[0\]"):
+    with pytest.raises(ValueError, match=r"client ids must be unique across clients and unseen clients, repeated: \[0"):
         FederatedOrchestrator(HiLoRAViT(), clients, _config(), unseen=clients[:1])
     with pytest.raises(ValueError, match=r"min_clients=5 exceeds the 4 training clients"):
         FederatedOrchestrator(HiLoRAViT(), clients, _config(min_clients=5))

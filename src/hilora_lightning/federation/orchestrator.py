@@ -127,6 +127,7 @@ class FederatedOrchestrator:
         self.clusters: dict[int, dict[str, Tensor]] = {}
         self.cluster_heads: dict[int, dict[str, Tensor]] = {}
         self.assignment: dict[int, int] = {}
+        self.cluster_centers: dict[int, list[Tensor]] = {}  # per cluster, per matrix: the routing subspace
         self.num_clusters = 0
         self.clustering_ari: float | None = None
         self.client_states = {cid: ClientState() for cid in self.clients}
@@ -148,6 +149,7 @@ class FederatedOrchestrator:
             "clusters": self.clusters,
             "cluster_heads": self.cluster_heads,
             "assignment": self.assignment,
+            "cluster_centers": self.cluster_centers,
             "num_clusters": self.num_clusters,
             "clustering_ari": self.clustering_ari,
             "clients": {cid: dataclasses.asdict(s) for cid, s in self.client_states.items()},
@@ -171,6 +173,7 @@ class FederatedOrchestrator:
         self.clusters = {int(k): dict(v) for k, v in state["clusters"].items()}
         self.cluster_heads = {int(k): dict(v) for k, v in state["cluster_heads"].items()}
         self.assignment = {int(k): int(v) for k, v in state["assignment"].items()}
+        self.cluster_centers = {int(k): list(v) for k, v in state["cluster_centers"].items()}
         self.num_clusters, self.clustering_ari = int(state["num_clusters"]), state["clustering_ari"]
         self.client_states = {int(k): ClientState(**v) for k, v in state["clients"].items()}
         self.records = [RoundRecord.from_dict(r) for r in state["records"]]
@@ -243,7 +246,8 @@ class FederatedOrchestrator:
                     f"min_clients={self.config.min_clients}; failures: {tier_failed}. The state after round "
                     f"{t - 1} is kept (checkpoint untouched)"
                 )
-            rho = self._aggregate(tier, {c: p for c, p in payloads.items() if c in ok}) if tier is not Tier.LEAF else rho
+            if tier is not Tier.LEAF:
+                rho = self._aggregate(tier, {c: p for c, p in payloads.items() if c in ok})
             for cid in ok:
                 pending[cid](self.client_states[cid])
             up += sum(p.nbytes for c, p in payloads.items() if c in ok)
@@ -351,8 +355,9 @@ class FederatedOrchestrator:
         if payload.head is not None:
             ref = self.initial_head
             if set(payload.head) != set(ref) or any(payload.head[k].shape != ref[k].shape for k in ref):
-                raise AdapterStateError(f"head update has keys/shapes {[(k, tuple(v.shape)) for k, v in payload.head.items()]}, "
-                                        f"expected {[(k, tuple(v.shape)) for k, v in ref.items()]}")
+                got = [(k, tuple(v.shape)) for k, v in payload.head.items()]
+                want = [(k, tuple(v.shape)) for k, v in ref.items()]
+                raise AdapterStateError(f"head update has keys/shapes {got}, expected {want}")
             if not all(torch.isfinite(v).all() for v in payload.head.values()):
                 raise AdapterStateError("head update holds NaN or Inf values")
 

@@ -10,7 +10,7 @@ Example:
     >>> f = {"m.lora_A": torch.randn(2, 5), "m.lora_B": torch.randn(4, 2)}
     >>> root = {"m.lora_A": torch.randn(2, 5), "m.lora_B": torch.zeros(4, 2)}
     >>> sorted(update_features(None, f, root, ClusteringConfig(feature="B"), rank=2))
-    ['__update__', 'm']
+    ['m']
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def update_features(
 
     ``B``: EMA of the Frobenius-normalized local ``B`` (paper-literal: the column space, *where* the
     update writes). ``A``: the same for ``A^T`` (the row space, *what* the update reads). ``delta``: EMA
-    of the covariance of the local change ``B_i A_i - B_r A_r`` in factored form. Also keeps the last
-    flattened factor update under ``"__update__"`` for the k-means baseline.
+    of the covariance of the local change ``B_i A_i - B_r A_r`` in factored form. For the k-means
+    baseline it also keeps the last flattened factor update under ``"__update__"``.
     """
     prev = dict(features or {})
     out: dict[str, Tensor] = {}
@@ -72,7 +72,8 @@ def update_features(
         else:
             d = delta_left_factor(b, a, root_before[f"{prefix}.lora_B"], root_before[f"{prefix}.lora_A"], rank)
             out[prefix] = ema_left_factor(prev.get(prefix), d, cfg.ema_decay, rank)
-    out[UPDATE_KEY] = torch.cat([(factors[k] - root_before[k]).flatten() for k in factors]).float()
+    if cfg.method == "kmeans":  # the baseline clusters flattened updates; keep only the last one
+        out[UPDATE_KEY] = torch.cat([(factors[k] - root_before[k]).flatten() for k in factors]).float()
     return out
 
 
@@ -84,7 +85,7 @@ def client_subspaces(features: Mapping[str, Tensor], rank: int) -> list[Tensor]:
 def subspace_distances(subspaces: list[list[Tensor]]) -> np.ndarray:
     """Distance matrix averaged over matrices; matrices of different heights are grouped first."""
     n_mat = len(subspaces[0])
-    groups: dict[tuple[int, int], list[int]] = {}
+    groups: dict[tuple[int, ...], list[int]] = {}
     for m, u in enumerate(subspaces[0]):
         groups.setdefault(tuple(u.shape), []).append(m)
     total = np.zeros((len(subspaces), len(subspaces)))
@@ -127,10 +128,12 @@ def form_clusters(orch: FederatedOrchestrator) -> None:
             found = cluster_distances(res.distances, seed=cfg.seed, k=min(k, len(seen)), sigma=ccfg.sigma).labels
         labels = {cid: int(lab) for cid, lab in zip(seen, found)}
         k = int(max(labels.values())) + 1
-        centers = cluster_centers(orch, labels, rank)
-        for cid in sorted(set(orch.clients) - set(seen)):  # never trained in the root stage: route by probe
-            labels[cid] = route(orch, orch.clients[cid], centers)
-    orch.assignment, orch.num_clusters = labels, k
+    centers = cluster_centers(orch, labels, rank)
+    for cid in sorted(set(orch.clients) - set(labels)):  # never trained in the root stage: route by probe
+        labels[cid] = route(orch, orch.clients[cid], centers)
+    orch.assignment, orch.num_clusters, orch.cluster_centers = labels, k, centers
+    for cs in orch.client_states.values():
+        cs.features = None  # served their purpose; the per-client state shrinks to leaf + head
     for j in range(k):
         orch.model.reset_tier(Tier.CLUSTER, client_seed(cfg.seed, 0, j, "cluster"))
         orch.clusters[j] = export_tier(orch.model, Tier.CLUSTER)
@@ -173,8 +176,7 @@ def route(orch: FederatedOrchestrator, data: ClientData, centers: Mapping[int, l
 def evaluate_unseen(orch: FederatedOrchestrator) -> tuple[dict[str, dict[str, float]], dict[int, int]]:
     """Route each unseen client, then score root only, root + routed cluster, and a leaf fine-tune."""
     cfg = orch.config
-    rank = orch.model.adapter_config.root.rank
-    centers = cluster_centers(orch, orch.assignment, rank)
+    centers = orch.cluster_centers
     routing: dict[int, int] = {}
     accs: dict[str, list[float]] = {"root": [], "zero_leaf": [], "finetuned": []}
     for cid, data in sorted(orch.unseen.items()):
