@@ -104,6 +104,7 @@ def fit_client(
     with quiet_lightning(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
         trainer_for(local_epochs, local_steps, trainer_kwargs).fit(model, train_dataloaders=loader)
     model.cpu()
     return export_tier(model, stage)
