@@ -270,3 +270,62 @@ def test_invalid_federations_fail_at_construction() -> None:
         FederatedOrchestrator(HiLoRAViT(), clients, _config(min_clients=5))
     with pytest.raises(ValueError, match=r"client 7 has an empty test set"):
         ClientData(7, clients[0].train, TensorDataset(torch.zeros(0, 3, 32, 32), torch.zeros(0)))
+
+
+def test_per_round_schedule_trains_all_tiers_each_round_after_clustering() -> None:
+    seen: list[Payload] = []
+    cfg = _config(rounds=3, root_rounds=(1, 1), cluster_rounds=(1, 1), schedule="per_round",
+                  clustering=ClusteringConfig(method="given", assignment={0: 0, 1: 0, 2: 1, 3: 1}))
+    orch = _orch(config=cfg, upload_hook=seen.append)
+    orch.run()
+    by_round = {r: sorted({p.tier.value for p in seen if p.round == r}) for r in (1, 2, 3)}
+    assert by_round == {1: ["root"], 2: ["cluster", "root"], 3: ["cluster", "root"]}
+    assert all(cs.leaf is not None for cs in orch.client_states.values())
+
+
+def test_fedavg_option_averages_factors() -> None:
+    seen: list[Payload] = []
+    orch = _orch(config=_config(aggregation="fedavg"), upload_hook=seen.append)
+    orch.run(stop_after=1)
+    w = torch.tensor([p.num_samples for p in seen], dtype=torch.float64)
+    w = w / w.sum()
+    for key, value in orch.root.items():
+        expected = sum(wi * p.factors[key].double() for wi, p in zip(w, seen))
+        torch.testing.assert_close(value.double(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_lightning_options_pass_through_to_every_client_trainer() -> None:
+    import lightning.pytorch as pl
+
+    class CountFits(pl.Callback):
+        fits = 0
+        precisions: set = set()
+
+        def on_fit_start(self, trainer, pl_module) -> None:
+            CountFits.fits += 1
+            CountFits.precisions.add(trainer.precision)
+
+    orch = _orch(config=_config(rounds=3, root_rounds=(1, 1), cluster_rounds=(1, 1),
+                                clustering=ClusteringConfig(method="given", assignment={0: 0, 1: 0, 2: 0, 3: 0})),
+                 trainer_kwargs={"precision": "bf16-mixed", "callbacks": [CountFits()]})
+    result = orch.run()
+    assert CountFits.fits == 12 and CountFits.precisions == {"bf16-mixed"}
+    assert all(np.isfinite(v) for v in result.client_accuracy.values())
+
+
+def test_result_files_and_summary(tmp_path) -> None:
+    import csv
+    import json
+
+    clients = digits_federation(5)
+    orch = FederatedOrchestrator(HiLoRAViT(lr=3e-3), clients[:4], _config(rounds=3, root_rounds=(1, 1),
+                                 cluster_rounds=(1, 1), finetune_epochs=1, clustering={"k_min": 1, "k_max": 2}),
+                                 unseen=clients[4:], progress=False)
+    result = orch.run()
+    data = json.loads(result.to_json(tmp_path / "r.json").read_text())
+    assert data["num_clusters"] == result.num_clusters and len(data["records"]) == 3
+    assert set(data["generalization"]) == {"root", "zero_leaf", "finetuned"} and "4" in data["routing"]
+    rows = list(csv.DictReader(result.to_csv(tmp_path / "r.csv").open()))
+    assert [r["stage"] for r in rows] == ["root", "cluster", "leaf"]
+    text = result.summary()
+    assert "root+cluster+leaf" in text and "unseen clients" in text and "clusters found" in text
