@@ -99,14 +99,20 @@ class HiLoRAViT(pl.LightningModule):
         self.adapter_config = cfg
         self.strict_loading = False  # adapter-only checkpoints: the frozen backbone is rebuilt, not stored
         self._fingerprint: str | None = None
+        self._state_layers: dict[str, TieredLoRALinear] | None = None
+        #: log training losses and accuracy (``self.log`` costs ~1 ms a call); the federation turns
+        #: it off for client fits that have no logger, progress bar or callbacks to read them
+        self.train_logging = True
         self._ortho_cache: tuple[Any, FrozenGroups] | None = None
         self.model = self.build_backbone()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.tiered_layers: dict[str, TieredLoRALinear] = inject_tiers(self.model, cfg, seed=seed)
-        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        # validate_args=False: the per-step input checks cost more than the update on small batches
+        acc = {"num_classes": num_classes, "average": "micro", "validate_args": False}
+        self.train_acc = MulticlassAccuracy(**acc)  # type: ignore[arg-type]
+        self.val_acc = MulticlassAccuracy(**acc)  # type: ignore[arg-type]
+        self.test_acc = MulticlassAccuracy(**acc)  # type: ignore[arg-type]
         self.stage: Tier = Tier.ROOT
         self.set_stage(stage)
 
@@ -227,11 +233,13 @@ class HiLoRAViT(pl.LightningModule):
         task, logits, y = self._shared_step(batch)
         ortho = self.orthogonality_loss()
         loss = task + ortho
+        if not self.train_logging:
+            return loss
         self.train_acc(logits.detach(), y)
         bs = y.shape[0]
         self.log("train/loss", loss, batch_size=bs, prog_bar=True)
-        self.log("train/task_loss", task, batch_size=bs)
-        self.log("train/ortho", ortho, batch_size=bs)
+        if self.stage is not Tier.ROOT:  # the root stage has no penalty: task loss == loss
+            self.log_dict({"train/task_loss": task, "train/ortho": ortho}, batch_size=bs)
         self.log("train/acc", self.train_acc, batch_size=bs, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
@@ -288,6 +296,15 @@ class HiLoRAViT(pl.LightningModule):
     def adapter_state_dict(self) -> dict[str, Tensor]:
         """All tiers' factors and the head, as stored in checkpoints."""
         return {k: v.detach().clone() for k, v in self.state_dict().items() if self._is_adapter_key(k)}
+
+    def state_layers(self) -> dict[str, TieredLoRALinear]:
+        """The tiered layers keyed by their path from this module (``model.blocks.0.attn.qkv``), cached.
+
+        The per-tier state functions use it instead of walking every module on each call.
+        """
+        if self._state_layers is None:
+            self._state_layers = find_tiered_layers(self)
+        return self._state_layers
 
     def adapted_layers(self) -> dict[str, TieredLoRALinear]:
         """The tiered layers by path (also found by :func:`find_tiered_layers`)."""

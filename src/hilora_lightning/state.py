@@ -24,6 +24,7 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +43,12 @@ __all__ = [
 ]
 
 
+def _layers(model: nn.Module) -> dict[str, Any]:
+    """The tiered layers by path; models that cache them (``HiLoRAViT``) skip the module walk."""
+    cached = getattr(model, "state_layers", None)
+    return cached() if callable(cached) else find_tiered_layers(model)
+
+
 def _key(path: str, segment: str, factor: str) -> str:
     return ".".join(p for p in (path, segment, factor) if p)
 
@@ -50,7 +57,7 @@ def export_tier(model: nn.Module, tier: Tier | str) -> dict[str, Tensor]:
     """Detached, contiguous CPU float32 copies of ``tier``'s factors, keyed without the tier name."""
     tier = Tier.parse(tier)
     out: dict[str, Tensor] = {}
-    for path, layer in find_tiered_layers(model).items():
+    for path, layer in _layers(model).items():
         for seg, a, b in layer.factors(tier):
             out[_key(path, seg, "lora_A")] = a.detach().to("cpu", torch.float32).contiguous().clone()
             out[_key(path, seg, "lora_B")] = b.detach().to("cpu", torch.float32).contiguous().clone()
@@ -62,7 +69,7 @@ def expected_shapes(model: nn.Module, tier: Tier | str) -> dict[str, tuple[int, 
     tier = Tier.parse(tier)
     return {
         _key(path, seg, name): tuple(t.shape)
-        for path, layer in find_tiered_layers(model).items()
+        for path, layer in _layers(model).items()
         for seg, a, b in layer.factors(tier)
         for name, t in (("lora_A", a), ("lora_B", b))
     }
@@ -117,7 +124,7 @@ def import_tier(model: nn.Module, tier: Tier | str, state: Mapping[str, Tensor])
     """
     tier = Tier.parse(tier)
     validate_tier_state(state, expected_shapes(model, tier))
-    for path, layer in find_tiered_layers(model).items():
+    for path, layer in _layers(model).items():
         a_param, b_param = layer.lora_A[tier.value], layer.lora_B[tier.value]
         for s, (seg, _, _) in enumerate(layer.segments):
             a_param[s].copy_(state[_key(path, seg, "lora_A")])

@@ -21,13 +21,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hilora_lightning.model import HiLoRAViT
 from hilora_lightning.state import export_tier, import_tier
 from hilora_lightning.tiers import Tier
 
-__all__ = ["client_seed", "evaluate", "fit_client", "head_state", "load_view", "quiet_lightning", "trainer_for"]
+__all__ = ["StepSampler", "client_seed", "evaluate", "fit_client", "head_state", "load_view", "quiet_lightning", "trainer_for"]
 
 
 def client_seed(seed: int, round_idx: int, client_id: int, purpose: str = "fit") -> int:
@@ -81,10 +81,36 @@ def trainer_for(local_epochs: int, local_steps: int | None, extra: Mapping[str, 
     }
     kwargs.update(extra)
     if local_steps is not None:
-        kwargs.update(max_steps=local_steps, max_epochs=-1)
+        kwargs.update(max_steps=local_steps, max_epochs=1)
     else:
         kwargs.update(max_epochs=local_epochs)
     return pl.Trainer(**kwargs)
+
+
+class StepSampler(Sampler[int]):
+    """``num_samples`` indices drawn as consecutive seeded permutations of ``range(n)``.
+
+    Every sample is seen once per pass over the data, as with ``shuffle=True``, but a local update of
+    ``steps`` batches runs as one Lightning epoch of full batches instead of several short epochs.
+
+    Example:
+        >>> import torch
+        >>> sorted(StepSampler(3, 6, torch.Generator().manual_seed(0)))
+        [0, 0, 1, 1, 2, 2]
+    """
+
+    def __init__(self, n: int, num_samples: int, generator: torch.Generator) -> None:
+        if n <= 0:
+            raise ValueError(f"cannot sample from an empty dataset (n={n})")
+        self.n, self.num_samples, self.generator = n, num_samples, generator
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        reps = -(-self.num_samples // self.n)
+        order = torch.cat([torch.randperm(self.n, generator=self.generator) for _ in range(reps)])
+        return iter(order[: self.num_samples].tolist())
 
 
 def fit_client(
@@ -100,13 +126,24 @@ def fit_client(
     """Train ``stage``'s tier (and the head) on ``train``; return the trained tier's factors (CPU)."""
     model.set_stage(stage)
     torch.manual_seed(seed)
-    loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    if local_steps is None:
+        loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen)
+    else:  # exactly local_steps full batches in one pass: no epoch restarts inside a local update
+        sampler = StepSampler(len(train), local_steps * batch_size, gen)  # type: ignore[arg-type]
+        loader = DataLoader(train, batch_size=batch_size, sampler=sampler)
+    was_logging = model.train_logging
+    model.train_logging = any(k in trainer_kwargs for k in ("logger", "callbacks", "enable_progress_bar"))
     with quiet_lightning(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-        trainer_for(local_epochs, local_steps, trainer_kwargs).fit(model, train_dataloaders=loader)
-    model.cpu()
+        try:
+            trainer_for(local_epochs, local_steps, trainer_kwargs).fit(model, train_dataloaders=loader)
+        finally:
+            model.train_logging = was_logging
+    if any(p.device.type != "cpu" for p in model.head.parameters()):
+        model.cpu()  # the server side works on the CPU; skip the module walk when already there
     return export_tier(model, stage)
 
 
@@ -127,6 +164,7 @@ def evaluate(model: HiLoRAViT, data: Dataset, tiers: list[Tier], batch_size: int
                 correct += int((pred == y).sum())
                 total += len(y)
     finally:
-        model.cpu()
+        if device is not None and device.type != "cpu":
+            model.cpu()
         model.train(was_training)
     return correct / max(total, 1)
