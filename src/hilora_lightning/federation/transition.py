@@ -35,14 +35,14 @@ from hilora_lightning.strategy.subspace import (
     ema_normalized,
     left_subspace,
     mean_projector_subspace,
-    pairwise_distances,
+    subspace_distances,
 )
 from hilora_lightning.tiers import Tier
 
 if TYPE_CHECKING:
     from hilora_lightning.federation.orchestrator import FederatedOrchestrator
 
-__all__ = ["client_subspaces", "evaluate_unseen", "form_clusters", "subspace_distances", "update_features"]
+__all__ = ["client_subspaces", "evaluate_unseen", "form_clusters", "update_features"]
 
 UPDATE_KEY = "__update__"
 
@@ -80,19 +80,6 @@ def update_features(
 def client_subspaces(features: Mapping[str, Tensor], rank: int) -> list[Tensor]:
     """Top-``rank`` left singular vectors of each feature matrix, in key order (``(p, rank)`` each)."""
     return [left_subspace(v, rank) for k, v in features.items() if k != UPDATE_KEY]
-
-
-def subspace_distances(subspaces: list[list[Tensor]]) -> np.ndarray:
-    """Distance matrix averaged over matrices; matrices of different heights are grouped first."""
-    n_mat = len(subspaces[0])
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for m, u in enumerate(subspaces[0]):
-        groups.setdefault(tuple(u.shape), []).append(m)
-    total = np.zeros((len(subspaces), len(subspaces)))
-    for mats in groups.values():
-        stacked = torch.stack([torch.stack([client[m] for m in mats]) for client in subspaces])
-        total += len(mats) * pairwise_distances(stacked).numpy()
-    return total / n_mat
 
 
 def _overlap(u: list[Tensor], centers: list[Tensor]) -> float:

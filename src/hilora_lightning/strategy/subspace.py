@@ -19,6 +19,9 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,6 +34,7 @@ __all__ = [
     "mean_projector_subspace",
     "pairwise_distances",
     "subspace_affinity_to",
+    "subspace_distances",
 ]
 
 
@@ -86,11 +90,13 @@ def _take_columns(u: Tensor, rank: int) -> Tensor:
     return out.float()
 
 
-def pairwise_distances(u: Tensor, chunk: int | None = None) -> Tensor:
+def pairwise_distances(u: Tensor, chunk: int | None = 128) -> Tensor:
     """``D_ij = 1 - mean_l ||U_il^T U_jl||_F^2 / r`` for subspaces ``u`` of shape ``(n, L, p, r)``.
 
-    One ``(n r) x (n r)`` Gram product per matrix ``l`` (optionally in column chunks to bound memory),
-    then block sums of its squares. Returns a symmetric ``(n, n)`` float64 matrix with zero diagonal.
+    Per matrix ``l`` the Gram product ``U_all^T U_all`` is computed in column chunks of ``chunk``
+    clients, and only on and below the diagonal (the matrix is symmetric), so the work is about half
+    of one full ``(n r) x (n r)`` Gram product and the memory ``(n r) x (chunk r)``. Returns a symmetric
+    ``(n, n)`` float64 matrix with zero diagonal.
     """
     if u.ndim != 4:
         raise ValueError(f"expected subspaces shaped (clients, matrices, p, r), got {tuple(u.shape)}")
@@ -101,10 +107,10 @@ def pairwise_distances(u: Tensor, chunk: int | None = None) -> Tensor:
         flat = u[:, layer].float().permute(1, 0, 2).reshape(p, n * r)  # p x (n r), client-major columns
         for start in range(0, n, step):
             stop = min(n, start + step)
-            gram = flat.T @ flat[:, start * r : stop * r]  # (n r) x (c r)
-            sim[:, start:stop] += gram.square_().view(n, r, stop - start, r).sum(dim=(1, 3)).double()
+            gram = flat[:, start * r :].T @ flat[:, start * r : stop * r]  # rows from the chunk down
+            sim[start:, start:stop] += gram.square_().view(n - start, r, stop - start, r).sum(dim=(1, 3)).double()
+    sim = torch.tril(sim) + torch.tril(sim, -1).T
     dist = 1.0 - sim / (n_mat * r)
-    dist = 0.5 * (dist + dist.T)
     dist.fill_diagonal_(0.0)
     return dist.clamp_(0.0, 1.0)
 
@@ -165,3 +171,20 @@ def delta_left_factor(b_local: Tensor, a_local: Tensor, b_ref: Tensor, a_ref: Te
     _, r_a = torch.linalg.qr(a_cat.transpose(-2, -1))
     u_small, s, _ = torch.linalg.svd(r_b @ r_a.transpose(-2, -1), full_matrices=False)
     return _take_columns((q_b @ u_small) * s[..., None, :], rank)
+
+
+def subspace_distances(subspaces: Sequence[Sequence[Tensor]], chunk: int | None = None) -> np.ndarray:
+    """:func:`pairwise_distances` for per-client lists of ``(p_m, r)`` subspaces whose ``p_m`` may differ.
+
+    Matrices of equal shape are stacked and compared together; the result is the distance averaged
+    over all matrices, as a float64 numpy array.
+    """
+    n_mat = len(subspaces[0])
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for m, u in enumerate(subspaces[0]):
+        groups.setdefault(tuple(u.shape), []).append(m)
+    total = np.zeros((len(subspaces), len(subspaces)))
+    for mats in groups.values():
+        stacked = torch.stack([torch.stack([client[m] for m in mats]) for client in subspaces])
+        total += len(mats) * pairwise_distances(stacked, chunk=chunk).numpy()
+    return total / n_mat
