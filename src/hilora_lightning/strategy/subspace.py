@@ -57,15 +57,20 @@ def ema_normalized(previous: Tensor | None, b: Tensor, decay: float, eps: float 
 def left_subspace(b: Tensor, rank: int) -> Tensor:
     """Top-``rank`` left singular vectors of ``b`` (``(..., p, k)``, ``k`` small) via thin QR + small SVD.
 
-    Returns ``(..., p, rank)`` with orthonormal columns; if ``b`` has fewer than ``rank`` columns,
-    the extra columns are zero (they add nothing to ``||U_i^T U_j||_F``).
+    Returns ``(..., p, rank)`` with orthonormal columns spanning the top-``rank`` left singular
+    subspace; if ``b`` has fewer than ``rank`` columns, the extra columns are zero (they add nothing
+    to ``||U_i^T U_j||_F``). When all columns are kept, the basis is ``Q`` itself (same span; use
+    projectors, not individual columns, to compare).
     """
     if rank <= 0:
         raise ValueError(f"rank must be positive, got {rank!r}")
-    b = b.detach().double()
-    q, r = torch.linalg.qr(b)  # (..., p, k), (..., k, k)
-    u_small, _, _ = torch.linalg.svd(r, full_matrices=False)
-    return _take_columns(q @ u_small, rank)  # the left singular vectors of b, by singular value
+    q, r = torch.linalg.qr(b.detach().float())  # (..., p, k), (..., k, k); float32 is ample for a basis
+    if rank >= q.shape[-1]:
+        # all k directions are kept: Q spans exactly the same subspace as the k singular vectors, so
+        # the small SVD (which only orders them) can be skipped; every projector-based use is equal
+        return _take_columns(q, rank)
+    u_small, _, _ = torch.linalg.svd(r.double(), full_matrices=False)  # order by singular value
+    return _take_columns(q @ u_small.float(), rank)
 
 
 def delta_subspace(b_local: Tensor, a_local: Tensor, b_ref: Tensor, a_ref: Tensor, rank: int) -> Tensor:
@@ -84,10 +89,12 @@ def delta_subspace(b_local: Tensor, a_local: Tensor, b_ref: Tensor, a_ref: Tenso
 
 def _take_columns(u: Tensor, rank: int) -> Tensor:
     """The first ``rank`` columns of ``u`` as float32, zero-padded if ``u`` has fewer."""
+    if u.shape[-1] == rank:
+        return u.float()
     k = min(rank, u.shape[-1])
-    out = torch.zeros(*u.shape[:-1], rank, dtype=torch.float64)
+    out = torch.zeros(*u.shape[:-1], rank, dtype=torch.float32)
     out[..., :k] = u[..., :k]
-    return out.float()
+    return out
 
 
 def pairwise_distances(u: Tensor, chunk: int | None = 128) -> Tensor:
