@@ -61,7 +61,7 @@ def main() -> None:
     for key in MODELS:
         res = {}
         for n in COUNTS:
-            proc = subprocess.run([sys.executable, __file__, "--child", key, str(n)], capture_output=True,
+            proc = subprocess.run([sys.executable, __file__, "--child", key, str(n)], capture_output=True,  # noqa: S603
                                   text=True, check=True)
             res[n] = json.loads(proc.stdout.strip().splitlines()[-1])
             out[f"rss_gib_{key}_{n}"] = res[n]["rss_bytes"] / 2**30

@@ -329,3 +329,45 @@ def test_result_files_and_summary(tmp_path) -> None:
     assert [r["stage"] for r in rows] == ["root", "cluster", "leaf"]
     text = result.summary()
     assert "root+cluster+leaf" in text and "unseen clients" in text and "clusters found" in text
+
+
+@pytest.mark.parametrize("method", ["lsac", "kmeans", "random"])
+def test_end_to_end_lsac_recovers_latent_groups(method: str) -> None:
+    """Digits at 0 and 90 degrees: LSAC finds both groups from the root-stage LoRA subspaces."""
+    clients = digits_federation(6, num_groups=2)
+    cfg = FederationConfig(rounds=4, root_rounds=(2, 2), cluster_rounds=(1, 1), local_steps=10, batch_size=16,
+                           clustering=ClusteringConfig(method=method, k_min=2, k_max=4,
+                                                       k=None if method == "lsac" else 2))
+    orch = FederatedOrchestrator(HiLoRAViT(lr=3e-3), clients, cfg, progress=False)
+    orch.run(stop_after=2)
+    assert orch.stage is Tier.CLUSTER and orch.num_clusters == 2
+    if method == "lsac":
+        assert orch.clustering_ari is not None and orch.clustering_ari >= 0.9
+    assert all(cs.features is None for cs in orch.client_states.values())  # dropped after clustering
+    assert set(orch.cluster_centers) == set(orch.assignment.values())
+
+
+def test_split_unseen_is_stratified_and_seeded() -> None:
+    from hilora_lightning.federation import split_unseen
+
+    clients = digits_federation(20, num_groups=4)
+    train, unseen = split_unseen(clients, 0.2, seed=3)
+    assert len(unseen) == 4 and sorted(c.group for c in unseen) == [0, 1, 2, 3]
+    assert {c.client_id for c in train} | {c.client_id for c in unseen} == set(range(20))
+    assert [c.client_id for c in split_unseen(clients, 0.2, seed=3)[1]] == [c.client_id for c in unseen]
+    with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\), got 1.0"):
+        split_unseen(clients, 1.0)
+
+
+@pytest.mark.parametrize("route_by", ["subspace", "loss"])
+def test_unseen_clients_are_routed_to_their_groups_cluster(route_by: str) -> None:
+    everyone = digits_federation(8, num_groups=2)
+    cfg = FederationConfig(rounds=4, root_rounds=(2, 2), cluster_rounds=(1, 1), local_steps=10, batch_size=16,
+                           finetune_epochs=1, route_by=route_by, probe_steps=10,
+                           clustering=ClusteringConfig(k_min=2, k_max=3))
+    orch = FederatedOrchestrator(HiLoRAViT(lr=3e-3), everyone[:6], cfg, unseen=everyone[6:], progress=False)
+    result = orch.run(stop_after=3)
+    assert orch.clustering_ari == 1.0
+    group_cluster = {everyone[c].group: j for c, j in orch.assignment.items()}
+    assert result.routing == {6: group_cluster[0], 7: group_cluster[1]}
+    assert set(result.generalization) == {"root", "zero_leaf", "finetuned"}

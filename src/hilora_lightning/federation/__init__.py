@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hilora_lightning.federation.client import ClientData, ClientState
+from hilora_lightning.federation.client import ClientData, ClientState, split_unseen
 from hilora_lightning.federation.config import ClusteringConfig, FederationConfig
 from hilora_lightning.federation.orchestrator import FederatedOrchestrator, FederationError, Payload
 from hilora_lightning.federation.result import FederatedResult, RoundRecord
@@ -17,4 +17,5 @@ __all__ = [
     "FederationError",
     "Payload",
     "RoundRecord",
+    "split_unseen",
 ]

@@ -16,11 +16,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
+import numpy as np
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["ClientData", "ClientState", "state_bytes"]
+__all__ = ["ClientData", "ClientState", "split_unseen", "state_bytes"]
 
 
 @dataclasses.dataclass
@@ -77,3 +79,32 @@ def state_bytes(state: dict[str, Tensor] | None) -> int:
     if not state:
         return 0
     return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def split_unseen(
+    clients: Sequence[ClientData], fraction: float = 0.2, seed: int = 0
+) -> tuple[list[ClientData], list[ClientData]]:
+    """Hold out ``fraction`` of the clients as unseen, stratified by latent group where groups exist.
+
+    Each group gives ``round(fraction * size)`` clients (the paper holds out 20%); clients without a
+    group form one stratum. The choice is seeded; order within each list follows the input.
+
+    Example:
+        >>> from hilora_lightning.data import digits_federation
+        >>> train, unseen = split_unseen(digits_federation(10, num_groups=2), 0.2)
+        >>> sorted(c.group for c in unseen)
+        [0, 1]
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction!r}")
+    strata: dict[int | None, list[int]] = {}
+    for i, c in enumerate(clients):
+        strata.setdefault(c.group, []).append(i)
+    rng = np.random.default_rng(seed)
+    held: set[int] = set()
+    for members in strata.values():
+        k = int(round(fraction * len(members)))
+        held.update(int(i) for i in rng.choice(members, size=k, replace=False))
+    if len(held) == len(clients):
+        raise ValueError(f"holding out {fraction:.0%} leaves no training client; lower the fraction")
+    return [c for i, c in enumerate(clients) if i not in held], [c for i, c in enumerate(clients) if i in held]

@@ -113,6 +113,9 @@ class FederationConfig:
         clustering: a :class:`ClusteringConfig`.
         finetune_epochs: leaf fine-tuning epochs of unseen clients (the paper: 5).
         probe_steps: local steps of an unseen client's probe update.
+        route_by: how unseen clients pick a cluster: ``"subspace"`` (the paper: largest mean cos^2 of
+            principal angles between the probe's and the cluster's subspaces) or ``"loss"`` (lowest
+            training loss among the cluster adapters).
     """
 
     rounds: int = 50
@@ -133,6 +136,7 @@ class FederationConfig:
     clustering: ClusteringConfig = dataclasses.field(default_factory=ClusteringConfig)
     finetune_epochs: int = 5
     probe_steps: int = 20
+    route_by: str = "subspace"
 
     def __post_init__(self) -> None:
         _check_int("rounds", self.rounds, 1)
@@ -170,3 +174,5 @@ class FederationConfig:
             raise TypeError(f"clustering must be a ClusteringConfig or a mapping, got {type(self.clustering).__name__}")
         _check_int("finetune_epochs", self.finetune_epochs, 0)
         _check_int("probe_steps", self.probe_steps, 1)
+        if self.route_by not in ("subspace", "loss"):
+            raise ValueError(f"route_by must be 'subspace' or 'loss', got {self.route_by!r}")

@@ -27,7 +27,16 @@ from hilora_lightning.model import HiLoRAViT
 from hilora_lightning.state import export_tier, import_tier
 from hilora_lightning.tiers import Tier
 
-__all__ = ["StepSampler", "client_seed", "evaluate", "fit_client", "head_state", "load_view", "quiet_lightning", "trainer_for"]
+__all__ = [
+    "StepSampler",
+    "client_seed",
+    "evaluate",
+    "fit_client",
+    "head_state",
+    "load_view",
+    "quiet_lightning",
+    "trainer_for",
+]
 
 
 def client_seed(seed: int, round_idx: int, client_id: int, purpose: str = "fit") -> int:

@@ -122,6 +122,7 @@ class FederatedOrchestrator:
         self.stage = Tier.ROOT
         self.rounds_in_stage = 0
         self.root = export_tier(model, Tier.ROOT)
+        self.initial_root = dict(self.root)  # B = 0, shared-seed A: where every fresh adapter starts
         self.initial_head = head_state(model)
         self.global_head = dict(self.initial_head)
         self.clusters: dict[int, dict[str, Tensor]] = {}

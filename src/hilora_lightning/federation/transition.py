@@ -145,12 +145,22 @@ def cluster_centers(orch: FederatedOrchestrator, labels: Mapping[int, int], rank
 
 
 def probe_features(orch: FederatedOrchestrator, data: ClientData) -> dict[str, Tensor]:
-    """A short root-stage-like local update on top of the frozen root, turned into LSAC features."""
-    cfg = orch.config
-    load_view(orch.model, {Tier.ROOT: orch.root}, orch.global_head if cfg.head_policy == "tier" else orch.initial_head)
-    factors = fit_client(orch.model, data.train, Tier.ROOT, client_seed(cfg.seed, -1, data.client_id, "probe"),
+    """LSAC features of a probe: a fresh LoRA trained briefly on top of the frozen root.
+
+    The probe starts exactly as the root did in round 1 (``B = 0``, the shared-seed ``A``) and trains
+    in the cluster slot while the learned root stays frozen, so its factors are comparable with the
+    training clients' root-stage features, which the first rounds (from ``B = 0``) dominate.
+    """
+    cfg, model = orch.config, orch.model
+    head = orch.global_head if cfg.head_policy == "tier" else orch.initial_head
+    start = orch.initial_root
+    if model.adapter_config.cluster.rank != model.adapter_config.root.rank:  # cannot reuse the root's init
+        model.reset_tier(Tier.CLUSTER, cfg.seed)
+        start = export_tier(model, Tier.CLUSTER)
+    load_view(model, {Tier.ROOT: orch.root, Tier.CLUSTER: start}, head)
+    factors = fit_client(model, data.train, Tier.CLUSTER, client_seed(cfg.seed, -1, data.client_id, "probe"),
                          cfg.batch_size, 1, cfg.probe_steps, orch.trainer_kwargs)
-    return update_features(None, factors, orch.root, cfg.clustering, orch.model.adapter_config.root.rank)
+    return update_features(None, factors, start, cfg.clustering, model.adapter_config.root.rank)
 
 
 def route(orch: FederatedOrchestrator, data: ClientData, centers: Mapping[int, list[Tensor]]) -> int:
@@ -160,6 +170,28 @@ def route(orch: FederatedOrchestrator, data: ClientData, centers: Mapping[int, l
     return max(sorted(scores), key=lambda j: scores[j])
 
 
+@torch.no_grad()
+def route_by_loss(orch: FederatedOrchestrator, data: ClientData) -> int:
+    """The cluster whose adapter (on the frozen root, with its head) has the lowest loss on the client's data."""
+    from torch.utils.data import DataLoader
+
+    losses: dict[int, float] = {}
+    model = orch.model
+    was_training = model.training
+    model.eval()
+    for j in sorted(orch.clusters):
+        head = orch.cluster_heads[j] if orch.config.head_policy == "tier" else orch.initial_head
+        load_view(model, {Tier.ROOT: orch.root, Tier.CLUSTER: orch.clusters[j]}, head)
+        total = count = 0.0
+        with model.using_tiers([Tier.ROOT, Tier.CLUSTER]):
+            for x, y in DataLoader(data.train, batch_size=256):
+                total += float(model.compute_loss(model(x), y)) * len(y)
+                count += len(y)
+        losses[j] = total / max(count, 1.0)
+    model.train(was_training)
+    return min(sorted(losses), key=lambda j: losses[j])
+
+
 def evaluate_unseen(orch: FederatedOrchestrator) -> tuple[dict[str, dict[str, float]], dict[int, int]]:
     """Route each unseen client, then score root only, root + routed cluster, and a leaf fine-tune."""
     cfg = orch.config
@@ -167,7 +199,12 @@ def evaluate_unseen(orch: FederatedOrchestrator) -> tuple[dict[str, dict[str, fl
     routing: dict[int, int] = {}
     accs: dict[str, list[float]] = {"root": [], "zero_leaf": [], "finetuned": []}
     for cid, data in sorted(orch.unseen.items()):
-        j = route(orch, data, centers) if len(centers) > 1 else next(iter(centers), 0)
+        if orch.num_clusters <= 1:
+            j = 0
+        elif cfg.route_by == "loss":
+            j = route_by_loss(orch, data)
+        else:
+            j = route(orch, data, centers)
         routing[cid] = j
         root_head = orch.global_head if cfg.head_policy == "tier" else orch.initial_head
         cluster_head = orch.cluster_heads[j] if cfg.head_policy == "tier" else orch.initial_head
