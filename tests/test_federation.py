@@ -371,3 +371,34 @@ def test_unseen_clients_are_routed_to_their_groups_cluster(route_by: str) -> Non
     group_cluster = {everyone[c].group: j for c, j in orch.assignment.items()}
     assert result.routing == {6: group_cluster[0], 7: group_cluster[1]}
     assert set(result.generalization) == {"root", "zero_leaf", "finetuned"}
+
+
+def test_reclustering_splits_a_given_single_cluster_and_keeps_ids_by_overlap() -> None:
+    clients = digits_federation(6, num_groups=2)
+    cfg = FederationConfig(rounds=5, root_rounds=(1, 1), cluster_rounds=(3, 3), local_steps=10, batch_size=16,
+                           clustering=ClusteringConfig(method="given", assignment=dict.fromkeys(range(6), 0),
+                                                       recluster_every=2, k_min=2, k_max=3))
+    snapshots: list[dict] = []
+
+    class Watched(FederatedOrchestrator):
+        def should_recluster(self, round_idx: int) -> bool:  # the override point; snapshot when it fires
+            fire = super().should_recluster(round_idx)
+            if fire:
+                snapshots.append({k: v.clone() for k, v in self.clusters[0].items()})
+            return fire
+
+    orch = Watched(HiLoRAViT(lr=3e-3), clients, cfg, progress=False)
+    orch.run(stop_after=3)  # second cluster-stage round: re-cluster
+    assert len(snapshots) == 1
+    before = snapshots[0]
+    assert orch.num_clusters == 2 and set(orch.clusters) == {0, 1}
+    groups = {c.client_id: c.group for c in clients}
+    by_cluster = {j: sorted(groups[c] for c, k in orch.assignment.items() if k == j) for j in (0, 1)}
+    assert sorted(map(tuple, by_cluster.values())) == [(0, 0, 0), (1, 1, 1)]
+    assert all(torch.equal(orch.clusters[0][k], before[k]) for k in before)  # the matched cluster kept its adapter
+    for prefix in factor_pairs(before):  # the split-off one starts from its members' mean of cluster 0
+        new = orch.clusters[1]
+        torch.testing.assert_close(new[f"{prefix}.lora_B"] @ new[f"{prefix}.lora_A"],
+                                   before[f"{prefix}.lora_B"] @ before[f"{prefix}.lora_A"], atol=1e-5, rtol=1e-4)
+    orch.run()
+    assert [r.stage for r in orch.records] == ["root", "cluster", "cluster", "cluster", "leaf"]

@@ -61,6 +61,10 @@ class ClusteringConfig:
             sometimes separates all four, not reliably yet (see the README).
         sigma: kernel width rule, ``"median"`` (paper) or ``"local"``.
         k: a fixed number of clusters for ``kmeans``/``random`` (default: what LSAC would choose).
+        recluster_every: re-run LSAC every this many cluster-stage rounds on the clients' cluster-tier
+            features (``None``: cluster once, as the paper). New clusters keep the id of the old
+            cluster they overlap most; split-off or new ones start from their members' product-space
+            mean of their previous cluster adapters.
     """
 
     method: str = "lsac"
@@ -71,6 +75,7 @@ class ClusteringConfig:
     feature: str = "B"
     sigma: str = "median"
     k: int | None = None
+    recluster_every: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in CLUSTERINGS:
@@ -87,6 +92,8 @@ class ClusteringConfig:
             raise ValueError(f"clustering.sigma must be 'median' or 'local', got {self.sigma!r}")
         if self.k is not None:
             _check_int("clustering.k", self.k, 1)
+        if self.recluster_every is not None:
+            _check_int("clustering.recluster_every", self.recluster_every, 1)
 
 
 @dataclasses.dataclass(frozen=True)

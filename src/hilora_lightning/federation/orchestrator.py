@@ -318,7 +318,7 @@ class FederatedOrchestrator:
                 new_head = head_state(model)
                 if tier is Tier.LEAF:  # leaf and personal head never leave the client; still reject divergence
                     self._validate(Payload(cid, t, tier, factors, new_head, 0), expected, bound=False)
-                    pending[cid] = self._keep_on_client(tier, factors, new_head)
+                    pending[cid] = self._keep_on_client(tier, factors, new_head, cid)
                     continue
                 share_head = cfg.head_policy == "tier"
                 payload = Payload(cid, t, tier, factors, new_head if share_head else None,
@@ -327,28 +327,37 @@ class FederatedOrchestrator:
                     self.upload_hook(payload)
                 self._validate(payload, expected)
                 payloads[cid] = payload
-                pending[cid] = self._keep_on_client(tier, factors, new_head)
+                pending[cid] = self._keep_on_client(tier, factors, new_head, cid)
             except Exception as exc:  # a failing client is dropped and recorded, the round goes on
                 failed[cid] = f"{type(exc).__name__}: {exc}"
                 pending.pop(cid, None)
         return payloads, pending, failed, downloads
 
-    def _keep_on_client(self, tier: Tier, factors: dict[str, Tensor], head: dict[str, Tensor]
+    def _keep_on_client(self, tier: Tier, factors: dict[str, Tensor], head: dict[str, Tensor], cid: int
                         ) -> Callable[[ClientState], None]:
         """What the client keeps after a successful round, applied only once the round commits."""
         cfg = self.config
-        root_before = self.root
-        rank = self.model.adapter_config.root.rank
+        rank = self.model.adapter_config.tier(tier).rank
+        before = self.root if tier is Tier.ROOT else self.clusters.get(self.assignment.get(cid, -1))
+        track = tier is Tier.ROOT or (tier is Tier.CLUSTER and cfg.clustering.recluster_every is not None)
 
         def commit(cs: ClientState) -> None:
             if tier is Tier.LEAF:
                 cs.leaf, cs.head = factors, head
             elif cfg.head_policy == "local":
                 cs.head = head
-            if tier is Tier.ROOT:
-                cs.features = transition.update_features(cs.features, factors, root_before, cfg.clustering, rank)
+            if track and before is not None:  # LSAC features: root stage, and cluster stage if re-clustering
+                cs.features = transition.update_features(cs.features, factors, before, cfg.clustering, rank)
 
         return commit
+
+    def should_recluster(self, round_idx: int) -> bool:
+        """Whether to re-cluster after this cluster-stage round (override for another policy).
+
+        Default: every ``clustering.recluster_every`` cluster-stage rounds, never if that is ``None``.
+        """
+        every = self.config.clustering.recluster_every
+        return self.stage is Tier.CLUSTER and every is not None and self.rounds_in_stage % every == 0
 
     def _validate(self, payload: Payload, expected: Mapping[str, tuple[int, ...]], bound: bool = True) -> None:
         """Keys, shapes, dtypes, finiteness (and the norm bound) of factors and head, on receipt."""
@@ -396,6 +405,8 @@ class FederatedOrchestrator:
         self.rounds_in_stage += 1
         if self.stage is Tier.LEAF:
             return
+        if self.should_recluster(self.round + 1):
+            transition.recluster(self)
         lo, hi = cfg.root_rounds if self.stage is Tier.ROOT else cfg.cluster_rounds
         left = cfg.rounds - self.round - 1  # rounds after this one
         reserve = (cfg.cluster_rounds[0] + 1) if self.stage is Tier.ROOT else 1

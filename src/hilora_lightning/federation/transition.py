@@ -27,8 +27,8 @@ from hilora_lightning.federation.config import ClusteringConfig
 from hilora_lightning.federation.local import client_seed, evaluate, fit_client, load_view
 from hilora_lightning.federation.result import accuracy_summary
 from hilora_lightning.state import export_tier
-from hilora_lightning.strategy.aggregation import factor_pairs
-from hilora_lightning.strategy.clustering import cluster_distances, kmeans_cosine
+from hilora_lightning.strategy.aggregation import factor_pairs, fedavg_states, product_space_aggregate_states
+from hilora_lightning.strategy.clustering import cluster_distances, kmeans_cosine, match_clusters
 from hilora_lightning.strategy.subspace import (
     delta_left_factor,
     ema_left_factor,
@@ -42,7 +42,7 @@ from hilora_lightning.tiers import Tier
 if TYPE_CHECKING:
     from hilora_lightning.federation.orchestrator import FederatedOrchestrator
 
-__all__ = ["client_subspaces", "evaluate_unseen", "form_clusters", "update_features"]
+__all__ = ["client_subspaces", "evaluate_unseen", "form_clusters", "recluster", "update_features"]
 
 UPDATE_KEY = "__update__"
 
@@ -219,3 +219,48 @@ def evaluate_unseen(orch: FederatedOrchestrator) -> tuple[dict[str, dict[str, fl
             accs["finetuned"].append(evaluate(orch.model, data.test, list(Tier), device=orch.eval_device))
     summary: dict[str, Any] = {k: accuracy_summary(v) for k, v in accs.items() if v}
     return summary, routing
+
+
+def recluster(orch: FederatedOrchestrator) -> None:
+    """Re-run LSAC on the clients' cluster-stage features; keep ids by member overlap (Hungarian).
+
+    Clusters matched to an old cluster keep its adapter and head; split-off or new clusters start
+    from the product-space mean (weighted by samples) of their members' previous cluster adapters.
+    """
+    cfg, ccfg = orch.config, orch.config.clustering
+    rank = orch.model.adapter_config.cluster.rank
+    seen = [c for c in sorted(orch.clients) if orch.client_states[c].features]
+    if len(seen) < 2:
+        return
+    subspaces = [client_subspaces(orch.client_states[c].features or {}, rank) for c in seen]
+    res = cluster_distances(subspace_distances(subspaces), ccfg.k_min, ccfg.k_max, cfg.seed, sigma=ccfg.sigma)
+    old = [orch.assignment[c] for c in seen]
+    mapping = match_clusters(old, res.labels)
+    next_id = max(orch.clusters) + 1
+    new_ids: dict[int, int] = {}
+    for label in sorted(mapping):
+        target = mapping[label]
+        if target is None:
+            target, next_id = next_id, next_id + 1
+        new_ids[label] = target
+    assignment = dict(orch.assignment)
+    assignment.update({c: new_ids[int(lab)] for c, lab in zip(seen, res.labels)})
+    clusters, heads = {}, {}
+    for label, j in new_ids.items():
+        if mapping[label] is not None:
+            clusters[j], heads[j] = orch.clusters[j], orch.cluster_heads[j]
+            continue
+        members = [c for c, lab in zip(seen, res.labels) if int(lab) == label]
+        weights = [orch.clients[c].num_samples for c in members]
+        clusters[j] = product_space_aggregate_states([orch.clusters[orch.assignment[c]] for c in members], weights,
+                                                     rank)
+        heads[j] = fedavg_states([orch.cluster_heads[orch.assignment[c]] for c in members], weights)
+    for c in assignment:  # clients whose old cluster vanished without them being re-clustered keep theirs
+        if assignment[c] not in clusters:
+            clusters[assignment[c]] = orch.clusters[assignment[c]]
+            heads[assignment[c]] = orch.cluster_heads[assignment[c]]
+    orch.assignment, orch.clusters, orch.cluster_heads = assignment, clusters, heads
+    orch.num_clusters = len(clusters)
+    orch.cluster_centers = cluster_centers(orch, {c: assignment[c] for c in seen}, rank)
+    for cs in orch.client_states.values():
+        cs.features = None
