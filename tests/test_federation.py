@@ -366,7 +366,7 @@ def test_unseen_clients_are_routed_to_their_groups_cluster(route_by: str) -> Non
                            finetune_epochs=1, route_by=route_by, probe_steps=10,
                            clustering=ClusteringConfig(k_min=2, k_max=3))
     orch = FederatedOrchestrator(HiLoRAViT(lr=3e-3), everyone[:6], cfg, unseen=everyone[6:], progress=False)
-    result = orch.run(stop_after=3)
+    result = orch.run()
     assert orch.clustering_ari == 1.0
     group_cluster = {everyone[c].group: j for c, j in orch.assignment.items()}
     assert result.routing == {6: group_cluster[0], 7: group_cluster[1]}

@@ -36,6 +36,7 @@ __all__ = [
     "load_view",
     "quiet_lightning",
     "trainer_for",
+    "wants_logging",
 ]
 
 
@@ -78,16 +79,26 @@ def quiet_lightning() -> Iterator[None]:
             lg.setLevel(level)
 
 
+#: Trainer options that read what a fit logs; without any of them a client fit runs ``barebones``
+OBSERVERS = ("logger", "callbacks", "enable_progress_bar", "enable_checkpointing", "enable_model_summary", "profiler")
+
+
+def wants_logging(extra: Mapping[str, Any]) -> bool:
+    """Whether the user's Trainer options include something that reads logged values."""
+    return any(k in extra and extra[k] not in (None, False, []) for k in OBSERVERS)
+
+
 def trainer_for(local_epochs: int, local_steps: int | None, extra: Mapping[str, Any]) -> pl.Trainer:
-    """A Trainer for one local update; ``extra`` passes Lightning options through (precision, loggers, ...)."""
-    kwargs: dict[str, Any] = {
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "limit_val_batches": 0,
-    }
+    """A Trainer for one local update; ``extra`` passes Lightning options through (precision, loggers, ...).
+
+    With no logger, callbacks, progress bar, checkpointing or profiler requested, the Trainer runs in
+    Lightning's ``barebones`` mode (no logging machinery): hundreds of short client fits add up.
+    """
+    kwargs: dict[str, Any] = {"num_sanity_val_steps": 0, "limit_val_batches": 0}
+    if wants_logging(extra):
+        kwargs.update(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    else:
+        kwargs.update(barebones=True)
     kwargs.update(extra)
     if local_steps is not None:
         kwargs.update(max_steps=local_steps, max_epochs=1)
@@ -142,7 +153,7 @@ def fit_client(
         sampler = StepSampler(len(train), local_steps * batch_size, gen)  # type: ignore[arg-type]
         loader = DataLoader(train, batch_size=batch_size, sampler=sampler)
     was_logging = model.train_logging
-    model.train_logging = any(k in trainer_kwargs for k in ("logger", "callbacks", "enable_progress_bar"))
+    model.train_logging = wants_logging(trainer_kwargs)
     with quiet_lightning(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")

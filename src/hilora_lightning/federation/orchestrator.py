@@ -193,7 +193,8 @@ class FederatedOrchestrator:
 
         Args:
             resume: continue from ``checkpoint_path`` if a checkpoint exists there.
-            stop_after: return after this many completed rounds in total (to split a run).
+            stop_after: return after this many completed rounds in total (to split a run). A result
+                returned before the budget is spent carries the records but not the final tables.
         """
         if resume:
             if self.checkpoint_path is None:
@@ -443,8 +444,12 @@ class FederatedOrchestrator:
         return out
 
     def _result(self) -> FederatedResult:
+        """The run's result; the final tables (tier-wise, unseen clients) only once the budget is spent."""
         tierwise: dict[str, dict[str, float]] = {}
         final: dict[int, float] = {}
+        if self.round < self.config.rounds:  # stopped early (stop_after): records only, no extra evaluation
+            return FederatedResult(self.records, final, tierwise, dict(self.assignment), self.num_clusters,
+                                   self.clustering_ari, {}, {}, self.elapsed)
         for name, tiers in (("root", [Tier.ROOT]), ("root+cluster", [Tier.ROOT, Tier.CLUSTER]),
                             ("root+cluster+leaf", list(Tier))):
             if tiers[-1].position > self.stage.position:
