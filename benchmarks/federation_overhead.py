@@ -4,8 +4,9 @@
 (``paper`` targets, rank 8) with the embedded digits. The orchestrator's round includes everything
 it does (one Lightning ``Trainer.fit`` per client, loading and exporting tiers, validating uploads,
 product-space aggregation, the checkpoint-free bookkeeping); the floor is a hand-written loop over
-the same clients doing the same optimizer steps on the same model (AdamW, fresh state per client),
-with the same loading and exporting of the trained tier but no aggregation. Rounds are interleaved
+the same clients doing the same optimizer steps on the same model (AdamW, fresh state per client,
+the same 20 full batches per client), with the same loading and exporting of the trained tier but
+no aggregation. Rounds are interleaved
 and the median is reported.
 
     python benchmarks/federation_overhead.py [--rounds 3] [--json out.json]
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader
 from hilora_lightning import HiLoRAViT, Tier
 from hilora_lightning.data import digits_federation
 from hilora_lightning.federation import FederatedOrchestrator, FederationConfig
-from hilora_lightning.federation.local import head_state, load_view
+from hilora_lightning.federation.local import StepSampler, head_state, load_view
 from hilora_lightning.state import export_tier
 
 CLIENTS, STEPS, BATCH = 8, 20, 16
@@ -45,16 +46,12 @@ def plain_round(model: HiLoRAViT, clients: list, root: dict, head: dict, round_i
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         gen = torch.Generator().manual_seed(round_idx * 1000 + c.client_id)
-        steps = 0
-        while steps < STEPS:
-            for x, y in DataLoader(c.train, batch_size=BATCH, shuffle=True, generator=gen):
-                loss = F.cross_entropy(model(x), y) + model.orthogonality_loss()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                steps += 1
-                if steps == STEPS:
-                    break
+        sampler = StepSampler(len(c.train), STEPS * BATCH, gen)  # the same full batches the clients see
+        for x, y in DataLoader(c.train, batch_size=BATCH, sampler=sampler):
+            loss = F.cross_entropy(model(x), y) + model.orthogonality_loss()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
         export_tier(model, Tier.ROOT)
         head_state(model)
     return time.perf_counter() - start
