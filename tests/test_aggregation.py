@@ -103,6 +103,8 @@ def test_relative_change_matches_dense() -> None:
     den = sum((dense(prev, p) ** 2).sum() for p in prefixes).sqrt()
     assert relative_change(prev, cur, scaling=2.0) == pytest.approx(float(num / den), rel=1e-9)
     assert relative_change(prev, prev) == pytest.approx(0.0, abs=1e-6)
+    zero = {k: torch.zeros_like(v) if k.endswith("lora_B") else v for k, v in prev.items()}
+    assert relative_change(zero, cur) == float("inf") and relative_change(zero, zero) == 0.0
 
 
 def test_factor_pairs_errors() -> None:

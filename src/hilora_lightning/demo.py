@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--local-steps", type=int, default=20)
     parser.add_argument("--feature", default="B", choices=["A", "B", "delta"], help="LSAC feature")
+    parser.add_argument("--route-by", default="subspace", choices=["subspace", "loss"],
+                        help="how unseen clients pick a cluster")
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="results are written here")
@@ -53,7 +55,7 @@ def run_demo(args: argparse.Namespace) -> FederatedResult:
     third = max(1, args.rounds // 3)
     config = FederationConfig(
         rounds=args.rounds, root_rounds=(min(2, third), third), cluster_rounds=(1, third), local_steps=args.local_steps,
-        batch_size=16, seed=args.seed, finetune_epochs=5,
+        batch_size=16, seed=args.seed, finetune_epochs=5, route_by=args.route_by,
         clustering=ClusteringConfig(feature=args.feature, k_min=2, k_max=min(6, max(2, args.clients - 1))),
     )
     model = HiLoRAViT(backbone="hilora-digits-vit", num_classes=10, lr=3e-3, seed=args.seed)

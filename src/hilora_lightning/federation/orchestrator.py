@@ -257,7 +257,8 @@ class FederatedOrchestrator:
         succeeded = [cid for cid in selected if cid not in failed]
         for cid in succeeded:
             self.client_states[cid].rounds_trained += 1
-        record = RoundRecord(t, stage.value, selected, succeeded, failed, rho,
+        rho_kept = rho if rho is not None and math.isfinite(rho) else None  # JSON has no inf
+        record = RoundRecord(t, stage.value, selected, succeeded, failed, rho_kept,
                              bytes_up_per_client=up / max(len(succeeded), 1),
                              bytes_down_per_client=down / max(len(succeeded), 1))
         self._advance_stage(rho)

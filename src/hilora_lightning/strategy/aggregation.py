@@ -192,7 +192,8 @@ def relative_change(
     """HiLoRA's ``rho_t = ||dW_{t+1} - dW_t||_F / (||dW_t||_F + eps)`` over all adapted matrices.
 
     ``dW = s B A`` per matrix; norms are summed over matrices (one global Frobenius norm), all in
-    factored form (``B_1 A_1 - B_0 A_0 = [B_1, -B_0] [A_1; A_0]``).
+    factored form (``B_1 A_1 - B_0 A_0 = [B_1, -B_0] [A_1; A_0]``). From an all-zero previous update
+    (a fresh tier) the change is ``inf`` (``0`` if nothing changed).
     """
     keys = _check_same_keys([previous, current])
     diff_sq = torch.zeros((), dtype=torch.float64)
@@ -203,4 +204,6 @@ def relative_change(
         diff_sq += factored_fro_norm_sq(torch.cat([b1, -b0], dim=1), torch.cat([a1, a0], dim=0))
         prev_sq += factored_fro_norm_sq(b0, a0)
     diff = scaling * float(diff_sq.clamp_min(0).sqrt())
+    if float(prev_sq) == 0.0:  # the first aggregation of a fresh (B = 0) tier: no relative change yet
+        return float("inf") if diff > 0 else 0.0
     return diff / (scaling * float(prev_sq.sqrt()) + eps)
