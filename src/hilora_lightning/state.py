@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hilora_lightning.atomic import atomic_write
 from hilora_lightning.errors import AdapterStateError
 from hilora_lightning.inject import find_tiered_layers
 from hilora_lightning.tiers import Tier
@@ -137,18 +137,7 @@ def save_tier_file(state: Mapping[str, Tensor], path: str | os.PathLike[str]) ->
 
     path = Path(path)
     data = save({k: v.detach().cpu().contiguous() for k, v in state.items()})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; an adapter file is ordinary data
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda fh: fh.write(data))
 
 
 def load_tier_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
