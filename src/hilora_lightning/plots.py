@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["accuracy_per_round", "similarity_heatmap"]
+__all__ = ["accuracy_per_round", "client_spread", "similarity_heatmap"]
 
 
 def _plt() -> Any:
@@ -68,5 +68,24 @@ def accuracy_per_round(rounds: Sequence[int], series: dict[str, Sequence[float |
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def client_spread(result: Any) -> Any:
+    """Per-client accuracy per tier view (root, root+cluster, all): a strip plot of the spread."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = list(result.tierwise.items())
+    for i, (name, summary) in enumerate(rows):
+        ax.errorbar(i, summary["mean"], yerr=summary["std"], fmt="o", capsize=4, label=f"{name} (mean ± std)")
+        ax.scatter([i], [summary["p10"]], marker="v", color="k")
+    accs = list(result.client_accuracy.values())
+    ax.scatter([len(rows) - 1 + 0.15] * len(accs), accs, s=12, alpha=0.6, label="clients (all tiers)")
+    ax.set_xticks(range(len(rows)), [r[0] for r in rows])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy (▼ = 10th percentile)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -131,6 +131,7 @@ class FederatedOrchestrator:
         self.cluster_centers: dict[int, list[Tensor]] = {}  # per cluster, per matrix: the routing subspace
         self.num_clusters = 0
         self.clustering_ari: float | None = None
+        self.last_clustering: tuple[list[int], Any] | None = None  # (client ids, ClusteringResult)
         self.client_states = {cid: ClientState() for cid in self.clients}
         self.records: list[RoundRecord] = []
         self.has_final: dict[Tier, set[int]] = {Tier.ROOT: set(), Tier.CLUSTER: set()}

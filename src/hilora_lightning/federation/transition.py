@@ -104,6 +104,7 @@ def form_clusters(orch: FederatedOrchestrator) -> None:
             raise RuntimeError("no client has root-stage features to cluster; every root round failed?")
         subspaces = [client_subspaces(orch.client_states[c].features or {}, rank) for c in seen]
         res = cluster_distances(subspace_distances(subspaces), ccfg.k_min, ccfg.k_max, cfg.seed, sigma=ccfg.sigma)
+        orch.last_clustering = (seen, res)  # for plots (similarity heatmap); not checkpointed
         k = ccfg.k or res.k
         found = res.labels
         if ccfg.method == "kmeans":

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hilora_lightning.cli import load_config, main
+from hilora_lightning.experiment import validate_config
+
+CONFIG = Path(__file__).resolve().parents[1] / "examples" / "configs" / "digits_cpu.yaml"
+SMALL = ["data.num_clients=5", "data.num_groups=2", "federation.rounds=3", "federation.root_rounds=[1,1]",
+         "federation.cluster_rounds=[1,1]", "federation.local_steps=2", "federation.finetune_epochs=1"]
+
+
+def test_cli_runs_end_to_end_and_writes_results(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["run", str(CONFIG), *SMALL, f"out_dir={out}"]) == 0
+    text = capsys.readouterr().out
+    assert "round 3/3 [leaf]" in text and "root+cluster+leaf" in text and "unseen clients" in text
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["accuracy_per_round.png", "client_accuracy.png", "client_similarity.png", "config.yaml",
+                     "federation.pt", "result.json", "rounds.csv"]
+    result = json.loads((out / "result.json").read_text())
+    assert len(result["records"]) == 3 and result["generalization"]
+    resolved = load_config(out / "config.yaml")
+    assert resolved["federation"]["rounds"] == 3 and resolved["data"]["num_clients"] == 5
+    assert (out / "accuracy_per_round.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [("federation.round=3", r"unknown config key 'federation.round'; did you mean 'federation.rounds'\?"),
+     ("model.adapter.root.rnak=4",
+      r"unknown config key 'model.adapter.root.rnak'; did you mean 'model.adapter.root.rank'"),
+     ("federation.clustering.methd=lsac", r"did you mean 'federation.clustering.method'"),
+     ("dataa.name=x", r"unknown config key 'dataa'; did you mean 'data'")],
+)
+def test_mistyped_keys_name_the_closest_valid_one(override: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        validate_config(load_config(CONFIG, [override]))
+
+
+def test_cli_errors_are_reported_not_raised(tmp_path: Path, capsys) -> None:
+    assert main(["run", str(CONFIG), "federation.rounds=0", f"out_dir={tmp_path}"]) == 2
+    assert "rounds must be an int >= 1, got 0" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["run", str(CONFIG), "rounds"]) == 2
+    assert "overrides must look like key=value" in capsys.readouterr().err
+    assert main(["run", str(CONFIG), "data.name=cifar10", f"out_dir={tmp_path}"]) == 2
+    assert "unknown data set 'cifar10': available ['digits']" in capsys.readouterr().err
