@@ -404,3 +404,16 @@ def test_reclustering_splits_a_given_single_cluster_and_keeps_ids_by_overlap() -
                                    before[f"{prefix}.lora_B"] @ before[f"{prefix}.lora_A"], atol=1e-5, rtol=1e-4)
     orch.run()
     assert [r.stage for r in orch.records] == ["root", "cluster", "cluster", "cluster", "leaf"]
+
+
+def test_communication_bytes_count_each_frozen_tier_once() -> None:
+    from hilora_lightning.federation.client import state_bytes
+
+    orch = _orch(config=_config(rounds=5, root_rounds=(2, 2), cluster_rounds=(1, 1),
+                                clustering=ClusteringConfig(method="given", assignment={0: 0, 1: 0, 2: 1, 3: 1})))
+    result = orch.run()
+    tier_b, head_b = state_bytes(orch.root), state_bytes(orch.global_head)
+    downs = [r.bytes_down_per_client for r in result.records]
+    ups = [r.bytes_up_per_client for r in result.records]
+    assert downs == [tier_b + head_b, tier_b + head_b, 2 * tier_b + head_b, tier_b, 0.0]
+    assert ups == [tier_b + head_b, tier_b + head_b, tier_b + head_b, 0.0, 0.0]

@@ -255,6 +255,11 @@ class FederatedOrchestrator:
                 pending[cid](self.client_states[cid])
             up += sum(p.nbytes for c, p in payloads.items() if c in ok)
             down += sum(tier_down.get(c, 0) for c in ok)
+            if self.config.schedule == "stagewise":  # frozen tiers are cached on the client once received
+                if tier is not Tier.ROOT:
+                    self.has_final[Tier.ROOT].update(ok)
+                if tier is Tier.LEAF:
+                    self.has_final[Tier.CLUSTER].update(ok)
         succeeded = [cid for cid in selected if cid not in failed]
         for cid in succeeded:
             self.client_states[cid].rounds_trained += 1
@@ -440,8 +445,8 @@ class FederatedOrchestrator:
                 if cs.leaf is None:
                     self.model.reset_tier(Tier.LEAF, 0)  # no leaf yet: the zero (no-op) leaf
                 view[Tier.LEAF] = cs.leaf
-            load_view(self.model, view, self._head_for(cid, level) if self.assignment or level is Tier.ROOT
-                      else self.global_head)
+            # before clustering there are no cluster heads yet: every level uses the root's head
+            load_view(self.model, view, self._head_for(cid, level if self.assignment else Tier.ROOT))
             out[cid] = evaluate(self.model, data.test, tiers, device=self.eval_device)
         return out
 
