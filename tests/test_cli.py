@@ -49,4 +49,22 @@ def test_cli_errors_are_reported_not_raised(tmp_path: Path, capsys) -> None:
     assert main(["run", str(CONFIG), "rounds"]) == 2
     assert "overrides must look like key=value" in capsys.readouterr().err
     assert main(["run", str(CONFIG), "data.name=cifar10", f"out_dir={tmp_path}"]) == 2
-    assert "unknown data set 'cifar10': available ['digits']" in capsys.readouterr().err
+    assert "unknown data set 'cifar10': available ['digits', 'cifar100', 'domainnet']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["cifar100_gl_dir", "cifar100_sc_dir", "cifar100_patho", "domainnet"])
+def test_paper_configs_are_valid(name: str) -> None:
+    validate_config(load_config(CONFIG.parent / f"{name}.yaml"))
+
+
+def test_cifar100_config_runs_on_a_fake_cifar_folder(tmp_path: Path, capsys) -> None:
+    from test_images import write_fake_cifar100
+
+    write_fake_cifar100(tmp_path / "cifar")
+    overrides = [f"data.root={tmp_path / 'cifar'}", "data.verify=false", "data.num_clients=10", "data.img_size=32",
+                 "model.backbone=test_vit", "model.pretrained=false", "model.backbone_kwargs.img_size=32",
+                 "federation.rounds=3", "federation.root_rounds=[1,1]", "federation.cluster_rounds=[1,1]",
+                 "federation.local_steps=1", "federation.batch_size=8", "federation.finetune_epochs=0",
+                 "trainer.precision=32-true", "trainer.accelerator=cpu", f"out_dir={tmp_path / 'out'}"]
+    assert main(["run", str(CONFIG.parent / "cifar100_sc_dir.yaml"), *overrides]) == 0
+    assert "root+cluster+leaf" in capsys.readouterr().out

@@ -36,10 +36,12 @@ from hilora_lightning.model import HiLoRAViT
 
 __all__ = ["DATASETS", "build_clients", "build_experiment", "run_experiment", "save_outputs", "validate_config"]
 
-#: Data sets the config can name. The real CIFAR-100 / DomainNet builders come with the data issue.
-DATASETS = ("digits",)
+#: Data sets the config can name.
+DATASETS = ("digits", "cifar100", "domainnet")
 
-_DATA_KEYS = {"name", "num_clients", "num_groups", "unseen_fraction", "train_fraction", "img_size"}
+_DATA_KEYS = {"name", "num_clients", "num_groups", "unseen_fraction", "train_fraction", "img_size", "root",
+              "download", "verify", "partition", "alpha", "classes_per_client", "clients_per_domain",
+              "test_fraction", "domains"}
 _TOP_KEYS = {"seed", "out_dir", "data", "model", "federation", "trainer"}
 
 
@@ -84,11 +86,31 @@ def build_clients(data: Mapping[str, Any], seed: int) -> tuple[list[ClientData],
     name = data.get("name", "digits")
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}: available {list(DATASETS)}")
-    from hilora_lightning.data.digits import digits_federation
+    if name == "digits":
+        from hilora_lightning.data.digits import digits_federation
 
-    clients = digits_federation(int(data.get("num_clients", 10)), num_groups=int(data.get("num_groups", 4)),
-                                img_size=int(data.get("img_size", 32)),
-                                train_fraction=float(data.get("train_fraction", 0.75)), seed=seed)
+        clients = digits_federation(int(data.get("num_clients", 10)), num_groups=int(data.get("num_groups", 4)),
+                                    img_size=int(data.get("img_size", 32)),
+                                    train_fraction=float(data.get("train_fraction", 0.75)), seed=seed)
+    else:
+        from hilora_lightning.data import federations
+
+        if "root" not in data:
+            raise ValueError(f"data.root is required for {name!r}: the folder that holds the data set")
+        common: dict[str, Any] = {"test_fraction": float(data.get("test_fraction", 0.25)),
+                                  "img_size": int(data.get("img_size", 224)),
+                  "seed": seed}
+        if name == "cifar100":
+            clients = federations.cifar100_federation(
+                data["root"], num_clients=int(data.get("num_clients", 100)), partition=data.get("partition", "gl-dir"),
+                alpha=float(data.get("alpha", 0.3)), classes_per_client=int(data.get("classes_per_client", 10)),
+                download=bool(data.get("download", False)), verify=bool(data.get("verify", True)), **common)
+        else:
+            from hilora_lightning.data.images import DOMAINNET_DOMAINS
+
+            clients = federations.domainnet_federation(
+                data["root"], clients_per_domain=int(data.get("clients_per_domain", 15)),
+                alpha=float(data.get("alpha", 0.6)), domains=tuple(data.get("domains", DOMAINNET_DOMAINS)), **common)
     return split_unseen(clients, float(data.get("unseen_fraction", 0.2)), seed=seed)
 
 

@@ -182,8 +182,8 @@ def split_train_test(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Split each client's indices into train/test with the same label mix (per-class split).
 
-    Every class with at least two samples contributes to both sides; a client ends with at least one
-    training and one test sample, or the split fails with a clear error.
+    Every class with at least two samples contributes to both sides; a client with only singleton
+    classes gives one sample to the test side. A client with fewer than two samples is an error.
     """
     y = _labels(labels)
     if not 0.0 < test_fraction < 1.0:
@@ -198,8 +198,11 @@ def split_train_test(
             test.append(members[:n_test])
             train.append(members[n_test:])
         tr, te = np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
-        if len(tr) == 0 or len(te) == 0:
+        if len(idx) < 2:
             raise ValueError(f"client {i} has {len(idx)} samples: too few for a train and a test split")
+        if len(te) == 0:  # only singleton classes: move one training sample over
+            pick = int(rng.integers(len(tr)))
+            tr, te = np.delete(tr, pick), tr[pick : pick + 1]
         out.append((tr, te))
     return out
 
