@@ -52,7 +52,9 @@ def test_cli_errors_are_reported_not_raised(tmp_path: Path, capsys) -> None:
     assert "unknown data set 'cifar10': available ['digits', 'cifar100', 'domainnet']" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["cifar100_gl_dir", "cifar100_sc_dir", "cifar100_patho", "domainnet"])
+@pytest.mark.parametrize("name", ["cifar100_gl_dir", "cifar100_sc_dir", "cifar100_patho", "domainnet",
+                                  "cifar100_gl_dir_cpu", "cifar100_sc_dir_cpu", "cifar100_patho_cpu", "domainnet_cpu",
+                                  "digits_cpu"])
 def test_paper_configs_are_valid(name: str) -> None:
     validate_config(load_config(CONFIG.parent / f"{name}.yaml"))
 

@@ -5,7 +5,8 @@ degrees) and two held-out unseen clients share the embedded pretrained ViT (upri
 federation runs the paper's stages: the root adapter is aggregated over all clients, LSAC clusters
 the clients from their LoRA subspaces, each cluster trains its adapter on the frozen root, then
 each client its private leaf. Unseen clients are routed to a cluster by a probe update. It prints
-the tier-wise table, the unseen-client table and the clusters found, and writes JSON/CSV results.
+the tier-wise table, the unseen-client table and the clusters found, and writes JSON/CSV results and
+PNG plots (accuracy per round, the LSAC similarity heatmap, the per-client spread).
 
     python -m hilora_lightning.demo [--rounds 12] [--clients 8] [--groups 4] [--out runs/demo]
 
@@ -24,6 +25,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 
 from hilora_lightning.data.digits import digits_federation
+from hilora_lightning.experiment import save_outputs
 from hilora_lightning.federation import ClusteringConfig, FederatedOrchestrator, FederatedResult, FederationConfig
 from hilora_lightning.model import HiLoRAViT
 
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_demo(args: argparse.Namespace) -> FederatedResult:
+def run_demo(args: argparse.Namespace) -> tuple[FederatedOrchestrator, FederatedResult]:
     """Build the clients, the model and the orchestrator from ``args`` and run the federation."""
     pl.seed_everything(args.seed, verbose=False)
     everyone = digits_federation(args.clients + args.unseen, num_groups=args.groups, seed=args.seed)
@@ -60,21 +62,19 @@ def run_demo(args: argparse.Namespace) -> FederatedResult:
     )
     model = HiLoRAViT(backbone="hilora-digits-vit", num_classes=10, lr=3e-3, seed=args.seed)
     orch = FederatedOrchestrator(model, clients, config, unseen=unseen, trainer_kwargs={"precision": args.precision})
-    return orch.run()
+    return orch, orch.run()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     print(f"HiLoRA demo: {args.clients} clients in {args.groups} rotation groups, {args.unseen} unseen, "
           f"{args.rounds} rounds of {args.local_steps} local steps (embedded digits, no network)")
-    result = run_demo(args)
+    orch, result = run_demo(args)
     print()
     print(result.summary())
     print(f"clusters (client: cluster): {result.assignment}; unseen routed: {result.routing}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    result.to_json(args.out / "result.json")
-    result.to_csv(args.out / "rounds.csv")
-    print(f"results written to {args.out}/result.json and rounds.csv")
+    written = save_outputs(orch, result, {k: str(v) for k, v in vars(args).items()}, args.out)
+    print(f"results and plots written to {args.out}/: {', '.join(p.name for p in written)}")
 
 
 if __name__ == "__main__":
