@@ -77,6 +77,15 @@ def test_domainnet_index_and_federation(tmp_path: Path) -> None:
         load_domainnet_index(tmp_path, domains=("painting",))
 
 
+def test_image_folder_federation(tmp_path: Path) -> None:
+    from hilora_lightning.data.federations import image_folder_federation
+
+    write_fake_domainnet(tmp_path)
+    clients = image_folder_federation(tmp_path / "sketch", num_clients=3, alpha=5.0, img_size=8)
+    assert len(clients) == 3 and sum(c.num_samples + len(c.test) for c in clients) == 24
+    assert clients[0].test[0][0].shape == (3, 8, 8)
+
+
 def test_image_folder_index(tmp_path: Path) -> None:
     write_fake_domainnet(tmp_path)
     paths, labels, classes = load_image_folder_index(tmp_path / "clipart")

@@ -37,7 +37,7 @@ from hilora_lightning.model import HiLoRAViT
 __all__ = ["DATASETS", "build_clients", "build_experiment", "run_experiment", "save_outputs", "validate_config"]
 
 #: Data sets the config can name.
-DATASETS = ("digits", "cifar100", "domainnet")
+DATASETS = ("digits", "cifar100", "domainnet", "imagefolder")
 
 _DATA_KEYS = {"name", "num_clients", "num_groups", "unseen_fraction", "train_fraction", "img_size", "root",
               "download", "verify", "partition", "alpha", "classes_per_client", "clients_per_domain",
@@ -105,6 +105,10 @@ def build_clients(data: Mapping[str, Any], seed: int) -> tuple[list[ClientData],
                 data["root"], num_clients=int(data.get("num_clients", 100)), partition=data.get("partition", "gl-dir"),
                 alpha=float(data.get("alpha", 0.3)), classes_per_client=int(data.get("classes_per_client", 10)),
                 download=bool(data.get("download", False)), verify=bool(data.get("verify", True)), **common)
+        elif name == "imagefolder":
+            clients = federations.image_folder_federation(
+                data["root"], num_clients=int(data.get("num_clients", 10)), alpha=float(data.get("alpha", 0.5)),
+                **common)
         else:
             from hilora_lightning.data.images import DOMAINNET_DOMAINS
 

@@ -38,7 +38,7 @@ from hilora_lightning.data.partition import (
 )
 from hilora_lightning.federation.client import ClientData
 
-__all__ = ["PARTITIONS", "cifar100_federation", "domainnet_federation"]
+__all__ = ["PARTITIONS", "cifar100_federation", "domainnet_federation", "image_folder_federation"]
 
 PARTITIONS = ("gl-dir", "sc-dir", "patho")
 
@@ -101,3 +101,26 @@ def domainnet_federation(
         clients.append(ClientData(i, PathImageDataset([paths[j] for j in tr], labels[tr], tf),
                                   PathImageDataset([paths[j] for j in te], labels[te], tf), int(groups[i])))
     return clients
+
+
+def image_folder_federation(
+    root: str | os.PathLike[str],
+    num_clients: int,
+    alpha: float = 0.5,
+    test_fraction: float = 0.25,
+    img_size: int = 224,
+    seed: int = 0,
+    transform: Callable[[Any], Tensor] | None = None,
+) -> list[ClientData]:
+    """Clients over any ImageFolder tree (``root/<class>/<image>``) with Dirichlet(alpha) label skew."""
+    from hilora_lightning.data.images import load_image_folder_index
+
+    paths, labels, _ = load_image_folder_index(root)
+    parts = dirichlet_partition(labels, num_clients, alpha, seed=seed)
+    check_partition(parts, len(labels))
+    tf = transform or default_transform(img_size)
+    return [
+        ClientData(i, PathImageDataset([paths[j] for j in tr], labels[tr], tf),
+                   PathImageDataset([paths[j] for j in te], labels[te], tf))
+        for i, (tr, te) in enumerate(split_train_test(parts, labels, test_fraction, seed=seed))
+    ]
