@@ -30,11 +30,11 @@ import torch
 from torch import Tensor
 
 from hilora_lightning.errors import AdapterStateError, HiLoraError
-from hilora_lightning.federation import transition
+from hilora_lightning.federation import evaluation, transition
 from hilora_lightning.federation.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from hilora_lightning.federation.client import ClientData, ClientState, state_bytes
 from hilora_lightning.federation.config import FederationConfig
-from hilora_lightning.federation.local import client_seed, evaluate, fit_client, head_state, load_view
+from hilora_lightning.federation.local import client_seed, fit_client, head_state, load_view
 from hilora_lightning.federation.result import FederatedResult, RoundRecord, accuracy_summary
 from hilora_lightning.model import HiLoRAViT
 from hilora_lightning.state import expected_shapes, export_tier, validate_tier_state
@@ -291,12 +291,13 @@ class FederatedOrchestrator:
                 down += state_bytes(cluster)
         if tier is Tier.LEAF:
             view[Tier.LEAF] = cs.leaf
-        head = self._head_for(cid, tier)
+        head = self.head_for(cid, tier)
         if self.config.head_policy == "tier" and tier is not Tier.LEAF:
             down += state_bytes(head)
         return view, head, down
 
-    def _head_for(self, cid: int, tier: Tier) -> dict[str, Tensor]:
+    def head_for(self, cid: int, tier: Tier) -> dict[str, Tensor]:
+        """The head client ``cid`` works with at ``tier`` (by the head policy)."""
         cs = self.client_states[cid]
         if self.config.head_policy == "local":
             return cs.head or self.initial_head
@@ -434,36 +435,7 @@ class FederatedOrchestrator:
 
     def evaluate_clients(self, tiers: list[Tier], head_level: Tier | None = None) -> dict[int, float]:
         """Accuracy of every training client on its own test split with ``tiers`` active."""
-        level = head_level or tiers[-1]
-        out: dict[int, float] = {}
-        for cid, data in sorted(self.clients.items()):
-            cs = self.client_states[cid]
-            view: dict[Tier, Any] = {Tier.ROOT: self.root}
-            if Tier.CLUSTER in tiers and self.assignment:
-                view[Tier.CLUSTER] = self.clusters[self.assignment[cid]]
-            if Tier.LEAF in tiers:
-                if cs.leaf is None:
-                    self.model.reset_tier(Tier.LEAF, 0)  # no leaf yet: the zero (no-op) leaf
-                view[Tier.LEAF] = cs.leaf
-            # before clustering there are no cluster heads yet: every level uses the root's head
-            load_view(self.model, view, self._head_for(cid, level if self.assignment else Tier.ROOT))
-            out[cid] = evaluate(self.model, data.test, tiers, device=self.eval_device)
-        return out
+        return evaluation.evaluate_clients(self, tiers, head_level)
 
     def _result(self) -> FederatedResult:
-        """The run's result; the final tables (tier-wise, unseen clients) only once the budget is spent."""
-        tierwise: dict[str, dict[str, float]] = {}
-        final: dict[int, float] = {}
-        if self.round < self.config.rounds:  # stopped early (stop_after): records only, no extra evaluation
-            return FederatedResult(self.records, final, tierwise, dict(self.assignment), self.num_clusters,
-                                   self.clustering_ari, {}, {}, self.elapsed)
-        for name, tiers in (("root", [Tier.ROOT]), ("root+cluster", [Tier.ROOT, Tier.CLUSTER]),
-                            ("root+cluster+leaf", list(Tier))):
-            if tiers[-1].position > self.stage.position:
-                continue
-            accs = self.evaluate_clients(tiers)
-            tierwise[name] = accuracy_summary(list(accs.values()))
-            final = accs
-        generalization, routing = transition.evaluate_unseen(self) if self.unseen and self.assignment else ({}, {})
-        return FederatedResult(self.records, final, tierwise, dict(self.assignment), self.num_clusters,
-                               self.clustering_ari, generalization, routing, self.elapsed)
+        return evaluation.build_result(self)
