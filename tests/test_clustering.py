@@ -114,3 +114,14 @@ def test_unseen_client_is_routed_to_its_group() -> None:
         assert best == g and scores[g] == max(scores.values())
     with pytest.raises(ValueError, match=r"no clusters to route to"):
         route_to_cluster(probe, {})
+
+
+def test_routing_accepts_matrices_of_different_heights() -> None:
+    q1, _ = torch.linalg.qr(torch.randn(12, 6))
+    q2, _ = torch.linalg.qr(torch.randn(5, 4))
+    probe = [q1[:, :2], q2[:, :2]]  # e.g. a qkv slice and a proj matrix
+    centers = {3: [q1[:, 2:4], q2[:, 2:4]], 1: [q1[:, :2], q2[:, 2:4]]}
+    best, scores = route_to_cluster(probe, centers)
+    assert best == 1 and scores[1] == pytest.approx(0.5, abs=1e-6) and scores[3] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match=r"need the same non-zero number of matrices, got 2 and 1"):
+        route_to_cluster(probe, {0: [q1[:, :2]]})

@@ -28,7 +28,7 @@ from hilora_lightning.federation.local import client_seed, evaluate, fit_client,
 from hilora_lightning.federation.result import accuracy_summary
 from hilora_lightning.state import export_tier
 from hilora_lightning.strategy.aggregation import factor_pairs, fedavg_states, product_space_aggregate_states
-from hilora_lightning.strategy.clustering import cluster_distances, kmeans_cosine, match_clusters
+from hilora_lightning.strategy.clustering import cluster_distances, kmeans_cosine, match_clusters, route_to_cluster
 from hilora_lightning.strategy.subspace import (
     delta_left_factor,
     ema_left_factor,
@@ -80,10 +80,6 @@ def update_features(
 def client_subspaces(features: Mapping[str, Tensor], rank: int) -> list[Tensor]:
     """Top-``rank`` left singular vectors of each feature matrix, in key order (``(p, rank)`` each)."""
     return [left_subspace(v, rank) for k, v in features.items() if k != UPDATE_KEY]
-
-
-def _overlap(u: list[Tensor], centers: list[Tensor]) -> float:
-    return float(np.mean([float((a.double().T @ c.double()).square().sum()) / a.shape[-1] for a, c in zip(u, centers)]))
 
 
 def form_clusters(orch: FederatedOrchestrator) -> None:
@@ -167,8 +163,7 @@ def probe_features(orch: FederatedOrchestrator, data: ClientData) -> dict[str, T
 def route(orch: FederatedOrchestrator, data: ClientData, centers: Mapping[int, list[Tensor]]) -> int:
     """The cluster whose subspaces have the largest mean ``cos^2`` of principal angles to the probe's."""
     u = client_subspaces(probe_features(orch, data), orch.model.adapter_config.root.rank)
-    scores = {j: _overlap(u, c) for j, c in centers.items()}
-    return max(sorted(scores), key=lambda j: scores[j])
+    return route_to_cluster(u, centers)[0]
 
 
 @torch.no_grad()

@@ -20,7 +20,6 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import torch
 from torch import Tensor
 
 __all__ = [
@@ -201,21 +200,22 @@ def match_clusters(old: Sequence[int] | np.ndarray, new: Sequence[int] | np.ndar
     return mapping
 
 
-def route_to_cluster(u: Tensor, centers: Mapping[int, Tensor]) -> tuple[int, dict[int, float]]:
+def route_to_cluster(
+    u: Sequence[Tensor] | Tensor, centers: Mapping[int, Sequence[Tensor] | Tensor]
+) -> tuple[int, dict[int, float]]:
     """Route an unseen client: the cluster with the largest mean ``cos^2`` of principal angles.
 
     Args:
-        u: the client's probe subspaces ``(L, p, r)``.
-        centers: cluster id -> cluster subspaces ``(L, p, r_c)``.
+        u: the client's probe subspace per adapted matrix (a list of ``(p_m, r)``, or a stacked
+            ``(L, p, r)`` tensor).
+        centers: cluster id -> the cluster's subspace per matrix, paired with ``u``.
 
     Returns:
-        ``(best cluster id, score per cluster)``.
+        ``(best cluster id, score per cluster)``; ties go to the smallest id.
     """
-    from hilora_lightning.strategy.subspace import subspace_affinity_to
+    from hilora_lightning.strategy.subspace import subspace_overlap
 
     if not centers:
         raise ValueError("no clusters to route to")
-    ids = list(centers)
-    scores = subspace_affinity_to(u, torch.stack([centers[i] for i in ids]))
-    by_id = {i: float(s) for i, s in zip(ids, scores)}
-    return max(ids, key=lambda i: (by_id[i], -i)), by_id
+    by_id = {int(i): subspace_overlap(list(u), list(c)) for i, c in centers.items()}
+    return max(sorted(by_id), key=lambda i: by_id[i]), by_id

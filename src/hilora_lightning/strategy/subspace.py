@@ -35,6 +35,7 @@ __all__ = [
     "pairwise_distances",
     "subspace_affinity_to",
     "subspace_distances",
+    "subspace_overlap",
 ]
 
 
@@ -135,6 +136,19 @@ def mean_projector_subspace(u_members: Tensor, rank: int) -> Tensor:
     return left_subspace(w, rank)
 
 
+def subspace_overlap(u: Sequence[Tensor], center: Sequence[Tensor]) -> float:
+    """Mean ``cos^2`` of principal angles, ``mean_m ||U_m^T C_m||_F^2 / r``, over paired matrices.
+
+    ``u`` and ``center`` hold one ``(p_m, r)`` / ``(p_m, r_c)`` basis per adapted matrix (heights may
+    differ between matrices): 1 for identical subspaces, 0 for orthogonal ones.
+    """
+    if len(u) != len(center) or not len(u):
+        raise ValueError(f"need the same non-zero number of matrices, got {len(u)} and {len(center)}")
+    return float(
+        torch.stack([(a.double().T @ c.double()).square().sum() / a.shape[-1] for a, c in zip(u, center)]).mean()
+    )
+
+
 def subspace_affinity_to(u: Tensor, centers: Tensor) -> Tensor:
     """Mean ``cos^2`` of principal angles between ``u`` ``(L, p, r)`` and each center ``(K, L, p, r_c)``.
 
@@ -145,8 +159,7 @@ def subspace_affinity_to(u: Tensor, centers: Tensor) -> Tensor:
             f"expected u (L, p, r) and centers (K, L, p, r_c) with matching L and p, got "
             f"{tuple(u.shape)} and {tuple(centers.shape)}"
         )
-    overlap = torch.einsum("lpr,klps->klrs", u.double(), centers.double()).square().sum(dim=(2, 3))
-    return overlap.mean(dim=1) / u.shape[-1]
+    return torch.tensor([subspace_overlap(list(u), list(c)) for c in centers], dtype=torch.float64)
 
 
 def ema_left_factor(previous: Tensor | None, factor: Tensor, decay: float, rank: int) -> Tensor:
