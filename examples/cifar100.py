@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from hilora_lightning.cli import load_config
-from hilora_lightning.experiment import run_experiment, save_outputs
+from hilora_lightning.experiment import run_and_report
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -29,10 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     name = f"cifar100_{args.partition.replace('-', '_')}{'_cpu' if args.cpu else ''}.yaml"
     cfg = load_config(CONFIGS / name, [f"data.root={args.root}", f"data.download={args.download}", *args.overrides])
-    orch, result = run_experiment(cfg)
-    print(result.summary())
-    for path in save_outputs(orch, result, cfg, Path(cfg["out_dir"])):
-        print(f"wrote {path}")
+    run_and_report(cfg)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from hilora_lightning.cli import load_config
-from hilora_lightning.experiment import run_experiment, save_outputs
+from hilora_lightning.experiment import run_and_report
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -25,10 +25,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(CONFIGS / ("domainnet_cpu.yaml" if args.cpu else "domainnet.yaml"),
                       [f"data.root={args.root}", *args.overrides])
-    orch, result = run_experiment(cfg)
-    print(result.summary())
-    for path in save_outputs(orch, result, cfg, Path(cfg["out_dir"])):
-        print(f"wrote {path}")
+    run_and_report(cfg)
 
 
 if __name__ == "__main__":

@@ -46,17 +46,12 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, An
 
 
 def _run(args: argparse.Namespace) -> int:
-    from hilora_lightning.experiment import run_experiment, save_outputs
+    from hilora_lightning.experiment import run_and_report
 
     cfg = load_config(args.config, args.overrides)
-    out = Path(cfg.get("out_dir", "runs/experiment"))
-    cfg["out_dir"] = str(out)
-    print(f"hilora-fl: {args.config} -> {out}")
-    orch, result = run_experiment(cfg, resume=args.resume)
-    print()
-    print(result.summary())
-    for path in save_outputs(orch, result, cfg, out):
-        print(f"wrote {path}")
+    cfg["out_dir"] = str(cfg.get("out_dir", "runs/experiment"))
+    print(f"hilora-fl: {args.config} -> {cfg['out_dir']}")
+    run_and_report(cfg, resume=args.resume)
     return 0
 
 

@@ -34,7 +34,15 @@ from hilora_lightning.federation import (
 )
 from hilora_lightning.model import HiLoRAViT
 
-__all__ = ["DATASETS", "build_clients", "build_experiment", "run_experiment", "save_outputs", "validate_config"]
+__all__ = [
+    "DATASETS",
+    "build_clients",
+    "build_experiment",
+    "run_and_report",
+    "run_experiment",
+    "save_outputs",
+    "validate_config",
+]
 
 #: Data sets the config can name.
 DATASETS = ("digits", "cifar100", "domainnet", "imagefolder")
@@ -184,3 +192,13 @@ def run_experiment(cfg: Mapping[str, Any], resume: bool = False) -> tuple[Federa
     """Build and run; with ``resume`` continue from ``out_dir/federation.pt`` if it exists."""
     orch = build_experiment(cfg)
     return orch, orch.run(resume=resume)
+
+
+def run_and_report(cfg: Mapping[str, Any], resume: bool = False) -> FederatedResult:
+    """Run, print the results tables, write the outputs into ``out_dir`` and list them (CLI and examples)."""
+    orch, result = run_experiment(cfg, resume=resume)
+    print()
+    print(result.summary())
+    for path in save_outputs(orch, result, cfg, Path(cfg.get("out_dir", "runs/experiment"))):
+        print(f"wrote {path}")
+    return result

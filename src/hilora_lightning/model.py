@@ -305,7 +305,3 @@ class HiLoRAViT(pl.LightningModule):
         if self._state_layers is None:
             self._state_layers = find_tiered_layers(self)
         return self._state_layers
-
-    def adapted_layers(self) -> dict[str, TieredLoRALinear]:
-        """The tiered layers by path (also found by :func:`find_tiered_layers`)."""
-        return find_tiered_layers(self.model)
