@@ -1,12 +1,16 @@
 """``hilora-fl``: run federated HiLoRA experiments from YAML configs.
 
     hilora-fl run CONFIG [key=value ...] [--resume]   # e.g. federation.rounds=20 data.num_clients=12
+    hilora-fl compare CONFIG [methods=a,b] [key=value ...] [--resume]   # HiLoRA vs the baselines
     hilora-fl demo [demo options]                     # the embedded-data demo (python -m hilora_lightning.demo)
 
 ``run`` merges the overrides into the YAML (omegaconf dot-list syntax), rejects unknown keys with the
 closest valid one, runs the federation with a round-by-round progress display, prints the results
 table, and writes ``result.json``, ``rounds.csv``, the resolved ``config.yaml`` and PNG plots into
-``out_dir`` (``--resume`` continues from ``out_dir/federation.pt``).
+``out_dir`` (``--resume`` continues from ``out_dir/federation.pt``). ``compare`` runs the chosen
+methods (default: ``compare.methods`` of the config, else all) on the same data and budget and
+writes one table, JSON, CSV and an accuracy-per-round plot into ``out_dir/compare``; ``--resume``
+reads back the methods already finished there.
 
 Example:
     >>> from hilora_lightning.cli import load_config
@@ -55,6 +59,23 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from hilora_lightning.compare import parse_methods, run_comparison, save_comparison
+
+    methods = [o.split("=", 1)[1] for o in args.overrides if o.startswith("methods=")]
+    overrides = [o for o in args.overrides if not o.startswith("methods=")]
+    cfg = load_config(args.config, overrides)
+    out = Path(str(cfg.get("out_dir", "runs/experiment"))) / "compare"
+    chosen = parse_methods(methods[-1] if methods else (cfg.get("compare") or {}).get("methods"))
+    print(f"hilora-fl compare: {args.config}: {len(chosen)} methods -> {out}")
+    comp = run_comparison(cfg, chosen, out_dir=out, resume=args.resume)
+    print()
+    print(comp.table())
+    for path in save_comparison(comp, out):
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hilora-fl`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -69,10 +90,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("config", help="path of a YAML config (see examples/configs/)")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federation.rounds=20")
     run.add_argument("--resume", action="store_true", help="continue from out_dir/federation.pt")
+    comp = sub.add_parser("compare", help="run HiLoRA, its ablations and the baselines; print one table")
+    comp.add_argument("config", help="path of a YAML config (see examples/configs/)")
+    comp.add_argument("overrides", nargs="*", help="methods=a,b and key=value overrides")
+    comp.add_argument("--resume", action="store_true", help="read back methods already finished in out_dir/compare")
     sub.add_parser("demo", help="the embedded-data demo (its options: hilora-fl demo --help)")
     args = parser.parse_args(argv)
     try:
-        return _run(args)
+        return _compare(args) if args.command == "compare" else _run(args)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"hilora-fl: error: {exc}", file=sys.stderr)
         return 2

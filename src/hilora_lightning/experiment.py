@@ -38,6 +38,8 @@ __all__ = [
     "DATASETS",
     "build_clients",
     "build_experiment",
+    "build_federation_config",
+    "build_model",
     "run_and_report",
     "run_experiment",
     "save_outputs",
@@ -50,7 +52,7 @@ DATASETS = ("digits", "cifar100", "domainnet", "imagefolder")
 _DATA_KEYS = {"name", "num_clients", "num_groups", "unseen_fraction", "train_fraction", "img_size", "root",
               "download", "verify", "partition", "alpha", "classes_per_client", "clients_per_domain",
               "test_fraction", "domains"}
-_TOP_KEYS = {"seed", "out_dir", "data", "model", "federation", "trainer"}
+_TOP_KEYS = {"seed", "out_dir", "data", "model", "federation", "trainer", "compare"}
 
 
 def _fields(cls: type) -> set[str]:
@@ -69,7 +71,7 @@ def _schema() -> dict[str, Any]:
     federation = dict.fromkeys(_fields(FederationConfig))
     federation["clustering"] = dict.fromkeys(_fields(ClusteringConfig))
     return {"seed": None, "out_dir": None, "data": dict.fromkeys(_DATA_KEYS), "model": model,
-            "federation": federation, "trainer": "*"}
+            "federation": federation, "trainer": "*", "compare": {"methods": None}}
 
 
 def _check(node: Mapping[str, Any], schema: Mapping[str, Any], prefix: str) -> None:
@@ -126,24 +128,31 @@ def build_clients(data: Mapping[str, Any], seed: int) -> tuple[list[ClientData],
     return split_unseen(clients, float(data.get("unseen_fraction", 0.2)), seed=seed)
 
 
-def build_experiment(cfg: Mapping[str, Any]) -> FederatedOrchestrator:
-    """Validate ``cfg`` and build the orchestrator it describes (nothing runs yet)."""
-    validate_config(cfg)
-    seed = int(cfg.get("seed", 0))
-    clients, unseen = build_clients(cfg.get("data", {}), seed)
+def build_model(cfg: Mapping[str, Any], **overrides: Any) -> HiLoRAViT:
+    """The :class:`HiLoRAViT` of the ``model`` section (``overrides`` win, e.g. ``gamma_c=0``)."""
     model_cfg = dict(cfg.get("model", {}))
     adapter = AdapterConfig.from_dict(model_cfg.pop("adapter", {}) or {})
-    model = HiLoRAViT(adapter=adapter, **{"seed": seed, **model_cfg})
+    return HiLoRAViT(adapter=adapter, **{"seed": int(cfg.get("seed", 0)), **model_cfg, **overrides})
+
+
+def build_federation_config(cfg: Mapping[str, Any]) -> FederationConfig:
+    """The :class:`FederationConfig` of the ``federation`` section (seeded by the top-level ``seed``)."""
     fed = dict(cfg.get("federation", {}))
     for key in ("root_rounds", "cluster_rounds"):
         if key in fed:
             fed[key] = tuple(fed[key])
     if "clustering" in fed:
         fed["clustering"] = ClusteringConfig(**dict(fed["clustering"]))
-    config = FederationConfig(**{"seed": seed, **fed})
+    return FederationConfig(**{"seed": int(cfg.get("seed", 0)), **fed})
+
+
+def build_experiment(cfg: Mapping[str, Any]) -> FederatedOrchestrator:
+    """Validate ``cfg`` and build the orchestrator it describes (nothing runs yet)."""
+    validate_config(cfg)
+    clients, unseen = build_clients(cfg.get("data", {}), int(cfg.get("seed", 0)))
     out = Path(cfg.get("out_dir", "runs/experiment"))
-    return FederatedOrchestrator(model, clients, config, unseen=unseen, trainer_kwargs=dict(cfg.get("trainer", {})),
-                                 checkpoint_path=out / "federation.pt")
+    return FederatedOrchestrator(build_model(cfg), clients, build_federation_config(cfg), unseen=unseen,
+                                 trainer_kwargs=dict(cfg.get("trainer", {})), checkpoint_path=out / "federation.pt")
 
 
 def save_outputs(orch: FederatedOrchestrator, result: FederatedResult, cfg: Mapping[str, Any], out: Path) -> list[Path]:

@@ -35,11 +35,14 @@ from torch.nn import functional as F
 
 from hilora_lightning.config import QKV_SLICES, AdapterConfig
 from hilora_lightning.errors import NonFiniteError
+from hilora_lightning.gates import TierGate
 from hilora_lightning.tiers import Tier, parse_tiers
 
 __all__ = ["TieredLoRALinear", "tier_seed"]
 
-_PlanEntry = tuple[nn.Module | None, tuple[nn.Parameter, ...], tuple[nn.Parameter, ...], float | Tensor]
+_PlanEntry = tuple[
+    nn.Module | None, tuple[nn.Parameter, ...], tuple[nn.Parameter, ...], float | Tensor, Tensor | None
+]
 
 
 def tier_seed(seed: int, tier: Tier | str, path: str, segment: str = "") -> int:
@@ -117,6 +120,7 @@ class TieredLoRALinear(nn.Module):
         self._active: tuple[Tier, ...] = ()
         self._merged: tuple[Tier, ...] = ()
         self._weight_backup: Tensor | None = None
+        self.tier_gate: TierGate | None = None
 
     @property
     def active(self) -> tuple[Tier, ...]:
@@ -172,6 +176,13 @@ class TieredLoRALinear(nn.Module):
             a[s].copy_(val)
         self.lora_B[tier.value].zero_()
 
+    def set_gate(self, gate: TierGate | None) -> None:
+        """Mix the tiers with ``gate`` (see :mod:`hilora_lightning.gates`), or remove it with ``None``."""
+        if gate is not None and self.merged:
+            raise RuntimeError(f"{self.path or 'layer'}: unmerge() before adding a gate (merged tiers skip it)")
+        self.tier_gate = gate
+        self._plan = None
+
     # ------------------------------------------------------------------ factors
     def factors(self, tier: Tier | str) -> list[tuple[str, Tensor, Tensor]]:
         """``(segment_name, A, B)`` per segment, views of the parameters (``A``: r x in, ``B``: rows x r)."""
@@ -202,6 +213,11 @@ class TieredLoRALinear(nn.Module):
             NonFiniteError: a delta holds NaN or Inf (the weight is left untouched).
         """
         chosen = parse_tiers(list(tiers))
+        if self.tier_gate is not None and chosen:
+            raise RuntimeError(
+                f"{self.path or 'layer'}: a gated layer cannot merge (its tier weights depend on the input); "
+                "remove the gate first (set_gate(None))"
+            )
         for tier in chosen:
             if tier in self.merged:
                 raise RuntimeError(f"{self.path or 'layer'}: tier {tier.value!r} is already merged")
@@ -238,7 +254,11 @@ class TieredLoRALinear(nn.Module):
         plan = self._plan
         if plan is None:
             plan = self._plan = self._make_plan()
-        for dropout, a_params, b_params, scale in plan:
+        gate = None
+        if self.tier_gate is not None and plan:  # per-token weights of the gated tiers, 1 for the others
+            g = self.tier_gate(x)
+            gate = torch.cat([g, torch.ones_like(g[..., :1])], dim=-1)
+        for dropout, a_params, b_params, scale, gate_cols in plan:
             xd = x if dropout is None else dropout(x)
             a_cat: Tensor
             b_cat: Tensor
@@ -251,6 +271,8 @@ class TieredLoRALinear(nn.Module):
             if isinstance(scale, Tensor):
                 h = h * scale.to(device=h.device, dtype=h.dtype)
                 scale = 1.0
+            if gate is not None and gate_cols is not None:
+                h = h * gate[..., gate_cols.to(h.device)].to(h.dtype)
             b_cat = b_cat.to(h.dtype)
             if self._full:  # the shared scale rides on the add for free
                 out = torch.add(out, F.linear(h, b_cat[0]).to(out.dtype), alpha=scale)
@@ -263,9 +285,10 @@ class TieredLoRALinear(nn.Module):
     def _make_plan(self) -> list[_PlanEntry]:
         """Group the active, unmerged tiers by dropout rate: one concatenated LoRA per group.
 
-        Each entry is ``(dropout or None, A params, B params, scale)`` where ``scale`` is a float when
-        all tiers of the group share ``alpha / rank``, else a per-column vector over the concatenated
-        rank. Parameters are held directly (they are updated in place, never replaced), so the hot
+        Each entry is ``(dropout or None, A params, B params, scale, gate columns)`` where ``scale`` is
+        a float when all tiers of the group share ``alpha / rank``, else a per-column vector over the
+        concatenated rank, and ``gate columns`` maps each column to its gate weight (``None``: no gate).
+        Parameters are held directly (they are updated in place, never replaced), so the hot
         path skips the ``ParameterDict`` look-ups; the plan is rebuilt when tiers change.
         """
         groups: dict[float, list[Tier]] = {}
@@ -282,7 +305,13 @@ class TieredLoRALinear(nn.Module):
             dropout = self.dropout[tiers[0].value] if rate > 0 else None
             a_params = tuple(self.lora_A[t.value] for t in tiers)
             b_params = tuple(self.lora_B[t.value] for t in tiers)
-            plan.append((dropout, a_params, b_params, scale))
+            gate_cols = None
+            if self.tier_gate is not None:
+                gated = self.tier_gate.tiers
+                per_tier = [gated.index(t) if t in gated else len(gated) for t in tiers]
+                cols = torch.cat([torch.full((self.config.tier(t).rank,), i) for t, i in zip(tiers, per_tier)])
+                gate_cols = cols.repeat(len(self.segments))
+            plan.append((dropout, a_params, b_params, scale, gate_cols))
         return plan
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:

@@ -37,6 +37,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from hilora_lightning.backbone import create_backbone
 from hilora_lightning.config import AdapterConfig
+from hilora_lightning.gates import TierGate
 from hilora_lightning.inject import find_tiered_layers, inject_tiers
 from hilora_lightning.layer import TieredLoRALinear
 from hilora_lightning.orthogonality import ORTHO_SIDES, FrozenGroups, frozen_groups, grouped_penalty
@@ -170,6 +171,63 @@ class HiLoRAViT(pl.LightningModule):
         for p in self.head.parameters():
             p.requires_grad_(bool(self.hparams["train_head"]))
 
+    def set_tiers(
+        self, active: Iterable[Tier | str], trainable: Iterable[Tier | str], head: bool = True, gates: bool = False
+    ) -> None:
+        """Free-form switches (dual-adapter baselines): which tiers contribute, which train, head, gates.
+
+        :meth:`set_stage` is the cascade's special case. The stage is set to the deepest trainable tier,
+        so the orthogonality terms (when ``gamma_c``/``gamma_l`` are non-zero) still refer to the frozen
+        tiers above it.
+        """
+        active_t, train_t = parse_tiers(list(active)), parse_tiers(list(trainable))
+        missing = [t.value for t in train_t if t not in active_t]
+        if missing:
+            raise ValueError(f"trainable tiers {missing} must also be active, got active={[t.value for t in active_t]}")
+        if train_t:
+            self.stage = train_t[-1]
+            self.hparams["stage"] = self.stage.value
+        for layer in self.tiered_layers.values():
+            layer.set_active(active_t)
+            layer.set_trainable(train_t)
+            if layer.tier_gate is not None:
+                layer.tier_gate.requires_grad_(gates)
+        for p in self.head.parameters():
+            p.requires_grad_(head)
+
+    def set_gates(self, tiers: Iterable[Tier | str] | None, mode: str = "input",
+                  init: Iterable[float] | None = None) -> None:
+        """Put a fresh :class:`~hilora_lightning.gates.TierGate` over ``tiers`` on every tiered layer
+        (``None`` removes them). Gates start frozen; :meth:`set_tiers` with ``gates=True`` trains them."""
+        for layer in self.tiered_layers.values():
+            gate = None
+            if tiers is not None:
+                gate = TierGate(layer.base_layer.in_features, list(tiers), mode,
+                                None if init is None else list(init)).to(layer.base_layer.weight.device)
+                gate.requires_grad_(False)
+            layer.set_gate(gate)
+
+    def gate_state(self) -> dict[str, Tensor]:
+        """A CPU float32 copy of every gate's parameters, keyed by layer path (empty without gates)."""
+        out: dict[str, Tensor] = {}
+        for path, layer in self.state_layers().items():
+            if layer.tier_gate is not None:
+                for k, v in layer.tier_gate.state_dict().items():
+                    out[f"{path}.{k}"] = v.detach().to("cpu", torch.float32).clone()
+        return out
+
+    @torch.no_grad()
+    def load_gate_state(self, state: Mapping[str, Tensor]) -> None:
+        """Load :meth:`gate_state` output into the gates (same gates, same keys, or an error)."""
+        expected = self.gate_state()
+        if set(state) != set(expected) or any(tuple(state[k].shape) != tuple(v.shape) for k, v in expected.items()):
+            raise ValueError(f"gate state has keys {sorted(state)[:4]}..., expected {sorted(expected)[:4]}... "
+                             "(the same gates, as set_gates made them)")
+        for path, layer in self.state_layers().items():
+            if layer.tier_gate is not None:
+                layer.tier_gate.load_state_dict({k[len(path) + 1:]: v for k, v in state.items()
+                                                 if k.startswith(path + ".")})
+
     def set_active_tiers(self, tiers: Iterable[Tier | str]) -> None:
         """Choose which tiers contribute to the output (e.g. root only for a tier-wise table)."""
         tiers = parse_tiers(list(tiers))
@@ -215,6 +273,8 @@ class HiLoRAViT(pl.LightningModule):
         trainable = [getattr(layer, key)[self.stage.value] for layer in layers]
         frozen_params = [[getattr(layer, key)[t.value] for layer in layers] for t in above]
         gammas = {Tier.ROOT: float(hp["gamma_c"]), Tier.CLUSTER: float(hp["gamma_l"])}
+        if not any(gammas[t] for t in above):  # ablations and baselines without the penalty
+            return torch.zeros((), device=self.device)
         cache_key = (
             self.stage, side, tuple(gammas[t] for t in above),
             tuple((id(p), p._version, p.device) for ps in frozen_params for p in ps),
@@ -265,7 +325,8 @@ class HiLoRAViT(pl.LightningModule):
 
     # ---------------------------------------------------------------- checkpoints
     def _is_adapter_key(self, key: str) -> bool:
-        return ".lora_A." in key or ".lora_B." in key or key.startswith(self._head_prefix())
+        return (".lora_A." in key or ".lora_B." in key or ".tier_gate." in key
+                or key.startswith(self._head_prefix()))
 
     def _head_prefix(self) -> str:
         head = self.head

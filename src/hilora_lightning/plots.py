@@ -13,7 +13,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,19 +54,24 @@ def similarity_heatmap(
     return fig
 
 
-def accuracy_per_round(rounds: Sequence[int], series: dict[str, Sequence[float | None]], title: str = "") -> Any:
+def accuracy_per_round(rounds: Sequence[int], series: Mapping[str, Sequence[float | None]], title: str = "") -> Any:
     """Lines of accuracy per round (one per name in ``series``; ``None`` points are skipped)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, values in series.items():
+    many = len(series) > 6  # a method comparison: legend outside, line styles beyond the 10 colors
+    fig, ax = plt.subplots(figsize=(10, 5) if many else (7, 4))
+    for i, (name, values) in enumerate(series.items()):
         pts = [(r, v) for r, v in zip(rounds, values) if v is not None]
         if pts:
-            ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+            style = ("-", "--", ":")[(i // 10) % 3]
+            ax.plot(*zip(*pts), marker="o", ms=3, ls=style, lw=2.2 if name == "hilora" else 1.2, label=name)
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if many:
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    else:
+        ax.legend()
     ax.set_title(title)
     fig.tight_layout()
     return fig

@@ -16,13 +16,14 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import numpy as np
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["ClientData", "ClientState", "split_unseen", "state_bytes"]
+__all__ = ["ClientData", "ClientState", "select_clients", "split_unseen", "state_bytes"]
 
 
 @dataclasses.dataclass
@@ -108,3 +109,18 @@ def split_unseen(
     if len(held) == len(clients):
         raise ValueError(f"holding out {fraction:.0%} leaves no training client; lower the fraction")
     return [c for i, c in enumerate(clients) if i not in held], [c for i, c in enumerate(clients) if i in held]
+
+
+def select_clients(ids: Sequence[int], fraction: float, min_clients: int, seed: int, round_idx: int) -> list[int]:
+    """Seeded sampling of ``max(min_clients, ceil(fraction * n))`` of ``ids`` for round ``round_idx``.
+
+    Every strategy of a comparison draws the same clients in the same round.
+
+    Example:
+        >>> select_clients([3, 1, 2], 1.0, 1, seed=0, round_idx=1)
+        [1, 2, 3]
+    """
+    ids = sorted(ids)
+    k = min(len(ids), max(min_clients, math.ceil(fraction * len(ids))))
+    rng = np.random.default_rng([seed, round_idx])
+    return sorted(int(i) for i in rng.choice(ids, size=k, replace=False))

@@ -30,8 +30,10 @@ from hilora_lightning.tiers import Tier
 __all__ = [
     "StepSampler",
     "client_seed",
+    "eval_device",
     "evaluate",
     "fit_client",
+    "fit_current",
     "head_state",
     "load_view",
     "quiet_lightning",
@@ -145,6 +147,20 @@ def fit_client(
 ) -> dict[str, Tensor]:
     """Train ``stage``'s tier (and the head) on ``train``; return the trained tier's factors (CPU)."""
     model.set_stage(stage)
+    fit_current(model, train, seed, batch_size, local_epochs, local_steps, trainer_kwargs)
+    return export_tier(model, stage)
+
+
+def fit_current(
+    model: HiLoRAViT,
+    train: Dataset,
+    seed: int,
+    batch_size: int,
+    local_epochs: int,
+    local_steps: int | None,
+    trainer_kwargs: Mapping[str, Any],
+) -> None:
+    """One local update of whatever the model's switches make trainable (tiers, head, gates)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     if local_steps is None:
@@ -164,7 +180,14 @@ def fit_client(
             model.train_logging = was_logging
     if any(p.device.type != "cpu" for p in model.head.parameters()):
         model.cpu()  # the server side works on the CPU; skip the module walk when already there
-    return export_tier(model, stage)
+
+
+def eval_device(trainer_kwargs: Mapping[str, Any]) -> torch.device:
+    """Where the server evaluates: CUDA when the clients' Trainers run on a GPU, else the CPU."""
+    acc = str(trainer_kwargs.get("accelerator", "cpu"))
+    if acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 @torch.no_grad()

@@ -32,9 +32,9 @@ from torch import Tensor
 from hilora_lightning.errors import AdapterStateError, HiLoraError
 from hilora_lightning.federation import evaluation, transition
 from hilora_lightning.federation.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from hilora_lightning.federation.client import ClientData, ClientState, state_bytes
+from hilora_lightning.federation.client import ClientData, ClientState, select_clients, state_bytes
 from hilora_lightning.federation.config import FederationConfig
-from hilora_lightning.federation.local import client_seed, fit_client, head_state, load_view
+from hilora_lightning.federation.local import client_seed, eval_device, fit_client, head_state, load_view
 from hilora_lightning.federation.result import FederatedResult, RoundRecord, accuracy_summary
 from hilora_lightning.model import HiLoRAViT
 from hilora_lightning.state import expected_shapes, export_tier, validate_tier_state
@@ -111,7 +111,7 @@ class FederatedOrchestrator:
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.upload_hook = upload_hook
         self.progress = progress
-        self.eval_device = self._eval_device()
+        self.eval_device = eval_device(self.trainer_kwargs)
         self._init_state()
 
     # ------------------------------------------------------------------ state
@@ -182,12 +182,6 @@ class FederatedOrchestrator:
         self.has_final = {Tier.parse(k): set(v) for k, v in state["has_final"].items()}
         self.elapsed = float(state["elapsed"])
 
-    def _eval_device(self) -> torch.device:
-        acc = str(self.trainer_kwargs.get("accelerator", "cpu"))
-        if acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available()):
-            return torch.device("cuda")
-        return torch.device("cpu")
-
     # ------------------------------------------------------------------ the loop
     def run(self, resume: bool = False, stop_after: int | None = None) -> FederatedResult:
         """Run (or, with ``resume``, continue from the checkpoint) until the round budget is spent.
@@ -213,22 +207,13 @@ class FederatedOrchestrator:
             if self.checkpoint_path is not None:
                 save_checkpoint(self.state_dict(), self.checkpoint_path)
             if self.progress:
-                print(self._progress_line(record), flush=True)
+                print(record.progress_line(self.config.rounds), flush=True)
         return self._result()
-
-    def _progress_line(self, r: RoundRecord) -> str:
-        acc = "" if r.acc_mean is None else f" acc mean {r.acc_mean:.3f} p10 {r.acc_p10:.3f}"
-        rho = "" if r.rho is None or not math.isfinite(r.rho) else f" rho {r.rho:.3f}"
-        fails = f" failed {sorted(r.failed)}" if r.failed else ""
-        return (f"round {r.round}/{self.config.rounds} [{r.stage}] clients {len(r.succeeded)}/{len(r.selected)}"
-                f"{fails}{rho}{acc} ({r.seconds:.1f}s)")
 
     def select_clients(self, round_idx: int) -> list[int]:
         """Seeded sampling of ``max(min_clients, ceil(fraction_fit * n))`` clients."""
-        ids = sorted(self.clients)
-        k = min(len(ids), max(self.config.min_clients, math.ceil(self.config.fraction_fit * len(ids))))
-        rng = np.random.default_rng([self.config.seed, round_idx])
-        return sorted(int(i) for i in rng.choice(ids, size=k, replace=False))
+        cfg = self.config
+        return select_clients(list(self.clients), cfg.fraction_fit, cfg.min_clients, cfg.seed, round_idx)
 
     def _run_round(self, t: int) -> RoundRecord:
         stage = self.stage

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,6 +48,14 @@ class RoundRecord:
     bytes_up_per_client: float = 0.0
     bytes_down_per_client: float = 0.0
     seconds: float = 0.0
+
+    def progress_line(self, rounds: int) -> str:
+        """One line for the round counter: stage, clients, failures, rho, accuracy, seconds."""
+        acc = "" if self.acc_mean is None else f" acc mean {self.acc_mean:.3f} p10 {self.acc_p10:.3f}"
+        rho = "" if self.rho is None or not math.isfinite(self.rho) else f" rho {self.rho:.3f}"
+        fails = f" failed {sorted(self.failed)}" if self.failed else ""
+        return (f"round {self.round}/{rounds} [{self.stage}] clients {len(self.succeeded)}/{len(self.selected)}"
+                f"{fails}{rho}{acc} ({self.seconds:.1f}s)")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -29,10 +29,12 @@ __all__ = [
     "factor_pairs",
     "factored_fro_norm_sq",
     "fedavg_states",
+    "leave_one_out_states",
     "normalize_weights",
     "product_space_aggregate",
     "product_space_aggregate_states",
     "relative_change",
+    "select_side",
 ]
 
 #: How the truncated SVD ``U S V^T`` is split into factors: ``left`` (the paper: ``B = U``,
@@ -178,6 +180,38 @@ def fedavg_states(states: Sequence[Mapping[str, Tensor]], weights: Sequence[floa
         total = sum(float(w) * st[key].detach().double() for w, st in zip(pi, states))
         out[key] = torch.as_tensor(total).to(ref.dtype)
     return out
+
+
+def leave_one_out_states(
+    states: Mapping[int, Mapping[str, Tensor]], weights: Mapping[int, float]
+) -> dict[int, dict[str, Tensor]]:
+    """For every participant ``i``, the weighted mean of the *other* participants' states.
+
+    FedALT's rest-of-world LoRA: client ``i`` receives the average of every other client's individual
+    LoRA (``A`` and ``B`` averaged separately). A lone participant gets no entry.
+
+    Example:
+        >>> import torch
+        >>> out = leave_one_out_states({0: {"x": torch.tensor([1.0])}, 1: {"x": torch.tensor([3.0])},
+        ...                             2: {"x": torch.tensor([5.0])}}, {0: 1, 1: 1, 2: 2})
+        >>> [round(float(out[i]["x"]), 4) for i in range(3)]
+        [4.3333, 3.6667, 2.0]
+    """
+    ids = sorted(states)
+    out: dict[int, dict[str, Tensor]] = {}
+    for i in ids:
+        others = [j for j in ids if j != i]
+        if others:
+            out[i] = fedavg_states([states[j] for j in others], [weights[j] for j in others])
+    return out
+
+
+def select_side(state: Mapping[str, Tensor], side: str) -> dict[str, Tensor]:
+    """Only the ``A`` (``side="A"``) or ``B`` factors of a tier state (FedSA-LoRA shares ``A`` alone)."""
+    if side not in ("A", "B"):
+        raise ValueError(f"side must be 'A' or 'B', got {side!r}")
+    suffix = f".lora_{side}"
+    return {k: v for k, v in state.items() if k.endswith(suffix)}
 
 
 def factored_fro_norm_sq(b: Tensor, a: Tensor) -> Tensor:

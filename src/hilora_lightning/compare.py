@@ -1,0 +1,228 @@
+"""``hilora-fl compare``: HiLoRA, its ablations and the nine baselines on one config, one table.
+
+Every method gets the same clients (partition, unseen hold-out), seeds, client sampling, round
+budget, local steps, optimizer, head policy and Lightning Trainer options; each starts from a
+freshly built model. The table has the paper's columns: mean and 10th-percentile personalized
+accuracy, unseen clients as they arrive (zero-leaf) and after the ``finetune_epochs`` fine-tune,
+bytes uploaded per client per round, and wall time.
+
+HiLoRA rows: ``hilora`` (the config as given), the paper's cumulative ablation
+(``hilora-kmeans-noortho``: k-means on cosine of flattened root updates with LSAC's K and no
+penalty; ``hilora-lsac-noortho``: LSAC, no penalty; ``hilora`` = + orthogonality), and two extras
+(``hilora-random``: random clusters; ``hilora-per-round``: all stages every round). The tier-wise
+rows (``hilora: root only``, ``hilora: root+cluster``) come from the ``hilora`` run itself.
+
+Example:
+    >>> from hilora_lightning.compare import METHODS, parse_methods
+    >>> parse_methods("fedit, hilora")
+    ['fedit', 'hilora']
+    >>> len(METHODS)
+    14
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hilora_lightning.baselines import BASELINES, BaselineRunner
+from hilora_lightning.experiment import build_clients, build_federation_config, build_model, validate_config
+from hilora_lightning.federation import FederatedOrchestrator, FederatedResult, FederationConfig
+from hilora_lightning.federation.result import RoundRecord, format_rows
+
+__all__ = ["HILORA_VARIANTS", "METHODS", "Comparison", "parse_methods", "run_comparison", "save_comparison"]
+
+#: HiLoRA runs of the comparison: (model overrides, federation-config changes).
+HILORA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "hilora-kmeans-noortho": ({"gamma_c": 0.0, "gamma_l": 0.0}, {"clustering.method": "kmeans"}),
+    "hilora-lsac-noortho": ({"gamma_c": 0.0, "gamma_l": 0.0}, {}),
+    "hilora": ({}, {}),
+    "hilora-random": ({}, {"clustering.method": "random"}),
+    "hilora-per-round": ({}, {"schedule": "per_round"}),
+}
+
+#: Every method name ``compare`` knows, in table order.
+METHODS: tuple[str, ...] = (*BASELINES, *HILORA_VARIANTS)
+
+HEADER = ["method", "mean acc", "p10 acc", "unseen zero-leaf", "unseen fine-tuned", "up KiB/client/round", "wall s"]
+
+
+def parse_methods(value: str | Sequence[str] | None) -> list[str]:
+    """Method names from ``"a,b"`` or a list (``None``/``"all"``: every method), validated."""
+    if value is None or value == "all" or value == ["all"]:
+        return list(METHODS)
+    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if str(v).strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise ValueError(f"unknown method(s) {unknown or names}: choose from {', '.join(METHODS)} (or 'all')")
+    return list(dict.fromkeys(names))
+
+
+def local_rounds(config: FederationConfig) -> int:
+    """The rounds HiLoRA keeps for its leaf stage at least; FedDPA-F's local-adapter rounds."""
+    rest = config.rounds - config.root_rounds[1] - config.cluster_rounds[1]
+    return rest if rest > 0 else max(1, config.rounds // 5)
+
+
+def _variant_config(config: FederationConfig, changes: Mapping[str, Any]) -> FederationConfig:
+    clustering = config.clustering
+    top: dict[str, Any] = {}
+    for key, value in changes.items():
+        if key.startswith("clustering."):
+            clustering = dataclasses.replace(clustering, **{key.split(".", 1)[1]: value})
+        else:
+            top[key] = value
+    return dataclasses.replace(config, clustering=clustering, **top)
+
+
+@dataclasses.dataclass
+class Comparison:
+    """Results of :func:`run_comparison`: one :class:`FederatedResult` and wall time per method."""
+
+    results: dict[str, FederatedResult]
+    seconds: dict[str, float]
+
+    def rows(self) -> list[list[Any]]:
+        """The table rows (``None`` where a column does not apply)."""
+        rows: list[list[Any]] = []
+        for name, res in self.results.items():
+            accs = list(res.client_accuracy.values())
+            gen = res.generalization
+            up = float(np.mean([r.bytes_up_per_client for r in res.records])) / 1024 if res.records else 0.0
+            rows.append([name, _mean(accs), _p10(accs), gen.get("zero_leaf", {}).get("mean"),
+                         gen.get("finetuned", {}).get("mean"), up, self.seconds.get(name, res.seconds)])
+            if name == "hilora":
+                for view, label in (("root", "root only"), ("root+cluster", "root+cluster")):
+                    if view in res.tierwise:
+                        s = res.tierwise[view]
+                        rows.append([f"  hilora: {label}", s["mean"], s["p10"], None, None, None, None])
+        return rows
+
+    def table(self) -> str:
+        """The comparison as a plain-text table."""
+        return format_rows(HEADER, [[("-" if v is None else v) for v in row] for row in self.rows()])
+
+    def headline(self) -> dict[str, float]:
+        """A flat ``{"<method>_<column>": number}`` object (for JSON consumers)."""
+        keys = ["mean", "p10", "zero_leaf", "finetuned", "up_kib", "seconds"]
+        out: dict[str, float] = {}
+        for row in self.rows():
+            name = row[0].strip().replace("hilora: ", "hilora_").replace(" ", "_").replace("+", "_")
+            out.update({f"{name}_{k}": float(v) for k, v in zip(keys, row[1:]) if v is not None})
+        return out
+
+    def curves(self) -> tuple[list[int], dict[str, list[float | None]]]:
+        """Mean personalized accuracy per round per method (for the plot)."""
+        rounds = sorted({r.round for res in self.results.values() for r in res.records})
+        series = {name: _by_round(res.records, rounds) for name, res in self.results.items()}
+        return rounds, series
+
+
+def _mean(v: Sequence[float]) -> float | None:
+    return float(np.mean(v)) if v else None
+
+
+def _p10(v: Sequence[float]) -> float | None:
+    return float(np.percentile(v, 10)) if v else None
+
+
+def _by_round(records: Sequence[RoundRecord], rounds: Sequence[int]) -> list[float | None]:
+    acc = {r.round: r.acc_mean for r in records}
+    return [acc.get(t) for t in rounds]
+
+
+def run_method(name: str, cfg: Mapping[str, Any], clients: Sequence[Any], unseen: Sequence[Any],
+               progress: bool = True) -> FederatedResult:
+    """Build a fresh model for ``name`` from ``cfg`` and run it on the given clients."""
+    config = build_federation_config(cfg)
+    trainer = dict(cfg.get("trainer", {}))
+    if name in BASELINES:
+        method = BASELINES[name](rounds=config.rounds, local_rounds=local_rounds(config))
+        model = build_model(cfg, gamma_c=0.0, gamma_l=0.0)
+        return BaselineRunner(method, model, clients, config, unseen, trainer, progress=progress).run()
+    model_over, fed_changes = HILORA_VARIANTS[name]
+    orch = FederatedOrchestrator(build_model(cfg, **model_over), clients, _variant_config(config, fed_changes),
+                                 unseen=unseen, trainer_kwargs=trainer, progress=progress)
+    return orch.run()
+
+
+def run_comparison(
+    cfg: Mapping[str, Any],
+    methods: Sequence[str] | None = None,
+    progress: bool = True,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+) -> Comparison:
+    """Run ``methods`` (default: ``cfg["compare"]["methods"]`` or all) on the config's data.
+
+    With ``out_dir`` every method's result is written to ``out_dir/<method>/result.json`` as soon
+    as it finishes; with ``resume`` methods whose result is already there (for the same config) are
+    read back instead of run again.
+    """
+    validate_config(cfg)
+    names = parse_methods(methods if methods is not None else (cfg.get("compare") or {}).get("methods"))
+    seed = int(cfg.get("seed", 0))
+    clients, unseen = build_clients(cfg.get("data", {}), seed)
+    stamp = json.dumps({k: v for k, v in cfg.items() if k not in ("compare", "out_dir")}, sort_keys=True, default=str)
+    results: dict[str, FederatedResult] = {}
+    seconds: dict[str, float] = {}
+    for i, name in enumerate(names, start=1):
+        path = Path(out_dir) / name / "result.json" if out_dir is not None else None
+        if resume and path is not None and path.exists():
+            saved = json.loads(path.read_text())
+            if saved.get("config") == stamp:
+                results[name], seconds[name] = _result_from_dict(saved["result"]), float(saved["wall_seconds"])
+                if progress:
+                    print(f"[{i}/{len(names)}] {name}: read back from {path}", flush=True)
+                continue
+        if progress:
+            print(f"[{i}/{len(names)}] {name}", flush=True)
+        start = time.perf_counter()
+        results[name] = run_method(name, cfg, clients, unseen, progress=progress)
+        seconds[name] = time.perf_counter() - start
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"config": stamp, "wall_seconds": seconds[name],
+                                       "result": results[name].to_dict()}, indent=1))
+            tmp.replace(path)  # a killed run never leaves a half-written result behind
+    return Comparison(results, seconds)
+
+
+def _result_from_dict(data: Mapping[str, Any]) -> FederatedResult:
+    d = dict(data)
+    d["records"] = [RoundRecord.from_dict(r) for r in d["records"]]
+    for key in ("client_accuracy", "assignment", "routing"):
+        d[key] = {int(k): v for k, v in d[key].items()}
+    return FederatedResult(**d)
+
+
+def save_comparison(comp: Comparison, out: str | Path) -> list[Path]:
+    """Write ``comparison.txt`` (the table), ``comparison.json``, ``comparison.csv`` and the accuracy plot."""
+    import csv
+
+    from hilora_lightning.plots import accuracy_per_round
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "comparison.txt", out / "comparison.json", out / "comparison.csv", out / "accuracy_per_method.png"]
+    paths[0].write_text(comp.table() + "\n")
+    paths[1].write_text(json.dumps({"rows": [dict(zip(HEADER, r)) for r in comp.rows()],
+                                    "headline": comp.headline()}, indent=1))
+    with paths[2].open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(HEADER)
+        writer.writerows([["" if v is None else v for v in row] for row in comp.rows()])
+    rounds, series = comp.curves()
+    fig = accuracy_per_round(rounds, series, title="mean personalized accuracy per round")
+    fig.savefig(paths[3], dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return paths
