@@ -55,7 +55,7 @@ def test_cli_errors_are_reported_not_raised(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.parametrize("name", ["cifar100_gl_dir", "cifar100_sc_dir", "cifar100_patho", "domainnet",
                                   "cifar100_gl_dir_cpu", "cifar100_sc_dir_cpu", "cifar100_patho_cpu", "domainnet_cpu",
-                                  "digits_cpu"])
+                                  "digits_cpu", "compare_digits_cpu"])
 def test_paper_configs_are_valid(name: str) -> None:
     validate_config(load_config(CONFIG.parent / f"{name}.yaml"))
 
@@ -71,3 +71,23 @@ def test_cifar100_config_runs_on_a_fake_cifar_folder(tmp_path: Path, capsys) -> 
                  "trainer.precision=32-true", "trainer.accelerator=cpu", f"out_dir={tmp_path / 'out'}"]
     assert main(["run", str(CONFIG.parent / "cifar100_sc_dir.yaml"), *overrides]) == 0
     assert "root+cluster+leaf" in capsys.readouterr().out
+
+
+def test_cli_compare_prints_one_table_and_writes_it(tmp_path: Path, capsys) -> None:
+    config = CONFIG.parent / "compare_digits_cpu.yaml"
+    small = [o for o in SMALL if "rounds=3" not in o] + ["federation.rounds=2"]
+    assert main(["compare", str(config), "methods=fedsa-lora,flexlora", *small, f"out_dir={tmp_path}"]) == 0
+    text = capsys.readouterr().out
+    assert "2 methods" in text and "[2/2] flexlora" in text
+    header = next(line for line in text.splitlines() if line.startswith("method"))
+    assert "unseen zero-leaf" in header and "up KiB/client/round" in header
+    out = tmp_path / "compare"
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy_per_method.png", "comparison.csv", "comparison.json",
+                                                     "comparison.txt", "fedsa-lora", "flexlora"]
+    rows = json.loads((out / "comparison.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["fedsa-lora", "flexlora"]
+
+
+def test_cli_compare_rejects_unknown_methods(tmp_path: Path, capsys) -> None:
+    assert main(["compare", str(CONFIG), "methods=fedit,fedprox", f"out_dir={tmp_path}"]) == 2
+    assert "unknown method(s) ['fedprox']" in capsys.readouterr().err

@@ -213,7 +213,7 @@ class HiLoRAViT(pl.LightningModule):
         for path, layer in self.state_layers().items():
             if layer.tier_gate is not None:
                 for k, v in layer.tier_gate.state_dict().items():
-                    out[f"{path}.{k}"] = v.detach().to("cpu", torch.float32).clone()
+                    out[f"{path}.tier_gate.{k}"] = v.detach().to("cpu", torch.float32).clone()
         return out
 
     @torch.no_grad()
@@ -225,8 +225,8 @@ class HiLoRAViT(pl.LightningModule):
                              "(the same gates, as set_gates made them)")
         for path, layer in self.state_layers().items():
             if layer.tier_gate is not None:
-                layer.tier_gate.load_state_dict({k[len(path) + 1:]: v for k, v in state.items()
-                                                 if k.startswith(path + ".")})
+                prefix = f"{path}.tier_gate."
+                layer.tier_gate.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
     def set_active_tiers(self, tiers: Iterable[Tier | str]) -> None:
         """Choose which tiers contribute to the output (e.g. root only for a tier-wise table)."""

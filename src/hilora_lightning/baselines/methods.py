@@ -29,8 +29,12 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import ClassVar
 
+from torch import Tensor
+
+from hilora_lightning.strategy.aggregation import fedavg_states, leave_one_out_states, product_space_aggregate_states
 from hilora_lightning.tiers import Tier
 
 __all__ = [
@@ -47,6 +51,7 @@ __all__ = [
     "Method",
     "PF2LoRA",
     "Phase",
+    "server_aggregate",
 ]
 
 G, R, P = Tier.ROOT, Tier.CLUSTER, Tier.LEAF  # global, rest-of-world, personal slots
@@ -55,6 +60,56 @@ G, R, P = Tier.ROOT, Tier.CLUSTER, Tier.LEAF  # global, rest-of-world, personal 
 #: ``"product"`` (sum pi B A, truncated SVD back to factors), ``"A"`` (only A uploaded and averaged,
 #: B stays local), ``"others"`` (personal LoRAs uploaded; each client gets the mean of the others').
 RULES = (None, "fedavg", "product", "A", "others")
+
+
+def server_aggregate(
+    rule: str | None,
+    uploads: Mapping[int, Mapping[str, Tensor]],
+    weights: Mapping[int, float],
+    global_state: Mapping[str, Tensor],
+    latest: Mapping[int, Mapping[str, Tensor]],
+    rank: int,
+) -> tuple[dict[str, Tensor], dict[int, dict[str, Tensor]], dict[int, dict[str, Tensor]]]:
+    """One server step of a rule: the new global state, every client's latest upload, and each
+    client's rest-of-world state (FedALT).
+
+    Args:
+        rule: one of :data:`RULES`.
+        uploads: this round's uploads by client id (``"A"``: only the ``lora_A`` keys).
+        weights: aggregation weight (sample count) of every client in ``uploads`` and ``latest``.
+        global_state: the current global LoRA (its ``B`` is kept by ``"A"``).
+        latest: every client's previous upload (``"others"`` keeps clients absent from this round).
+        rank: the global LoRA's rank (``"product"``).
+
+    Example:
+        >>> import torch
+        >>> up = {0: {"m.lora_A": torch.ones(1, 2)}, 1: {"m.lora_A": 3 * torch.ones(1, 2)}}
+        >>> g, _, _ = server_aggregate("A", up, {0: 1, 1: 1}, {"m.lora_A": torch.zeros(1, 2),
+        ...                            "m.lora_B": torch.ones(2, 1)}, {}, rank=1)
+        >>> g["m.lora_A"].tolist(), g["m.lora_B"].tolist()
+        ([[2.0, 2.0]], [[1.0], [1.0]])
+    """
+    ids = sorted(uploads)
+    states, w = [dict(uploads[c]) for c in ids], [weights[c] for c in ids]
+    new_global = {k: v for k, v in global_state.items()}
+    new_latest = {c: dict(v) for c, v in latest.items()}
+    row: dict[int, dict[str, Tensor]] = {}
+    if rule is None or not ids:
+        return new_global, new_latest, row
+    if rule == "fedavg":
+        new_global = fedavg_states(states, w)
+    elif rule == "product":
+        new_global = product_space_aggregate_states(states, w, rank)
+    elif rule == "A":
+        if any(not k.endswith(".lora_A") for st in states for k in st):
+            raise ValueError("rule 'A' (FedSA-LoRA) aggregates only lora_A keys; an upload holds other keys")
+        new_global.update(fedavg_states(states, w))
+    elif rule == "others":
+        new_latest.update({c: st for c, st in zip(ids, states)})
+        row = leave_one_out_states(new_latest, {c: weights[c] for c in new_latest})
+    else:
+        raise ValueError(f"unknown rule {rule!r}: expected one of {RULES}")
+    return new_global, new_latest, row
 
 
 @dataclasses.dataclass(frozen=True)

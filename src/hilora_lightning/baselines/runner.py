@@ -23,13 +23,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from hilora_lightning.baselines.methods import Method, Phase
+from hilora_lightning.baselines.methods import Method, Phase, server_aggregate
 from hilora_lightning.errors import AdapterStateError
 from hilora_lightning.federation.client import ClientData, select_clients, state_bytes
 from hilora_lightning.federation.config import FederationConfig
@@ -41,16 +41,11 @@ from hilora_lightning.federation.local import (
     head_state,
     load_view,
 )
-from hilora_lightning.federation.orchestrator import FederationError
+from hilora_lightning.federation.orchestrator import FederationError, Payload
 from hilora_lightning.federation.result import FederatedResult, RoundRecord, accuracy_summary
 from hilora_lightning.model import HiLoRAViT
 from hilora_lightning.state import export_tier, validate_tier_state
-from hilora_lightning.strategy.aggregation import (
-    fedavg_states,
-    leave_one_out_states,
-    product_space_aggregate_states,
-    select_side,
-)
+from hilora_lightning.strategy.aggregation import fedavg_states, select_side
 from hilora_lightning.tiers import Tier
 
 __all__ = ["BaselineClient", "BaselineRunner"]
@@ -86,7 +81,8 @@ class BaselineRunner:
     Uses ``config.rounds``, sampling (``fraction_fit``, ``min_clients``), ``local_steps`` /
     ``local_epochs``, ``batch_size``, ``head_policy``, ``eval_every``, ``finetune_epochs`` and
     ``seed``; the stage and clustering fields are HiLoRA's and ignored. The orthogonality penalty is
-    switched off on ``model`` (no baseline has one).
+    switched off on ``model`` (no baseline has one). ``upload_hook`` sees every upload as a
+    :class:`~hilora_lightning.federation.Payload` (tier: the slot uploaded) and may raise to reject it.
     """
 
     def __init__(
@@ -97,6 +93,7 @@ class BaselineRunner:
         config: FederationConfig,
         unseen: Sequence[ClientData] = (),
         trainer_kwargs: Mapping[str, Any] | None = None,
+        upload_hook: Callable[[Payload], None] | None = None,
         progress: bool = True,
     ) -> None:
         if not isinstance(model, HiLoRAViT):
@@ -119,6 +116,7 @@ class BaselineRunner:
         self.clients = {c.client_id: c for c in clients}
         self.unseen = {c.client_id: c for c in unseen}
         self.trainer_kwargs = dict(trainer_kwargs or {})
+        self.upload_hook = upload_hook
         self.progress = progress
         model.hparams["gamma_c"] = model.hparams["gamma_l"] = 0.0
         model.set_gates(method.gate_tiers if method.gate_mode else None, method.gate_mode or "input",
@@ -269,30 +267,27 @@ class BaselineRunner:
             factors = keep.personal
         if not uploads:
             factors = None
-        if factors is not None:
-            validate_tier_state(factors, {k: tuple(v.shape) for k, v in factors.items()}, self.config.max_update_norm)
         _check_finite(head, "head")
-        return _Update(factors, head if shared_head else None, keep, self.clients[cid].num_samples)
+        update = _Update(factors, head if shared_head else None, keep, self.clients[cid].num_samples)
+        if factors is not None:
+            if self.upload_hook is not None:
+                slot = P if method.rule == "others" else G
+                self.upload_hook(Payload(cid, self.round + 1, slot, factors, update.head, update.num_samples))
+            validate_tier_state(factors, {k: tuple(v.shape) for k, v in factors.items()}, self.config.max_update_norm)
+        return update
 
     # ------------------------------------------------------------------ server
     def _aggregate(self, updates: Mapping[int, _Update]) -> None:
-        rule = self.method.rule
         ids = sorted(updates)
-        states = [updates[c].factors for c in ids]
-        weights = [updates[c].num_samples for c in ids]
-        if rule == "fedavg":
-            self.global_state = fedavg_states(states, weights)  # type: ignore[arg-type]
-        elif rule == "product":
-            rank = self.model.adapter_config.root.rank
-            self.global_state = product_space_aggregate_states(states, weights, rank)  # type: ignore[arg-type]
-        elif rule == "A":
-            self.global_state = {**self.global_state, **fedavg_states(states, weights)}  # type: ignore[arg-type]
-        elif rule == "others":
-            self.latest.update({c: updates[c].factors for c in ids})  # type: ignore[misc]
-            sizes = {c: self.clients[c].num_samples for c in self.latest}
-            self.row = leave_one_out_states(self.latest, sizes)
+        weights = {c: self.clients[c].num_samples for c in set(ids) | set(self.latest)}
+        self.global_state, self.latest, row = server_aggregate(
+            self.method.rule, {c: updates[c].factors or {} for c in ids}, weights, self.global_state, self.latest,
+            self.model.adapter_config.root.rank)
+        if self.method.rule == "others":
+            self.row = row
         if self.config.head_policy == "tier":
-            self.global_head = fedavg_states([updates[c].head for c in ids], weights)  # type: ignore[misc]
+            self.global_head = fedavg_states([updates[c].head for c in ids],  # type: ignore[misc]
+                                             [weights[c] for c in ids])
 
     # ------------------------------------------------------------------ evaluation
     def evaluate_clients(self) -> dict[int, float]:

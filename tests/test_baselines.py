@@ -1,0 +1,233 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from hilora_lightning import HiLoRAViT, Tier
+from hilora_lightning.baselines import BASELINES, BaselineRunner, FedALT, FedDPAF, FedIT, FedSALoRA, Method
+from hilora_lightning.baselines.methods import server_aggregate
+from hilora_lightning.compare import METHODS, Comparison, local_rounds, parse_methods, run_comparison
+from hilora_lightning.data import digits_federation
+from hilora_lightning.federation import ClientData, FederatedResult, FederationConfig, FederationError, Payload
+from hilora_lightning.federation.result import RoundRecord
+from hilora_lightning.strategy.aggregation import leave_one_out_states, select_side
+
+G, R, P = Tier.ROOT, Tier.CLUSTER, Tier.LEAF
+
+
+def _uploads(n: int, seed: int = 0) -> dict[int, dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return {c: {"m.lora_A": torch.randn(3, 7, generator=gen), "m.lora_B": torch.randn(5, 3, generator=gen)}
+            for c in range(n)}
+
+
+W = {0: 1.0, 1: 2.0, 2: 5.0}
+INIT = {"m.lora_A": torch.full((3, 7), 0.5), "m.lora_B": torch.zeros(5, 3)}
+
+
+def _np_mean(states, ids, key):
+    w = np.array([W[c] for c in ids]) / sum(W[c] for c in ids)
+    return sum(wi * states[c][key].double().numpy() for wi, c in zip(w, ids))
+
+
+# ----------------------------------------------------------------------------- aggregation rules
+def test_fedavg_rule_averages_a_and_b_separately_over_the_participants() -> None:
+    up = _uploads(3)
+    g, latest, row = server_aggregate("fedavg", up, W, INIT, {}, rank=3)
+    for key in ("m.lora_A", "m.lora_B"):
+        np.testing.assert_allclose(g[key].numpy(), _np_mean(up, [0, 1, 2], key), rtol=1e-5, atol=1e-6)
+    assert latest == {} and row == {}
+
+
+def test_product_rule_is_the_dense_truncated_svd_of_the_weighted_products() -> None:
+    up = _uploads(3)
+    g, _, _ = server_aggregate("product", up, W, INIT, {}, rank=3)
+    w = np.array([W[c] for c in range(3)]) / sum(W.values())
+    dense = sum(wi * (up[c]["m.lora_B"].double() @ up[c]["m.lora_A"].double()).numpy() for wi, c in zip(w, range(3)))
+    u, s, vh = np.linalg.svd(dense)
+    want = (u[:, :3] * s[:3]) @ vh[:3]
+    np.testing.assert_allclose((g["m.lora_B"].double() @ g["m.lora_A"].double()).numpy(), want, atol=1e-5)
+
+
+def test_fedsa_rule_averages_only_a_and_keeps_the_global_b() -> None:
+    up = {c: select_side(s, "A") for c, s in _uploads(3).items()}
+    g, _, _ = server_aggregate("A", up, W, INIT, {}, rank=3)
+    np.testing.assert_allclose(g["m.lora_A"].numpy(), _np_mean(up, [0, 1, 2], "m.lora_A"), rtol=1e-5, atol=1e-6)
+    assert torch.equal(g["m.lora_B"], INIT["m.lora_B"])
+    with pytest.raises(ValueError, match="aggregates only lora_A keys"):
+        server_aggregate("A", _uploads(2), W, INIT, {}, rank=3)
+
+
+def test_fedalt_rule_gives_each_client_the_mean_of_the_others_including_absent_ones() -> None:
+    up = _uploads(3)
+    previous = {2: up.pop(2)}  # client 2 uploaded in an earlier round, not in this one
+    g, latest, row = server_aggregate("others", up, W, INIT, previous, rank=3)
+    assert sorted(latest) == [0, 1, 2] and g == INIT
+    all_up = {**up, **previous}
+    for c in range(3):
+        others = [o for o in range(3) if o != c]
+        for key in ("m.lora_A", "m.lora_B"):
+            np.testing.assert_allclose(row[c][key].numpy(), _np_mean(all_up, others, key), rtol=1e-5, atol=1e-6)
+
+
+def test_no_rule_changes_nothing_and_unknown_rules_fail() -> None:
+    g, latest, row = server_aggregate(None, _uploads(2), W, INIT, {}, rank=3)
+    assert g == INIT and latest == {} and row == {}
+    with pytest.raises(ValueError, match="unknown rule 'median'"):
+        server_aggregate("median", _uploads(2), W, INIT, {}, rank=3)
+
+
+def test_leave_one_out_of_a_lone_client_is_empty_and_select_side_checks() -> None:
+    assert leave_one_out_states({4: INIT}, {4: 1.0}) == {}
+    with pytest.raises(ValueError, match="side must be 'A' or 'B'"):
+        select_side(INIT, "C")
+
+
+# ----------------------------------------------------------------------------- schedules
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_phases_split_the_round_and_train_only_active_slots(name: str) -> None:
+    method: Method = BASELINES[name](rounds=10, local_rounds=3)
+    for t in range(1, 11):
+        phases = method.phases(t)
+        assert sum(p.share for p in phases) == pytest.approx(1.0)
+        for p in phases:
+            assert set(p.train) <= set(p.active) <= set(method.slots)
+    assert set(method.eval_active) <= set(method.slots)
+
+
+def test_feddpa_f_trains_global_then_local_without_upload() -> None:
+    m = FedDPAF(rounds=10, local_rounds=3)
+    assert [m.uploads(t) for t in range(1, 11)] == [True] * 7 + [False] * 3
+    assert m.phases(7)[0].train == (G,) and m.phases(8)[0].train == (P,)
+    assert local_rounds(FederationConfig(rounds=50, root_rounds=(5, 20), cluster_rounds=(5, 20))) == 10
+
+
+# ----------------------------------------------------------------------------- runner
+FAST = {"rounds": 2, "root_rounds": (1, 1), "cluster_rounds": (1, 1), "local_steps": 2, "batch_size": 16,
+        "finetune_epochs": 1}
+
+
+def _runner(method: Method, clients=None, **kw) -> BaselineRunner:
+    return BaselineRunner(method, HiLoRAViT(lr=3e-3), clients or digits_federation(3),
+                          FederationConfig(**{**FAST, **kw.pop("config", {})}), progress=False, **kw)
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_personal_state_never_leaves_the_client(name: str) -> None:
+    seen: list[Payload] = []
+    runner = _runner(BASELINES[name](rounds=2, local_rounds=1), upload_hook=seen.append)
+    result = runner.run()
+    method = runner.method
+    if method.rule is None:
+        assert seen == [] and all(r.bytes_up_per_client == 0 for r in result.records)
+        return
+    for p in seen:
+        if method.rule == "others":  # FedALT uploads the individual LoRA, which is its only trained LoRA
+            assert p.tier is P
+        else:
+            assert p.tier is G
+        if method.rule == "A":
+            assert p.factors and all(k.endswith(".lora_A") for k in p.factors)
+        # the uploaded tensors are never the personal slot's values
+        for cs in runner.client_states.values():
+            if cs.personal is not None and method.rule != "others":
+                assert not any(torch.equal(p.factors[k], cs.personal[k]) for k in p.factors if k in cs.personal)
+    assert all(set(p.factors) and not any("tier_gate" in k for k in p.factors) for p in seen)
+
+
+def test_fedit_upload_bytes_and_global_average() -> None:
+    seen: list[Payload] = []
+    runner = _runner(FedIT(rounds=1), upload_hook=seen.append, config={"rounds": 1, "cluster_rounds": (0, 0)})
+    result = runner.run()
+    w = [p.num_samples for p in seen]
+    for key in runner.global_state:
+        want = sum(wi * p.factors[key].double() for wi, p in zip(w, seen)) / sum(w)
+        torch.testing.assert_close(runner.global_state[key].double(), want, rtol=1e-5, atol=1e-7)
+    nbytes = sum(v.numel() * 4 for v in seen[0].factors.values()) + sum(v.numel() * 4 for v in seen[0].head.values())
+    assert result.records[0].bytes_up_per_client == nbytes
+
+
+def test_fedsa_keeps_b_local_and_uploads_about_half() -> None:
+    fedsa, fedit = _runner(FedSALoRA(rounds=2)), _runner(FedIT(rounds=2))
+    up_sa = fedsa.run().records[0].bytes_up_per_client
+    up_it = fedit.run().records[0].bytes_up_per_client
+    assert up_sa < up_it
+    assert all(cs.local_b and all(k.endswith(".lora_B") for k in cs.local_b) for cs in fedsa.client_states.values())
+
+
+def test_fedalt_needs_equal_cluster_and_leaf_ranks() -> None:
+    model = HiLoRAViT(adapter={"cluster": {"rank": 4}, "leaf": {"rank": 8}})
+    with pytest.raises(ValueError, match="needs cluster rank == leaf rank, got 4 and 8"):
+        BaselineRunner(FedALT(rounds=2), model, digits_federation(2), FederationConfig(**FAST))
+
+
+def test_failing_clients_are_dropped_and_too_few_fail_the_round() -> None:
+    clients = digits_federation(3)
+    x, y = clients[2].train.tensors
+    clients[2] = ClientData(2, TensorDataset(torch.full_like(x, float("nan")), y), clients[2].test)
+    result = _runner(FedIT(rounds=2), clients).run()
+    assert result.records[0].succeeded == [0, 1] and "NaN or Inf" in result.records[0].failed[2]
+    with pytest.raises(FederationError, match="only 2 of 3 clients succeeded, fewer than min_clients=3"):
+        _runner(FedIT(rounds=2), clients, config={"min_clients": 3}).run()
+
+
+# ----------------------------------------------------------------------------- compare, end to end
+TINY = {"seed": 0, "data": {"name": "digits", "num_clients": 5, "num_groups": 2, "unseen_fraction": 0.2},
+        "model": {"lr": 0.003}, "federation": FAST, "trainer": {"accelerator": "cpu"}}
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory) -> tuple[Comparison, object]:
+    out = tmp_path_factory.mktemp("compare")
+    return run_comparison(TINY, None, progress=False, out_dir=out), out
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_runs_two_rounds_end_to_end(comparison, name: str) -> None:
+    comp, _ = comparison
+    res = comp.results[name]
+    assert [r.round for r in res.records] == [1, 2]
+    assert len(res.client_accuracy) == 4 and all(0.0 <= a <= 1.0 for a in res.client_accuracy.values())
+    assert {"zero_leaf", "finetuned"} <= set(res.generalization)
+    if name != "local-lora":
+        assert res.records[0].bytes_up_per_client > 0
+
+
+def test_comparison_table_and_resume(comparison, monkeypatch) -> None:
+    comp, out = comparison
+    table = comp.table()
+    assert table.splitlines()[0].startswith("method") and "hilora: root only" in table
+    head = comp.headline()
+    assert head["fedit_up_kib"] > head["fedsa-lora_up_kib"] > 0 and head["local-lora_up_kib"] == 0
+    import hilora_lightning.compare as cmp
+
+    def boom(*a, **k):
+        raise AssertionError("resume must read finished methods back, not rerun them")
+
+    monkeypatch.setattr(cmp, "run_method", boom)
+    again = run_comparison(TINY, ["fedit", "hilora"], progress=False, out_dir=out, resume=True)
+    assert again.results["hilora"].client_accuracy == comp.results["hilora"].client_accuracy
+    saved = json.loads((out / "fedit" / "result.json").read_text())
+    assert saved["result"]["records"][1]["round"] == 2
+
+
+def test_comparison_rows_from_hand_made_results() -> None:
+    rec = [RoundRecord(1, "root", [0, 1], [0, 1], {}, bytes_up_per_client=2048.0),
+           RoundRecord(2, "leaf", [0, 1], [0, 1], {}, bytes_up_per_client=0.0)]
+    accs = {0: 0.5, 1: 0.9, 2: 0.7}
+    res = FederatedResult(rec, accs, {"root": {"mean": 0.3, "p10": 0.1, "min": 0.1, "std": 0.1}}, {}, 2,
+                          generalization={"zero_leaf": {"mean": 0.4}, "finetuned": {"mean": 0.6}})
+    row = Comparison({"hilora": res}, {"hilora": 12.0}).rows()
+    assert row[0] == ["hilora", pytest.approx(0.7), pytest.approx(np.percentile([0.5, 0.9, 0.7], 10)), 0.4, 0.6,
+                      1.0, 12.0]
+    assert row[1][:3] == ["  hilora: root only", 0.3, 0.1]
+
+
+def test_method_names_are_validated() -> None:
+    assert parse_methods("all") == list(METHODS)
+    with pytest.raises(ValueError, match="unknown method\\(s\\) \\['fedprox'\\]: choose from local-lora"):
+        parse_methods("fedit,fedprox")
