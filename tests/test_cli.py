@@ -71,6 +71,9 @@ def test_cifar100_config_runs_on_a_fake_cifar_folder(tmp_path: Path, capsys) -> 
                  "trainer.precision=32-true", "trainer.accelerator=cpu", f"out_dir={tmp_path / 'out'}"]
     assert main(["run", str(CONFIG.parent / "cifar100_sc_dir.yaml"), *overrides]) == 0
     assert "root+cluster+leaf" in capsys.readouterr().out
+    # the same paper config drives the comparison (a gated and a dual-adapter baseline here)
+    assert main(["compare", str(CONFIG.parent / "cifar100_sc_dir.yaml"), "methods=fedalt,feddpa-t", *overrides]) == 0
+    assert "[2/2] feddpa-t" in capsys.readouterr().out
 
 
 def test_cli_compare_prints_one_table_and_writes_it(tmp_path: Path, capsys) -> None:
