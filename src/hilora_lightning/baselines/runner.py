@@ -31,7 +31,7 @@ from torch import Tensor
 
 from hilora_lightning.baselines.methods import Method, Phase, server_aggregate
 from hilora_lightning.errors import AdapterStateError
-from hilora_lightning.federation.client import ClientData, select_clients, state_bytes
+from hilora_lightning.federation.client import ClientData, check_federation, select_clients, state_bytes
 from hilora_lightning.federation.config import FederationConfig
 from hilora_lightning.federation.local import (
     client_seed,
@@ -98,14 +98,7 @@ class BaselineRunner:
     ) -> None:
         if not isinstance(model, HiLoRAViT):
             raise TypeError(f"model must be a HiLoRAViT, got {type(model).__name__}")
-        if not clients:
-            raise ValueError("a federation needs at least one client, got none")
-        ids = [c.client_id for c in clients] + [c.client_id for c in unseen]
-        dupes = sorted({i for i in ids if ids.count(i) > 1})
-        if dupes:
-            raise ValueError(f"client ids must be unique across clients and unseen clients, repeated: {dupes}")
-        if config.min_clients > len(clients):
-            raise ValueError(f"min_clients={config.min_clients} exceeds the {len(clients)} training clients")
+        check_federation(clients, unseen, config.min_clients)
         acfg = model.adapter_config
         if method.rule == "others" and acfg.cluster.rank != acfg.leaf.rank:
             raise ValueError(

@@ -23,7 +23,7 @@ import numpy as np
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["ClientData", "ClientState", "select_clients", "split_unseen", "state_bytes"]
+__all__ = ["ClientData", "ClientState", "check_federation", "select_clients", "split_unseen", "state_bytes"]
 
 
 @dataclasses.dataclass
@@ -124,3 +124,15 @@ def select_clients(ids: Sequence[int], fraction: float, min_clients: int, seed: 
     k = min(len(ids), max(min_clients, math.ceil(fraction * len(ids))))
     rng = np.random.default_rng([seed, round_idx])
     return sorted(int(i) for i in rng.choice(ids, size=k, replace=False))
+
+
+def check_federation(clients: Sequence[ClientData], unseen: Sequence[ClientData], min_clients: int) -> None:
+    """Reject an empty federation, repeated client ids and a ``min_clients`` above the client count."""
+    if not clients:
+        raise ValueError("a federation needs at least one client, got none")
+    ids = [c.client_id for c in clients] + [c.client_id for c in unseen]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ValueError(f"client ids must be unique across clients and unseen clients, repeated: {dupes}")
+    if min_clients > len(clients):
+        raise ValueError(f"min_clients={min_clients} exceeds the {len(clients)} training clients")

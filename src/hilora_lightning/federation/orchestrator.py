@@ -32,7 +32,7 @@ from torch import Tensor
 from hilora_lightning.errors import AdapterStateError, HiLoraError
 from hilora_lightning.federation import evaluation, transition
 from hilora_lightning.federation.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from hilora_lightning.federation.client import ClientData, ClientState, select_clients, state_bytes
+from hilora_lightning.federation.client import ClientData, ClientState, check_federation, select_clients, state_bytes
 from hilora_lightning.federation.config import FederationConfig
 from hilora_lightning.federation.local import client_seed, eval_device, fit_client, head_state, load_view
 from hilora_lightning.federation.result import FederatedResult, RoundRecord, accuracy_summary
@@ -95,14 +95,7 @@ class FederatedOrchestrator:
     ) -> None:
         if not isinstance(model, HiLoRAViT):
             raise TypeError(f"model must be a HiLoRAViT, got {type(model).__name__}")
-        if not clients:
-            raise ValueError("a federation needs at least one client, got none")
-        ids = [c.client_id for c in clients] + [c.client_id for c in unseen]
-        dupes = sorted({i for i in ids if ids.count(i) > 1})
-        if dupes:
-            raise ValueError(f"client ids must be unique across clients and unseen clients, repeated: {dupes}")
-        if config.min_clients > len(clients):
-            raise ValueError(f"min_clients={config.min_clients} exceeds the {len(clients)} training clients")
+        check_federation(clients, unseen, config.min_clients)
         self.model = model.cpu()
         self.clients = {c.client_id: c for c in clients}
         self.unseen = {c.client_id: c for c in unseen}
