@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from hilora_lightning.federation import transition
-from hilora_lightning.federation.local import evaluate, load_view
+from hilora_lightning.federation.backend import EvalRequest
 from hilora_lightning.federation.result import FederatedResult, accuracy_summary
 from hilora_lightning.tiers import Tier
 
@@ -34,20 +34,19 @@ def evaluate_clients(
     always the client's.
     """
     level = head_level or tiers[-1]
-    out: dict[int, float] = {}
-    for cid, data in sorted(orch.clients.items()):
+    own_head = orch.config.head_policy == "local" or (level is Tier.LEAF and bool(orch.assignment))
+    requests: dict[int, EvalRequest] = {}
+    for cid in sorted(orch.clients):
         cs = orch.client_states[cid]
         view: dict[Tier, Any] = {Tier.ROOT: orch.root}
         if Tier.CLUSTER in tiers and orch.assignment:
             view[Tier.CLUSTER] = orch.clusters[orch.assignment[cid]]
         if Tier.LEAF in tiers:
-            if cs.leaf is None:
-                orch.model.reset_tier(Tier.LEAF, 0)  # no leaf yet: the zero (no-op) leaf
-            view[Tier.LEAF] = cs.leaf
+            view[Tier.LEAF] = cs.leaf  # None: the client's own (remote) or the zero leaf
         # before clustering there are no cluster heads yet: every level uses the root's head
-        load_view(orch.model, view, orch.head_for(cid, level if orch.assignment else Tier.ROOT))
-        out[cid] = evaluate(orch.model, data.test, tiers, device=orch.eval_device)
-    return out
+        head = orch.head_for(cid, level if orch.assignment else Tier.ROOT)
+        requests[cid] = EvalRequest(cid, tuple(tiers), view, head, own_head=own_head)
+    return orch.backend.evaluate(orch, requests)
 
 
 def build_result(orch: FederatedOrchestrator) -> FederatedResult:

@@ -31,10 +31,11 @@ from torch import Tensor
 
 from hilora_lightning.errors import AdapterStateError, HiLoraError
 from hilora_lightning.federation import evaluation, transition
+from hilora_lightning.federation.backend import ClientBackend, FitRequest, InProcessBackend
 from hilora_lightning.federation.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from hilora_lightning.federation.client import ClientData, ClientState, check_federation, select_clients, state_bytes
 from hilora_lightning.federation.config import FederationConfig
-from hilora_lightning.federation.local import client_seed, eval_device, fit_client, head_state, load_view
+from hilora_lightning.federation.local import client_seed, eval_device, head_state
 from hilora_lightning.federation.result import FederatedResult, RoundRecord, accuracy_summary
 from hilora_lightning.model import HiLoRAViT
 from hilora_lightning.state import expected_shapes, export_tier, validate_tier_state
@@ -80,6 +81,8 @@ class FederatedOrchestrator:
         upload_hook: called with every received :class:`Payload` before validation (inspection,
             logging, privacy noise); may raise to reject it.
         progress: print a line per round.
+        backend: where client work runs (default :class:`~hilora_lightning.federation.backend.InProcessBackend`;
+            the Flower ServerApp passes one that sends messages to ClientApps).
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class FederatedOrchestrator:
         checkpoint_path: str | Path | None = None,
         upload_hook: Callable[[Payload], None] | None = None,
         progress: bool = True,
+        backend: ClientBackend | None = None,
     ) -> None:
         if not isinstance(model, HiLoRAViT):
             raise TypeError(f"model must be a HiLoRAViT, got {type(model).__name__}")
@@ -104,6 +108,7 @@ class FederatedOrchestrator:
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.upload_hook = upload_hook
         self.progress = progress
+        self.backend: ClientBackend = backend or InProcessBackend()
         self.eval_device = eval_device(self.trainer_kwargs)
         self._init_state()
 
@@ -294,20 +299,32 @@ class FederatedOrchestrator:
         failed: dict[int, str] = {}
         downloads: dict[int, int] = {}
         expected = expected_shapes(model, tier)
+        requests: dict[int, FitRequest] = {}
         for cid in selected:
             try:
                 view, head, downloads[cid] = self._client_view(cid, tier)
-                if tier is Tier.LEAF and view[Tier.LEAF] is None:
-                    model.reset_tier(Tier.LEAF, client_seed(cfg.seed, 0, cid, "leaf"))
-                load_view(model, view, head)
-                factors = fit_client(model, self.clients[cid].train, tier, client_seed(cfg.seed, t, cid),
-                                     cfg.batch_size, cfg.local_epochs, cfg.local_steps, self.trainer_kwargs)
-                new_head = head_state(model)
+                requests[cid] = FitRequest(cid, t, tier, view, head, client_seed(cfg.seed, t, cid),
+                                           client_seed(cfg.seed, 0, cid, "leaf"),
+                                           own_head=cfg.head_policy == "local" or tier is Tier.LEAF)
+            except Exception as exc:
+                failed[cid] = f"{type(exc).__name__}: {exc}"
+        replies = self.backend.fit(self, requests)
+        for cid in requests:
+            reply = replies.get(cid, RuntimeError("no reply from the client"))
+            try:
+                if isinstance(reply, Exception):
+                    raise reply
+                factors, new_head = reply.factors, reply.head
                 if tier is Tier.LEAF:  # leaf and personal head never leave the client; still reject divergence
-                    self._validate(Payload(cid, t, tier, factors, new_head, 0), expected, bound=False)
+                    if factors is not None:  # in-process: the server keeps the client's state for it
+                        self._validate(Payload(cid, t, tier, factors, new_head, 0), expected, bound=False)
                     pending[cid] = self._keep_on_client(tier, factors, new_head, cid)
                     continue
+                if factors is None:
+                    raise AdapterStateError(f"the client replied without the trained {tier.value} factors")
                 share_head = cfg.head_policy == "tier"
+                if share_head and new_head is None:
+                    raise AdapterStateError("the client replied without its head (head_policy='tier' shares it)")
                 payload = Payload(cid, t, tier, factors, new_head if share_head else None,
                                   self.clients[cid].num_samples)
                 if self.upload_hook is not None:
@@ -320,8 +337,8 @@ class FederatedOrchestrator:
                 pending.pop(cid, None)
         return payloads, pending, failed, downloads
 
-    def _keep_on_client(self, tier: Tier, factors: dict[str, Tensor], head: dict[str, Tensor], cid: int
-                        ) -> Callable[[ClientState], None]:
+    def _keep_on_client(self, tier: Tier, factors: dict[str, Tensor] | None, head: dict[str, Tensor] | None,
+                        cid: int) -> Callable[[ClientState], None]:
         """What the client keeps after a successful round, applied only once the round commits."""
         cfg = self.config
         rank = self.model.adapter_config.tier(tier).rank
@@ -333,7 +350,8 @@ class FederatedOrchestrator:
                 cs.leaf, cs.head = factors, head
             elif cfg.head_policy == "local":
                 cs.head = head
-            if track and before is not None:  # LSAC features: root stage, and cluster stage if re-clustering
+            # LSAC features: root stage, and cluster stage if re-clustering
+            if track and before is not None and factors is not None:
                 cs.features = transition.update_features(cs.features, factors, before, cfg.clustering, rank)
 
         return commit
