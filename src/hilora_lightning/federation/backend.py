@@ -37,7 +37,9 @@ class FitRequest:
 
     ``view[Tier.LEAF]`` is the server's copy of the leaf (``None`` when the client holds it, or has
     none yet: it then starts from ``leaf_seed``). ``head`` is the server's choice; with
-    ``own_head`` a client that holds its own head uses that instead.
+    ``own_head`` a client that holds its own head uses that instead. For a remote client,
+    ``cached`` names the frozen tiers it already holds (not sent again), ``final`` the tiers of this
+    request that are frozen from now on (to keep), and ``send_head`` whether it needs the head.
     """
 
     client_id: int
@@ -48,6 +50,9 @@ class FitRequest:
     seed: int
     leaf_seed: int
     own_head: bool = False
+    cached: tuple[Tier, ...] = ()
+    final: tuple[Tier, ...] = ()
+    send_head: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +65,14 @@ class FitReply:
 
 @dataclasses.dataclass(frozen=True)
 class EvalRequest:
-    """Score one client on its test split with ``tiers`` active (``own_head``: as in :class:`FitRequest`)."""
+    """Score one client on its test split with ``tiers`` active (``own_head``, ``cached``: see :class:`FitRequest`)."""
 
     client_id: int
     tiers: tuple[Tier, ...]
     view: Mapping[Tier, Mapping[str, Tensor] | None]
     head: Mapping[str, Tensor]
     own_head: bool = False
+    cached: tuple[Tier, ...] = ()
 
 
 class ClientBackend(Protocol):

@@ -45,7 +45,8 @@ def evaluate_clients(
             view[Tier.LEAF] = cs.leaf  # None: the client's own (remote) or the zero leaf
         # before clustering there are no cluster heads yet: every level uses the root's head
         head = orch.head_for(cid, level if orch.assignment else Tier.ROOT)
-        requests[cid] = EvalRequest(cid, tuple(tiers), view, head, own_head=own_head)
+        cached = tuple(t for t in (Tier.ROOT, Tier.CLUSTER) if t in tiers and cid in orch.has_final[t])
+        requests[cid] = EvalRequest(cid, tuple(tiers), view, head, own_head=own_head, cached=cached)
     return orch.backend.evaluate(orch, requests)
 
 

@@ -275,8 +275,8 @@ class FederatedOrchestrator:
         if tier is Tier.LEAF:
             view[Tier.LEAF] = cs.leaf
         head = self.head_for(cid, tier)
-        if self.config.head_policy == "tier" and tier is not Tier.LEAF:
-            down += state_bytes(head)
+        if self.config.head_policy == "tier" and not (tier is Tier.LEAF and cid in self.has_final[Tier.CLUSTER]):
+            down += state_bytes(head)  # in the leaf stage only until the client has a personal head
         return view, head, down
 
     def head_for(self, cid: int, tier: Tier) -> dict[str, Tensor]:
@@ -303,9 +303,16 @@ class FederatedOrchestrator:
         for cid in selected:
             try:
                 view, head, downloads[cid] = self._client_view(cid, tier)
+                stagewise = cfg.schedule == "stagewise"
+                cached = tuple(x for x in (Tier.ROOT, Tier.CLUSTER)
+                               if x.position < tier.position and cid in self.has_final[x])
+                final = tuple(x for x in (Tier.ROOT, Tier.CLUSTER) if stagewise and x.position < tier.position)
+                has_own = tier is Tier.LEAF and cid in self.has_final[Tier.CLUSTER]  # a leaf-stage head of its own
+                send_head = cfg.head_policy == "tier" and not has_own
                 requests[cid] = FitRequest(cid, t, tier, view, head, client_seed(cfg.seed, t, cid),
                                            client_seed(cfg.seed, 0, cid, "leaf"),
-                                           own_head=cfg.head_policy == "local" or tier is Tier.LEAF)
+                                           own_head=cfg.head_policy == "local" or tier is Tier.LEAF,
+                                           cached=cached, final=final, send_head=send_head)
             except Exception as exc:
                 failed[cid] = f"{type(exc).__name__}: {exc}"
         replies = self.backend.fit(self, requests)

@@ -1,0 +1,244 @@
+"""The HiLoRA ``ServerApp``: the in-process orchestrator's loop, with clients behind Flower's Grid.
+
+Flower's stock ``Strategy.start`` is a fixed round loop around one global ``ArrayRecord``: it has no
+hook to change stage, to send different adapters to different clients, or to cluster between
+rounds. So the loop lives in the ServerApp's ``main``: it is the very
+:class:`~hilora_lightning.federation.FederatedOrchestrator` (stage schedule, the ``rho`` rule,
+product-space aggregation, LSAC, evaluation, atomic checkpoints and ``resume``), run with a
+:class:`FlowerBackend` that turns each batch of client requests into Flower messages.
+
+Failures follow Flower's conventions: an error reply, a reply that does not arrive before the
+timeout, or a malformed reply (missing records, wrong keys or shapes, NaN) drops that client from
+the round and is recorded in the round's ``failed``; the round fails only below ``min_clients``.
+
+Example:
+    >>> from hilora_lightning.flower import make_server_app
+    >>> app = make_server_app({"data": {"name": "digits", "num_clients": 4}})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from torch.utils.data import Dataset
+
+from hilora_lightning.experiment import build_federation_config, build_model, validate_config
+from hilora_lightning.federation.backend import EvalRequest, FitReply, FitRequest
+from hilora_lightning.federation.client import ClientData
+from hilora_lightning.federation.orchestrator import FederatedOrchestrator
+from hilora_lightning.federation.result import FederatedResult
+from hilora_lightning.flower.codec import from_record, to_record
+from hilora_lightning.tiers import Tier
+
+__all__ = ["FlowerBackend", "RemoteData", "make_server_app", "run_federation"]
+
+MessageHook = Callable[[str, Message], None]
+
+
+class RemoteData(Dataset):  # type: ignore[type-arg]
+    """The size of a client's data that lives on its SuperNode; reading it on the server is an error."""
+
+    def __init__(self, size: int, client_id: int) -> None:
+        self.size, self.client_id = size, client_id
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> Any:
+        raise RuntimeError(f"client {self.client_id}'s data lives on its Flower SuperNode, not on the server")
+
+
+class FlowerBackend:
+    """Runs the orchestrator's client requests as Flower messages over ``grid``.
+
+    Args:
+        grid: the ServerApp's Grid.
+        nodes: client id -> Flower node id.
+        timeout: seconds to wait for the replies of one batch (``None``: wait for all).
+        message_hook: called as ``hook("out" | "in", message)`` for every message (auditing, logs).
+    """
+
+    def __init__(self, grid: Grid, nodes: Mapping[int, int], timeout: float | None = None,
+                 message_hook: MessageHook | None = None) -> None:
+        self.grid, self.nodes, self.timeout, self.message_hook = grid, dict(nodes), timeout, message_hook
+
+    def _exchange(self, messages: dict[int, Message]) -> dict[int, Message]:
+        if self.message_hook is not None:
+            for msg in messages.values():
+                self.message_hook("out", msg)
+        by_node = {self.nodes[cid]: cid for cid in messages}
+        replies: dict[int, Message] = {}
+        for reply in self.grid.send_and_receive(list(messages.values()), timeout=self.timeout):
+            if self.message_hook is not None:
+                self.message_hook("in", reply)
+            cid = by_node.get(reply.metadata.src_node_id)
+            if cid is not None:
+                replies[cid] = reply
+        return replies
+
+    @staticmethod
+    def _content(req: FitRequest | EvalRequest, send_head: bool = True) -> RecordDict:
+        """The tiers the client does not hold yet, and the head if it needs one (never a leaf)."""
+        content = RecordDict()
+        for tier, name in ((Tier.ROOT, "root"), (Tier.CLUSTER, "cluster")):
+            state = req.view.get(tier)
+            if state is not None and tier not in req.cached:
+                content[name] = to_record(state)
+        if send_head:
+            content["head"] = to_record(req.head)
+        return content
+
+    def fit(self, orch: FederatedOrchestrator, requests: Mapping[int, FitRequest]) -> dict[int, FitReply | Exception]:
+        cfg = orch.config
+        messages: dict[int, Message] = {}
+        for cid, req in requests.items():
+            content = self._content(req, req.send_head)
+            content["config"] = ConfigRecord({
+                "tier": req.tier.value, "round": req.round, "seed": req.seed, "leaf_seed": req.leaf_seed,
+                "cached": [t.value for t in req.cached], "final": [t.value for t in req.final],
+                "own_head": req.own_head, "batch_size": cfg.batch_size, "local_epochs": cfg.local_epochs,
+                "local_steps": -1 if cfg.local_steps is None else cfg.local_steps, "head_policy": cfg.head_policy})
+            messages[cid] = Message(content, self.nodes[cid], MessageType.TRAIN, group_id=str(req.round))
+        replies = self._exchange(messages)
+        out: dict[int, FitReply | Exception] = {}
+        for cid, req in requests.items():
+            reply = replies.get(cid)
+            try:
+                out[cid] = self._fit_reply(reply, req)
+            except Exception as exc:  # malformed or failed: dropped and recorded by the orchestrator
+                out[cid] = exc
+        return out
+
+    @staticmethod
+    def _fit_reply(reply: Message | None, req: FitRequest) -> FitReply:
+        if reply is None:
+            raise TimeoutError(f"no reply from client {req.client_id} for round {req.round}")
+        if reply.has_error():
+            raise RuntimeError(f"client error {reply.error.code}: {reply.error.reason}")
+        content = reply.content
+        if "leaf" in content:
+            raise ValueError("the reply carries a leaf; leaves never leave the client")
+        if "metrics" not in content:
+            raise ValueError(f"malformed reply: no 'metrics' record (got {sorted(content)})")
+        factors = from_record(content["factors"]) if "factors" in content else None
+        head = from_record(content["head"]) if "head" in content else None
+        return FitReply(factors, head)
+
+    def evaluate(self, orch: FederatedOrchestrator, requests: Mapping[int, EvalRequest]) -> dict[int, float]:
+        messages: dict[int, Message] = {}
+        for cid, req in requests.items():
+            content = self._content(req)
+            content["config"] = ConfigRecord({"tiers": [t.value for t in req.tiers], "own_head": req.own_head,
+                                              "cached": [t.value for t in req.cached], "round": orch.round + 1})
+            messages[cid] = Message(content, self.nodes[cid], MessageType.EVALUATE, group_id=f"eval-{orch.round}")
+        out: dict[int, float] = {}
+        for cid, reply in self._exchange(messages).items():
+            if not reply.has_error() and "metrics" in reply.content:
+                out[cid] = float(reply.content["metrics"]["accuracy"])  # type: ignore[index,arg-type]
+        return out  # clients that failed to evaluate are left out of the round's accuracy
+
+
+def discover_clients(grid: Grid, min_nodes: int = 1, timeout: float | None = None, wait_s: float = 600.0
+                     ) -> tuple[list[ClientData], dict[int, int]]:
+    """Wait for ``min_nodes`` SuperNodes, then ask each which client it serves.
+
+    The server keeps the clients' sizes and groups, never their data.
+    """
+    deadline = time.monotonic() + wait_s
+    while len(nodes := sorted(grid.get_node_ids())) < min_nodes:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} of the {min_nodes} required SuperNodes connected within "
+                               f"{wait_s:.0f}s; start the ClientApps (flower-supernode) or lower min_nodes")
+        time.sleep(0.5)
+    queries = [Message(RecordDict({"config": ConfigRecord({})}), node, MessageType.QUERY) for node in nodes]
+    clients: list[ClientData] = []
+    mapping: dict[int, int] = {}
+    for reply in grid.send_and_receive(queries, timeout=timeout):
+        if reply.has_error() or "info" not in reply.content:
+            continue  # a node that cannot describe itself does not take part
+        info = reply.content["info"]
+        cid = int(info["client_id"])  # type: ignore[arg-type]
+        if cid in mapping:
+            raise ValueError(f"two SuperNodes serve client {cid}; give each a distinct partition-id")
+        group = int(info["group"])  # type: ignore[arg-type]
+        mapping[cid] = reply.metadata.src_node_id
+        clients.append(ClientData(cid, RemoteData(int(info["num_samples"]), cid),  # type: ignore[arg-type]
+                                  RemoteData(int(info["num_test"]), cid),  # type: ignore[arg-type]
+                                  None if group < 0 else group))
+    if not clients:
+        raise RuntimeError(f"none of the {len(nodes)} SuperNodes answered the client query")
+    return sorted(clients, key=lambda c: c.client_id), mapping
+
+
+def run_federation(
+    grid: Grid,
+    cfg: Mapping[str, Any],
+    checkpoint_path: str | Path | None = None,
+    resume: bool = False,
+    timeout: float | None = None,
+    message_hook: MessageHook | None = None,
+    progress: bool = True,
+    min_nodes: int = 1,
+) -> tuple[FederatedOrchestrator, FederatedResult]:
+    """Run the experiment ``cfg`` over the clients connected to ``grid`` (the ServerApp's main body).
+
+    The server builds the same model as the clients (for shapes and the shared-seed initialization;
+    it never trains) and the :class:`FederationConfig` of ``cfg``. Unseen-client evaluation is not
+    part of a Flower run (held-out clients are simply not started as SuperNodes).
+    """
+    validate_config(cfg)
+    config = build_federation_config(cfg)
+    clients, nodes = discover_clients(grid, max(min_nodes, config.min_clients), timeout)
+    backend = FlowerBackend(grid, nodes, timeout, message_hook)
+    orch = FederatedOrchestrator(build_model(cfg), clients, config,
+                                 checkpoint_path=checkpoint_path, progress=progress, backend=backend)
+    return orch, orch.run(resume=resume)
+
+
+def make_server_app(
+    cfg: Mapping[str, Any] | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    timeout: float | None = None,
+    on_result: Callable[[FederatedOrchestrator, FederatedResult], None] | None = None,
+    message_hook: MessageHook | None = None,
+    min_nodes: int = 1,
+) -> ServerApp:
+    """A ``ServerApp`` running the experiment ``cfg`` (``None``: read ``context.run_config``).
+
+    With ``cfg=None`` (``flwr run`` of the example app) the run config names the YAML file
+    (``config``), its ``overrides``, the output folder (``out-dir``), ``resume`` and ``min-nodes``
+    (how many SuperNodes to wait for). Results (``result.json``,
+    ``rounds.csv``) and the checkpoint (``federation.pt``) go to ``out_dir``.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_cfg, out, again, wait_for = cfg, out_dir, resume, min_nodes
+        if run_cfg is None:
+            from hilora_lightning.cli import load_config
+
+            rc = context.run_config
+            run_cfg = load_config(str(rc["config"]), str(rc.get("overrides", "")).split())
+            out = str(rc.get("out-dir", run_cfg.get("out_dir", "runs/flower")))
+            again = bool(rc.get("resume", False))
+            wait_for = int(rc.get("min-nodes", min_nodes))  # type: ignore[arg-type]
+        path = Path(out) if out is not None else None
+        if path is not None:
+            path.mkdir(parents=True, exist_ok=True)
+        orch, result = run_federation(grid, run_cfg, path / "federation.pt" if path else None, again, timeout,
+                                      message_hook, min_nodes=wait_for)
+        print(result.summary(), flush=True)
+        if path is not None:
+            result.to_json(path / "result.json")
+            result.to_csv(path / "rounds.csv")
+        if on_result is not None:
+            on_result(orch, result)
+
+    return app

@@ -1,0 +1,60 @@
+"""Run a HiLoRA experiment config on Flower's simulation engine (one call, returns the result).
+
+Example:
+    >>> from hilora_lightning.flower.simulation import run_simulation
+    >>> cfg = {"data": {"name": "digits", "num_clients": 4, "unseen_fraction": 0.0}}
+    >>> orch, result = run_simulation(cfg, num_supernodes=4)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Message
+from flwr.simulation import run_simulation as flwr_run_simulation
+
+from hilora_lightning.experiment import build_clients
+from hilora_lightning.federation.orchestrator import FederatedOrchestrator
+from hilora_lightning.federation.result import FederatedResult
+from hilora_lightning.flower.client_app import make_client_app
+from hilora_lightning.flower.server_app import make_server_app
+
+__all__ = ["run_simulation"]
+
+
+def run_simulation(
+    cfg: Mapping[str, Any],
+    num_supernodes: int | None = None,
+    out_dir: str | Path | None = None,
+    num_cpus_per_client: float = 1.0,
+    fault: Callable[[int, int, str], None] | None = None,
+    message_hook: Callable[[str, Message], None] | None = None,
+    verbose: bool = False,
+) -> tuple[FederatedOrchestrator, FederatedResult]:
+    """Simulate the federation of ``cfg`` with one virtual SuperNode per training client.
+
+    Args:
+        cfg: the experiment config (as for ``hilora-fl run``).
+        num_supernodes: how many nodes (default: the number of training clients of ``cfg``).
+        out_dir: where the server writes ``federation.pt``, ``result.json`` and ``rounds.csv``.
+        num_cpus_per_client: Ray resources per ClientApp (how many train at once).
+        fault, message_hook: see :func:`make_client_app` and :class:`FlowerBackend`.
+    """
+    clients, _ = build_clients(cfg.get("data", {}), int(cfg.get("seed", 0)))
+    n = num_supernodes or len(clients)
+    if n > len(clients):
+        raise ValueError(f"num_supernodes={n} exceeds the {len(clients)} training clients of the config")
+    captured: dict[str, Any] = {}
+
+    def keep(orch: FederatedOrchestrator, result: FederatedResult) -> None:
+        captured["orch"], captured["result"] = orch, result
+
+    server = make_server_app(cfg, out_dir=out_dir, on_result=keep, message_hook=message_hook, min_nodes=n)
+    backend: dict[str, Any] = {"client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": 0.0}}
+    flwr_run_simulation(server, make_client_app(cfg, fault), num_supernodes=n, backend_config=backend,
+                        verbose_logging=verbose)
+    if "result" not in captured:
+        raise RuntimeError("the Flower simulation ended without a result; see the log above for the ServerApp error")
+    return captured["orch"], captured["result"]
