@@ -1,0 +1,114 @@
+"""HiLoRA on Flower: simulation against the in-process orchestrator (skipped without flwr)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+pytest.importorskip("ray")
+
+from hilora_lightning.experiment import build_experiment  # noqa: E402
+from hilora_lightning.federation.backend import FitRequest  # noqa: E402
+from hilora_lightning.flower import FlowerBackend, RemoteData, run_simulation  # noqa: E402
+from hilora_lightning.flower.codec import from_record, to_record  # noqa: E402
+from hilora_lightning.tiers import Tier  # noqa: E402
+
+CFG = {"seed": 0, "data": {"name": "digits", "num_clients": 4, "num_groups": 2, "unseen_fraction": 0.0},
+       "model": {"lr": 0.003},
+       "federation": {"rounds": 4, "root_rounds": [1, 1], "cluster_rounds": [1, 1], "local_steps": 2,
+                      "batch_size": 16, "clustering": {"method": "lsac", "k_min": 2, "k_max": 2}},
+       "trainer": {"accelerator": "cpu"}}
+
+
+@pytest.fixture(scope="module")
+def flower_run(tmp_path_factory):
+    seen: list[tuple[str, str, dict[str, list[str]]]] = []
+
+    def hook(direction, msg):
+        content = {} if msg.has_error() else {k: sorted(getattr(v, "keys", list)()) for k, v in msg.content.items()}
+        tier = "" if msg.has_error() or "config" not in msg.content else str(msg.content["config"].get("tier", ""))
+        seen.append((direction, tier, content))
+
+    out = tmp_path_factory.mktemp("flower")
+    orch, result = run_simulation(CFG, num_supernodes=4, out_dir=out, message_hook=hook)
+    return orch, result, seen, out
+
+
+def test_simulation_runs_all_stages_and_matches_the_in_process_orchestrator(flower_run) -> None:
+    orch, result, _, out = flower_run
+    assert [r.stage for r in result.records] == ["root", "cluster", "leaf", "leaf"]
+    assert all(not r.failed for r in result.records)
+    ref = build_experiment(CFG)
+    ref.checkpoint_path = None
+    ref.progress = False
+    expected = ref.run()
+    assert orch.assignment == ref.assignment and result.clustering_ari == 1.0
+    for key, value in ref.root.items():
+        torch.testing.assert_close(orch.root[key], value, rtol=1e-3, atol=1e-4)
+    for j, cluster in ref.clusters.items():
+        for key, value in cluster.items():
+            torch.testing.assert_close(orch.clusters[j][key], value, rtol=1e-3, atol=1e-3)
+    # the leaves live on the nodes: compare what they produce, per client and per tier view
+    assert result.client_accuracy.keys() == expected.client_accuracy.keys()
+    for cid, acc in expected.client_accuracy.items():
+        assert abs(result.client_accuracy[cid] - acc) <= 0.02
+    for view, summary in expected.tierwise.items():
+        assert abs(result.tierwise[view]["mean"] - summary["mean"]) <= 0.02
+    assert (out / "result.json").exists() and (out / "federation.pt").exists()
+    # the bytes the server accounts for match the in-process run (same caching of frozen tiers)
+    assert [r.bytes_down_per_client for r in result.records] == [r.bytes_down_per_client for r in expected.records]
+
+
+def test_no_leaf_or_personal_head_in_any_message(flower_run) -> None:
+    _, _, seen, _ = flower_run
+    assert seen and not any("leaf" in content for _, _, content in seen)
+    leaf_out = [c for d, tier, c in seen if d == "out" and tier == "leaf"]
+    assert leaf_out and all("root" not in c and "cluster" not in c for c in leaf_out[4:])  # cached after round 3
+    replies = [c for d, _, c in seen if d == "in" and "metrics" in c and "factors" not in c and "accuracy" not in
+               str(c)]
+    assert all(set(c) == {"metrics"} for c in replies)  # leaf-stage replies: a sample count, nothing else
+    assert sum(1 for d, _, c in seen if d == "in" and "factors" in c) == 8  # root and cluster rounds, 4 clients
+
+
+def test_a_failing_client_is_dropped_and_the_run_completes() -> None:
+    def fault(client_id: int, round_idx: int, kind: str) -> None:
+        if client_id == 3 and round_idx == 2 and kind == "train":
+            raise OSError("disk on fire")
+
+    cfg = {**CFG, "federation": {**CFG["federation"], "rounds": 3, "min_clients": 2}}
+    _, result = run_simulation(cfg, num_supernodes=4, fault=fault)
+    assert len(result.records) == 3
+    assert 3 in result.records[1].failed and "disk on fire" in result.records[1].failed[3]
+    assert result.records[1].succeeded == [0, 1, 2] and not result.records[2].failed
+
+
+def _reply(content=None, error=None):
+    return types.SimpleNamespace(content=content or {}, has_error=lambda: error is not None,
+                                 error=types.SimpleNamespace(code=1, reason=error))
+
+
+def test_malformed_or_failed_replies_are_rejected_with_reasons() -> None:
+    req = FitRequest(2, 5, Tier.ROOT, {}, {}, 0, 0)
+    with pytest.raises(TimeoutError, match="no reply from client 2 for round 5"):
+        FlowerBackend._fit_reply(None, req)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="client error 1: boom"):
+        FlowerBackend._fit_reply(_reply(error="boom"), req)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="leaves never leave the client"):
+        FlowerBackend._fit_reply(_reply({"leaf": 1, "metrics": 1}), req)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no 'metrics' record"):
+        FlowerBackend._fit_reply(_reply({"factors": to_record({"a": torch.ones(1)})}), req)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="expected an ArrayRecord of tensors, got dict"):
+        FlowerBackend._fit_reply(_reply({"metrics": 1, "factors": {"a": 1}}), req)  # type: ignore[arg-type]
+
+
+def test_codec_and_remote_data() -> None:
+    state = {"x.lora_A": torch.randn(3, 4, dtype=torch.bfloat16)}
+    back = from_record(to_record(state))
+    assert back["x.lora_A"].dtype == torch.float32 and torch.equal(back["x.lora_A"], state["x.lora_A"].float())
+    data = RemoteData(7, client_id=4)
+    assert len(data) == 7
+    with pytest.raises(RuntimeError, match="client 4's data lives on its Flower SuperNode"):
+        data[0]
