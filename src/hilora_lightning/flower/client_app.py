@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ from hilora_lightning.flower.codec import from_record, to_record
 from hilora_lightning.model import HiLoRAViT
 from hilora_lightning.tiers import Tier
 
-__all__ = ["make_client_app"]
+__all__ = ["config_from_run", "make_client_app"]
 
 # per worker process, built once per config: the model, the training clients, the initial head
 _RUNTIME: dict[str, tuple[HiLoRAViT, list[ClientData], dict[str, torch.Tensor]]] = {}
@@ -61,6 +62,20 @@ def _client(cfg: Mapping[str, Any], context: Context) -> tuple[HiLoRAViT, Client
     if not 0 <= index < len(clients):
         raise ValueError(f"partition-id {index} is outside the {len(clients)} training clients of this config")
     return model, clients[index]
+
+
+def config_from_run(run_config: Mapping[str, Any], root: str | Path | None = None) -> dict[str, Any]:
+    """The experiment config a Flower run config names: ``config`` (a YAML path, relative to ``root``)
+    plus ``overrides`` (``"key=value key=value"``)."""
+    from hilora_lightning.cli import load_config
+
+    if "config" not in run_config:
+        raise ValueError("the Flower run config has no 'config' entry naming the experiment YAML "
+                         "([tool.flwr.app.config] config = \"flower_digits.yaml\")")
+    path = Path(str(run_config["config"]))
+    if not path.is_absolute() and root is not None:
+        path = Path(root) / path
+    return load_config(path, str(run_config.get("overrides", "")).split())
 
 
 def _view(msg: Message, context: Context) -> dict[Tier, dict[str, torch.Tensor] | None]:
@@ -94,21 +109,29 @@ def _head(cfg: Mapping[str, Any], msg: Message, context: Context, own: bool) -> 
 
 
 def make_client_app(
-    cfg: Mapping[str, Any], fault: Callable[[int, int, str], None] | None = None
+    cfg: Mapping[str, Any] | None = None, fault: Callable[[int, int, str], None] | None = None,
+    config_root: str | Path | None = None,
 ) -> ClientApp:
     """A ``ClientApp`` for the experiment config ``cfg`` (sections ``seed``, ``data``, ``model``, ``trainer``).
 
     Args:
         cfg: the experiment config (as for ``hilora-fl run``); ``trainer`` holds this node's Lightning
-            options (``precision``, ``accelerator``...).
+            options (``precision``, ``accelerator``...). ``None``: read it from the run config
+            (:func:`config_from_run`, paths relative to ``config_root``) on the first message.
         fault: called as ``fault(client_id, round, message_type)`` before a request is served; raise in
             it to inject a failure (tests, chaos drills). The error goes back as a Flower error reply.
     """
     app = ClientApp()
-    trainer_kwargs = dict(cfg.get("trainer", {}) or {})
+    resolved: dict[str, Any] = {}
+
+    def setup(context: Context) -> tuple[Mapping[str, Any], dict[str, Any]]:
+        if "cfg" not in resolved:
+            resolved["cfg"] = cfg if cfg is not None else config_from_run(context.run_config, config_root)
+        return resolved["cfg"], dict(resolved["cfg"].get("trainer", {}) or {})
 
     @app.query()
     def info(msg: Message, context: Context) -> Message:
+        cfg, _ = setup(context)
         _, client = _client(cfg, context)
         record = ConfigRecord({"client_id": client.client_id, "num_samples": client.num_samples,
                                "num_test": len(client.test),  # type: ignore[arg-type]
@@ -117,6 +140,7 @@ def make_client_app(
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        cfg, trainer_kwargs = setup(context)
         model, client = _client(cfg, context)
         conf = msg.content["config"]
         tier = Tier.parse(str(conf["tier"]))
@@ -150,6 +174,7 @@ def make_client_app(
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
+        cfg, trainer_kwargs = setup(context)
         model, client = _client(cfg, context)
         conf = msg.content["config"]
         tiers = [Tier.parse(str(t)) for t in conf["tiers"]]  # type: ignore[union-attr]

@@ -32,6 +32,7 @@ from hilora_lightning.federation.backend import EvalRequest, FitReply, FitReques
 from hilora_lightning.federation.client import ClientData
 from hilora_lightning.federation.orchestrator import FederatedOrchestrator
 from hilora_lightning.federation.result import FederatedResult
+from hilora_lightning.flower.client_app import config_from_run
 from hilora_lightning.flower.codec import from_record, to_record
 from hilora_lightning.tiers import Tier
 
@@ -208,6 +209,7 @@ def make_server_app(
     on_result: Callable[[FederatedOrchestrator, FederatedResult], None] | None = None,
     message_hook: MessageHook | None = None,
     min_nodes: int = 1,
+    config_root: str | Path | None = None,
 ) -> ServerApp:
     """A ``ServerApp`` running the experiment ``cfg`` (``None``: read ``context.run_config``).
 
@@ -222,10 +224,8 @@ def make_server_app(
     def main(grid: Grid, context: Context) -> None:
         run_cfg, out, again, wait_for = cfg, out_dir, resume, min_nodes
         if run_cfg is None:
-            from hilora_lightning.cli import load_config
-
             rc = context.run_config
-            run_cfg = load_config(str(rc["config"]), str(rc.get("overrides", "")).split())
+            run_cfg = config_from_run(rc, config_root)
             out = str(rc.get("out-dir", run_cfg.get("out_dir", "runs/flower")))
             again = bool(rc.get("resume", False))
             wait_for = int(rc.get("min-nodes", min_nodes))  # type: ignore[arg-type]

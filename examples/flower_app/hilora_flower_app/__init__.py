@@ -1,0 +1,1 @@
+"""The HiLoRA Flower App: thin wrappers around :mod:`hilora_lightning.flower`."""
