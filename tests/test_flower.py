@@ -112,3 +112,15 @@ def test_codec_and_remote_data() -> None:
     assert len(data) == 7
     with pytest.raises(RuntimeError, match="client 4's data lives on its Flower SuperNode"):
         data[0]
+
+
+def test_a_killed_server_resumes_from_its_checkpoint_with_fresh_nodes(tmp_path, flower_run) -> None:
+    straight, _, _, _ = flower_run
+    run_simulation(CFG, num_supernodes=4, out_dir=tmp_path, stop_after=2)  # root and cluster rounds
+    orch, result = run_simulation(CFG, num_supernodes=4, out_dir=tmp_path, resume=True)  # new nodes: no state
+    assert [r.round for r in result.records] == [1, 2, 3, 4] and not any(r.failed for r in result.records)
+    for j, cluster in straight.clusters.items():
+        for key, value in cluster.items():
+            torch.testing.assert_close(orch.clusters[j][key], value, rtol=1e-3, atol=1e-3)
+    # the frozen tiers were sent again once after the restart (the new nodes did not hold them)
+    assert result.records[2].bytes_down_per_client > straight.records[2].bytes_down_per_client

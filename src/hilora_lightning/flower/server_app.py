@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from hilora_lightning.experiment import build_federation_config, build_model, validate_config
 from hilora_lightning.federation.backend import EvalRequest, FitReply, FitRequest
+from hilora_lightning.federation.checkpoint import load_checkpoint
 from hilora_lightning.federation.client import ClientData
 from hilora_lightning.federation.orchestrator import FederatedOrchestrator
 from hilora_lightning.federation.result import FederatedResult
@@ -185,12 +186,17 @@ def run_federation(
     message_hook: MessageHook | None = None,
     progress: bool = True,
     min_nodes: int = 1,
+    stop_after: int | None = None,
 ) -> tuple[FederatedOrchestrator, FederatedResult]:
     """Run the experiment ``cfg`` over the clients connected to ``grid`` (the ServerApp's main body).
 
     The server builds the same model as the clients (for shapes and the shared-seed initialization;
     it never trains) and the :class:`FederationConfig` of ``cfg``. Unseen-client evaluation is not
     part of a Flower run (held-out clients are simply not started as SuperNodes).
+
+    With ``resume`` the run continues from ``checkpoint_path``. SuperNodes keep their leaf, personal
+    head and frozen tiers only in memory (``context.state``), so after a restart the frozen tiers are
+    sent again once, and a client that lost its leaf starts a fresh one.
     """
     validate_config(cfg)
     config = build_federation_config(cfg)
@@ -198,7 +204,10 @@ def run_federation(
     backend = FlowerBackend(grid, nodes, timeout, message_hook)
     orch = FederatedOrchestrator(build_model(cfg), clients, config,
                                  checkpoint_path=checkpoint_path, progress=progress, backend=backend)
-    return orch, orch.run(resume=resume)
+    if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
+        orch.load_state_dict(load_checkpoint(Path(checkpoint_path)))
+        orch.has_final = {tier: set() for tier in orch.has_final}  # nodes may have restarted: resend once
+    return orch, orch.run(stop_after=stop_after)
 
 
 def make_server_app(
@@ -210,6 +219,7 @@ def make_server_app(
     message_hook: MessageHook | None = None,
     min_nodes: int = 1,
     config_root: str | Path | None = None,
+    stop_after: int | None = None,
 ) -> ServerApp:
     """A ``ServerApp`` running the experiment ``cfg`` (``None``: read ``context.run_config``).
 
@@ -233,7 +243,7 @@ def make_server_app(
         if path is not None:
             path.mkdir(parents=True, exist_ok=True)
         orch, result = run_federation(grid, run_cfg, path / "federation.pt" if path else None, again, timeout,
-                                      message_hook, min_nodes=wait_for)
+                                      message_hook, min_nodes=wait_for, stop_after=stop_after)
         print(result.summary(), flush=True)
         if path is not None:
             result.to_json(path / "result.json")

@@ -32,6 +32,8 @@ def run_simulation(
     fault: Callable[[int, int, str], None] | None = None,
     message_hook: Callable[[str, Message], None] | None = None,
     verbose: bool = False,
+    resume: bool = False,
+    stop_after: int | None = None,
 ) -> tuple[FederatedOrchestrator, FederatedResult]:
     """Simulate the federation of ``cfg`` with one virtual SuperNode per training client.
 
@@ -41,6 +43,7 @@ def run_simulation(
         out_dir: where the server writes ``federation.pt``, ``result.json`` and ``rounds.csv``.
         num_cpus_per_client: Ray resources per ClientApp (how many train at once).
         fault, message_hook: see :func:`make_client_app` and :class:`FlowerBackend`.
+        resume, stop_after: continue from ``out_dir/federation.pt``; stop after that many rounds.
     """
     clients, _ = build_clients(cfg.get("data", {}), int(cfg.get("seed", 0)))
     n = num_supernodes or len(clients)
@@ -51,7 +54,8 @@ def run_simulation(
     def keep(orch: FederatedOrchestrator, result: FederatedResult) -> None:
         captured["orch"], captured["result"] = orch, result
 
-    server = make_server_app(cfg, out_dir=out_dir, on_result=keep, message_hook=message_hook, min_nodes=n)
+    server = make_server_app(cfg, out_dir=out_dir, resume=resume, on_result=keep, message_hook=message_hook,
+                             min_nodes=n, stop_after=stop_after)
     backend: dict[str, Any] = {"client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": 0.0}}
     flwr_run_simulation(server, make_client_app(cfg, fault), num_supernodes=n, backend_config=backend,
                         verbose_logging=verbose)
