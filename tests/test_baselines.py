@@ -10,7 +10,15 @@ from torch.utils.data import TensorDataset
 from hilora_lightning import HiLoRAViT, Tier
 from hilora_lightning.baselines import BASELINES, BaselineRunner, FedALT, FedDPAF, FedIT, FedSALoRA, Method
 from hilora_lightning.baselines.methods import server_aggregate
-from hilora_lightning.compare import METHODS, Comparison, local_rounds, parse_methods, run_comparison
+from hilora_lightning.compare import (
+    METHODS,
+    Comparison,
+    SeedComparison,
+    local_rounds,
+    parse_methods,
+    parse_seeds,
+    run_comparison,
+)
 from hilora_lightning.data import digits_federation
 from hilora_lightning.federation import ClientData, FederatedResult, FederationConfig, FederationError, Payload
 from hilora_lightning.federation.result import RoundRecord
@@ -231,3 +239,37 @@ def test_method_names_are_validated() -> None:
     assert parse_methods("all") == list(METHODS)
     with pytest.raises(ValueError, match="unknown method\\(s\\) \\['fedprox'\\]: choose from local-lora"):
         parse_methods("fedit,fedprox")
+
+
+def test_seeds_are_parsed_and_validated() -> None:
+    assert parse_seeds("0, 1,2,1", default=5) == [0, 1, 2] and parse_seeds(None, default=5) == [5]
+    assert parse_seeds([3, 4], default=0) == [3, 4] and parse_seeds(7, default=0) == [7]
+    for bad in ("a,b", "-1", ""):
+        with pytest.raises(ValueError, match="seeds must be non-negative ints like 0,1,2"):
+            parse_seeds(bad, default=0)
+
+
+def test_seed_comparison_reports_mean_and_std_over_seeds() -> None:
+    def result(accs, up):
+        rec = [RoundRecord(1, "root", [0], [0], {}, acc_mean=float(np.mean(accs)), bytes_up_per_client=up)]
+        return FederatedResult(rec, dict(enumerate(accs)), {}, {}, 0,
+                               generalization={"zero_leaf": {"mean": accs[0]}, "finetuned": {"mean": accs[1]}})
+
+    runs = {0: Comparison({"fedit": result([0.2, 0.6], 1024.0)}, {"fedit": 10.0}),
+            1: Comparison({"fedit": result([0.4, 1.0], 3072.0)}, {"fedit": 14.0})}
+    comp = SeedComparison(runs)
+    mean, std = comp.rows()[0], comp.std_rows()[0]
+    assert mean[1] == pytest.approx(np.mean([0.4, 0.7])) and std[1] == pytest.approx(np.std([0.4, 0.7]))
+    assert mean[3] == pytest.approx(0.3) and mean[5] == pytest.approx(2.0) and std[6] == pytest.approx(2.0)
+    assert "0.550 ± 0.150" in comp.table()
+    head = comp.headline()
+    assert head["fedit_mean"] == pytest.approx(0.55) and head["fedit_mean_std"] == pytest.approx(0.15)
+    assert comp.curves() == ([1], {"fedit": [pytest.approx(0.55)]})
+
+
+def test_comparison_over_two_seeds_end_to_end(tmp_path) -> None:
+    comp = run_comparison(TINY, ["fedit"], progress=False, out_dir=tmp_path, seeds=[0, 1])
+    assert isinstance(comp, SeedComparison) and sorted(comp.runs) == [0, 1]
+    assert (tmp_path / "seed0" / "fedit" / "result.json").exists() and (tmp_path / "seed1" / "fedit").is_dir()
+    # different seeds draw different partitions: the two runs differ
+    assert comp.runs[0].results["fedit"].client_accuracy != comp.runs[1].results["fedit"].client_accuracy

@@ -1,7 +1,7 @@
 """``hilora-fl``: run federated HiLoRA experiments from YAML configs.
 
     hilora-fl run CONFIG [key=value ...] [--resume]   # e.g. federation.rounds=20 data.num_clients=12
-    hilora-fl compare CONFIG [methods=a,b] [key=value ...] [--resume]   # HiLoRA vs the baselines
+    hilora-fl compare CONFIG [methods=a,b] [seeds=0,1,2] [key=value ...] [--resume]   # vs the baselines
     hilora-fl demo [demo options]                     # the embedded-data demo (python -m hilora_lightning.demo)
 
 ``run`` merges the overrides into the YAML (omegaconf dot-list syntax), rejects unknown keys with the
@@ -60,15 +60,17 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from hilora_lightning.compare import parse_methods, run_comparison, save_comparison
+    from hilora_lightning.compare import parse_methods, parse_seeds, run_comparison, save_comparison
 
-    methods = [o.split("=", 1)[1] for o in args.overrides if o.startswith("methods=")]
-    overrides = [o for o in args.overrides if not o.startswith("methods=")]
+    special = {k: [o.split("=", 1)[1] for o in args.overrides if o.startswith(f"{k}=")] for k in ("methods", "seeds")}
+    overrides = [o for o in args.overrides if not o.startswith(("methods=", "seeds="))]
     cfg = load_config(args.config, overrides)
+    section = cfg.get("compare") or {}
     out = Path(str(cfg.get("out_dir", "runs/experiment"))) / "compare"
-    chosen = parse_methods(methods[-1] if methods else (cfg.get("compare") or {}).get("methods"))
-    print(f"hilora-fl compare: {args.config}: {len(chosen)} methods -> {out}")
-    comp = run_comparison(cfg, chosen, out_dir=out, resume=args.resume)
+    chosen = parse_methods(special["methods"][-1] if special["methods"] else section.get("methods"))
+    seeds = parse_seeds(special["seeds"][-1] if special["seeds"] else section.get("seeds"), int(cfg.get("seed", 0)))
+    print(f"hilora-fl compare: {args.config}: {len(chosen)} methods x seeds {seeds} -> {out}")
+    comp = run_comparison(cfg, chosen, out_dir=out, resume=args.resume, seeds=seeds)
     print()
     print(comp.table())
     for path in save_comparison(comp, out):

@@ -36,7 +36,16 @@ from hilora_lightning.experiment import build_clients, build_federation_config, 
 from hilora_lightning.federation import FederatedOrchestrator, FederatedResult, FederationConfig
 from hilora_lightning.federation.result import RoundRecord, format_rows
 
-__all__ = ["HILORA_VARIANTS", "METHODS", "Comparison", "parse_methods", "run_comparison", "save_comparison"]
+__all__ = [
+    "HILORA_VARIANTS",
+    "METHODS",
+    "Comparison",
+    "SeedComparison",
+    "parse_methods",
+    "parse_seeds",
+    "run_comparison",
+    "save_comparison",
+]
 
 #: HiLoRA runs of the comparison: (model overrides, federation-config changes).
 HILORA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -62,6 +71,20 @@ def parse_methods(value: str | Sequence[str] | None) -> list[str]:
     if unknown or not names:
         raise ValueError(f"unknown method(s) {unknown or names}: choose from {', '.join(METHODS)} (or 'all')")
     return list(dict.fromkeys(names))
+
+
+def parse_seeds(value: str | int | Sequence[int] | None, default: int) -> list[int]:
+    """Seeds from ``"0,1,2"``, an int or a list (``None``: ``[default]``), validated."""
+    if value is None:
+        return [default]
+    items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, int) else list(value)
+    try:
+        seeds = [int(str(v).strip()) for v in items if str(v).strip()]
+    except ValueError:
+        raise ValueError(f"seeds must be non-negative ints like 0,1,2, got {value!r}") from None
+    if not seeds or any(v < 0 for v in seeds):
+        raise ValueError(f"seeds must be non-negative ints like 0,1,2, got {value!r}")
+    return list(dict.fromkeys(seeds))
 
 
 def local_rounds(config: FederationConfig) -> int:
@@ -124,6 +147,69 @@ class Comparison:
         return rounds, series
 
 
+@dataclasses.dataclass
+class SeedComparison:
+    """The comparison repeated over seeds (the paper reports 3): each cell is the mean ± std over seeds.
+
+    Example:
+        >>> from hilora_lightning.federation import FederatedResult
+        >>> runs = {s: Comparison({"fedit": FederatedResult([], {0: a}, {}, {}, 0)}, {"fedit": 1.0})
+        ...         for s, a in ((0, 0.5), (1, 0.7))}
+        >>> print(SeedComparison(runs).table().splitlines()[2])
+        fedit  | 0.600 ± 0.100 | 0.600 ± 0.100 | -                | -                 | 0.0 ± 0.0           | 1.0 ± 0.0
+    """
+
+    runs: dict[int, Comparison]
+
+    def _stack(self) -> list[list[list[Any]]]:
+        return [comp.rows() for comp in self.runs.values()]
+
+    def rows(self) -> list[list[Any]]:
+        """Per-cell means over the seeds (``None`` where a column does not apply)."""
+        return [[cells[0][0], *[_cell(cells, i, np.mean) for i in range(1, len(HEADER))]]
+                for cells in zip(*self._stack())]
+
+    def std_rows(self) -> list[list[Any]]:
+        """Per-cell standard deviations over the seeds."""
+        return [[cells[0][0], *[_cell(cells, i, np.std) for i in range(1, len(HEADER))]]
+                for cells in zip(*self._stack())]
+
+    def table(self) -> str:
+        """The comparison as a plain-text table of ``mean ± std`` cells."""
+        out = []
+        for mean, std in zip(self.rows(), self.std_rows()):
+            row = [mean[0]]
+            for i, (m, sd) in enumerate(zip(mean[1:], std[1:]), start=1):
+                digits = 1 if HEADER[i] in ("up KiB/client/round", "wall s") else 3
+                row.append("-" if m is None else f"{m:.{digits}f} ± {sd:.{digits}f}")
+            out.append(row)
+        return format_rows(HEADER, out)
+
+    def headline(self) -> dict[str, float]:
+        """Flat numbers: ``<method>_<column>`` means and ``<method>_<column>_std``."""
+        out: dict[str, float] = {}
+        for key in next(iter(self.runs.values())).headline():
+            values = [comp.headline().get(key) for comp in self.runs.values()]
+            nums = [v for v in values if v is not None]
+            out[key], out[f"{key}_std"] = float(np.mean(nums)), float(np.std(nums))
+        return out
+
+    def curves(self) -> tuple[list[int], dict[str, list[float | None]]]:
+        """Mean personalized accuracy per round per method, averaged over the seeds."""
+        all_curves = [comp.curves() for comp in self.runs.values()]
+        rounds = all_curves[0][0]
+        series: dict[str, list[float | None]] = {}
+        for name in all_curves[0][1]:
+            per_round = zip(*[c[1][name] for c in all_curves])
+            series[name] = [None if any(v is None for v in vs) else float(np.mean(vs)) for vs in per_round]
+        return rounds, series
+
+
+def _cell(cells: Sequence[Sequence[Any]], i: int, fn: Any) -> float | None:
+    values = [row[i] for row in cells if row[i] is not None]
+    return float(fn(values)) if values else None
+
+
 def _mean(v: Sequence[float]) -> float | None:
     return float(np.mean(v)) if v else None
 
@@ -158,15 +244,34 @@ def run_comparison(
     progress: bool = True,
     out_dir: str | Path | None = None,
     resume: bool = False,
-) -> Comparison:
+    seeds: Sequence[int] | None = None,
+) -> Comparison | SeedComparison:
     """Run ``methods`` (default: ``cfg["compare"]["methods"]`` or all) on the config's data.
 
     With ``out_dir`` every method's result is written to ``out_dir/<method>/result.json`` as soon
     as it finishes; with ``resume`` methods whose result is already there (for the same config) are
-    read back instead of run again.
+    read back instead of run again. With several ``seeds`` (default ``cfg["compare"]["seeds"]``,
+    else the config's seed) the whole comparison runs once per seed (data partition, sampling and
+    initialization all follow the seed), results go to ``out_dir/seed<s>/``, and a
+    :class:`SeedComparison` of mean ± std comes back.
     """
     validate_config(cfg)
-    names = parse_methods(methods if methods is not None else (cfg.get("compare") or {}).get("methods"))
+    section = cfg.get("compare") or {}
+    names = parse_methods(methods if methods is not None else section.get("methods"))
+    chosen = parse_seeds(seeds if seeds is not None else section.get("seeds"), int(cfg.get("seed", 0)))
+    if len(chosen) == 1:
+        return _run_one(dict(cfg, seed=chosen[0]), names, progress, out_dir, resume)
+    runs = {}
+    for s in chosen:
+        if progress:
+            print(f"== seed {s} ==", flush=True)
+        sub = Path(out_dir) / f"seed{s}" if out_dir is not None else None
+        runs[s] = _run_one(dict(cfg, seed=s), names, progress, sub, resume)
+    return SeedComparison(runs)
+
+
+def _run_one(cfg: Mapping[str, Any], names: Sequence[str], progress: bool, out_dir: str | Path | None,
+             resume: bool) -> Comparison:
     seed = int(cfg.get("seed", 0))
     clients, unseen = build_clients(cfg.get("data", {}), seed)
     stamp = json.dumps({k: v for k, v in cfg.items() if k not in ("compare", "out_dir")}, sort_keys=True, default=str)
@@ -203,7 +308,7 @@ def _result_from_dict(data: Mapping[str, Any]) -> FederatedResult:
     return FederatedResult(**d)
 
 
-def save_comparison(comp: Comparison, out: str | Path) -> list[Path]:
+def save_comparison(comp: Comparison | SeedComparison, out: str | Path) -> list[Path]:
     """Write ``comparison.txt`` (the table), ``comparison.json``, ``comparison.csv`` and the accuracy plot."""
     import csv
 
@@ -213,14 +318,18 @@ def save_comparison(comp: Comparison, out: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "comparison.txt", out / "comparison.json", out / "comparison.csv", out / "accuracy_per_method.png"]
     paths[0].write_text(comp.table() + "\n")
-    paths[1].write_text(json.dumps({"rows": [dict(zip(HEADER, r)) for r in comp.rows()],
-                                    "headline": comp.headline()}, indent=1))
+    payload: dict[str, Any] = {"rows": [dict(zip(HEADER, r)) for r in comp.rows()], "headline": comp.headline()}
+    if isinstance(comp, SeedComparison):
+        payload["std"] = [dict(zip(HEADER, r)) for r in comp.std_rows()]
+        payload["seeds"] = sorted(comp.runs)
+    paths[1].write_text(json.dumps(payload, indent=1))
     with paths[2].open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(HEADER)
         writer.writerows([["" if v is None else v for v in row] for row in comp.rows()])
     rounds, series = comp.curves()
-    fig = accuracy_per_round(rounds, series, title="mean personalized accuracy per round")
+    seeds = f" (mean over seeds {sorted(comp.runs)})" if isinstance(comp, SeedComparison) else ""
+    fig = accuracy_per_round(rounds, series, title=f"mean personalized accuracy per round{seeds}")
     fig.savefig(paths[3], dpi=110)
     import matplotlib.pyplot as plt
 

@@ -71,7 +71,7 @@ def _schema() -> dict[str, Any]:
     federation = dict.fromkeys(_fields(FederationConfig))
     federation["clustering"] = dict.fromkeys(_fields(ClusteringConfig))
     return {"seed": None, "out_dir": None, "data": dict.fromkeys(_DATA_KEYS), "model": model,
-            "federation": federation, "trainer": "*", "compare": {"methods": None}}
+            "federation": federation, "trainer": "*", "compare": {"methods": None, "seeds": None}}
 
 
 def _check(node: Mapping[str, Any], schema: Mapping[str, Any], prefix: str) -> None:
