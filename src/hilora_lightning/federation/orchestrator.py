@@ -32,7 +32,12 @@ from torch import Tensor
 from hilora_lightning.errors import AdapterStateError, HiLoraError
 from hilora_lightning.federation import evaluation, transition
 from hilora_lightning.federation.backend import ClientBackend, FitRequest, InProcessBackend
-from hilora_lightning.federation.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from hilora_lightning.federation.checkpoint import (
+    federation_state,
+    load_checkpoint,
+    restore_federation,
+    save_checkpoint,
+)
 from hilora_lightning.federation.client import ClientData, ClientState, check_federation, select_clients, state_bytes
 from hilora_lightning.federation.config import FederationConfig
 from hilora_lightning.federation.local import client_seed, eval_device, head_state
@@ -43,9 +48,6 @@ from hilora_lightning.strategy.aggregation import fedavg_states, product_space_a
 from hilora_lightning.tiers import Tier
 
 __all__ = ["FederatedOrchestrator", "FederationError", "Payload"]
-
-CHECKPOINT_VERSION = 1
-
 
 class FederationError(HiLoraError, RuntimeError):
     """A round could not complete (too few clients succeeded); the last good state is kept."""
@@ -137,48 +139,11 @@ class FederatedOrchestrator:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume bit for bit (tensors, numbers, strings, lists, dicts)."""
-        return {
-            "version": CHECKPOINT_VERSION,
-            "config": repr(self.config),
-            "client_ids": sorted(self.clients),
-            "round": self.round,
-            "stage": self.stage.value,
-            "rounds_in_stage": self.rounds_in_stage,
-            "root": self.root,
-            "global_head": self.global_head,
-            "clusters": self.clusters,
-            "cluster_heads": self.cluster_heads,
-            "assignment": self.assignment,
-            "cluster_centers": self.cluster_centers,
-            "num_clusters": self.num_clusters,
-            "clustering_ari": self.clustering_ari,
-            "clients": {cid: dataclasses.asdict(s) for cid, s in self.client_states.items()},
-            "records": [r.to_dict() for r in self.records],
-            "has_final": {t.value: sorted(v) for t, v in self.has_final.items()},
-            "elapsed": self.elapsed,
-        }
+        return federation_state(self)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore from :meth:`state_dict`; refuses a checkpoint of a different run."""
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise CheckpointError(f"checkpoint version {state.get('version')!r}, expected {CHECKPOINT_VERSION}")
-        if state.get("config") != repr(self.config) or state.get("client_ids") != sorted(self.clients):
-            raise CheckpointError(
-                "the checkpoint belongs to a different run (config or client ids differ); "
-                "resume with the same FederationConfig and clients, or start a new checkpoint path"
-            )
-        self.round, self.rounds_in_stage = int(state["round"]), int(state["rounds_in_stage"])
-        self.stage = Tier.parse(state["stage"])
-        self.root, self.global_head = dict(state["root"]), dict(state["global_head"])
-        self.clusters = {int(k): dict(v) for k, v in state["clusters"].items()}
-        self.cluster_heads = {int(k): dict(v) for k, v in state["cluster_heads"].items()}
-        self.assignment = {int(k): int(v) for k, v in state["assignment"].items()}
-        self.cluster_centers = {int(k): list(v) for k, v in state["cluster_centers"].items()}
-        self.num_clusters, self.clustering_ari = int(state["num_clusters"]), state["clustering_ari"]
-        self.client_states = {int(k): ClientState(**v) for k, v in state["clients"].items()}
-        self.records = [RoundRecord.from_dict(r) for r in state["records"]]
-        self.has_final = {Tier.parse(k): set(v) for k, v in state["has_final"].items()}
-        self.elapsed = float(state["elapsed"])
+        restore_federation(self, state)
 
     # ------------------------------------------------------------------ the loop
     def run(self, resume: bool = False, stop_after: int | None = None) -> FederatedResult:
