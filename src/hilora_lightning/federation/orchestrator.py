@@ -47,10 +47,20 @@ from hilora_lightning.state import expected_shapes, export_tier, validate_tier_s
 from hilora_lightning.strategy.aggregation import fedavg_states, product_space_aggregate_states, relative_change
 from hilora_lightning.tiers import Tier
 
-__all__ = ["FederatedOrchestrator", "FederationError", "Payload"]
+__all__ = ["FederatedOrchestrator", "FederationError", "Payload", "require_min_clients"]
 
 class FederationError(HiLoraError, RuntimeError):
     """A round could not complete (too few clients succeeded); the last good state is kept."""
+
+
+def require_min_clients(t: int, ok: Sequence[int], selected: Sequence[int], min_clients: int,
+                        failed: Mapping[int, str], note: str = "") -> None:
+    """Fail round ``t`` (keeping the previous state) when fewer than ``min_clients`` clients succeeded."""
+    if len(ok) < min_clients:
+        raise FederationError(
+            f"round {t}: only {len(ok)} of {len(selected)} clients succeeded, fewer than "
+            f"min_clients={min_clients}; failures: {dict(failed)}. The state after round {t - 1} is kept{note}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,12 +201,8 @@ class FederatedOrchestrator:
             payloads, pending, tier_failed, tier_down = self._train_tier(t, tier, selected)
             failed.update(tier_failed)
             ok = [cid for cid in selected if cid not in failed]
-            if len(ok) < self.config.min_clients:
-                raise FederationError(
-                    f"round {t}: only {len(ok)} of {len(selected)} clients succeeded, fewer than "
-                    f"min_clients={self.config.min_clients}; failures: {tier_failed}. The state after round "
-                    f"{t - 1} is kept (checkpoint untouched)"
-                )
+            require_min_clients(t, ok, selected, self.config.min_clients, tier_failed,
+                                note=" (checkpoint untouched)")
             if tier is not Tier.LEAF:
                 rho = self._aggregate(tier, {c: p for c, p in payloads.items() if c in ok})
             for cid in ok:
@@ -223,26 +229,36 @@ class FederatedOrchestrator:
         return record
 
     # ------------------------------------------------------------------ one tier
-    def _client_view(self, cid: int, tier: Tier) -> tuple[dict[Tier, Any], dict[str, Tensor], int]:
-        """The tiers and head client ``cid`` works with at ``tier``, and the bytes it must download."""
-        cs = self.client_states[cid]
+    def _fit_request(self, cid: int, t: int, tier: Tier) -> FitRequest:
+        """What client ``cid`` gets in round ``t`` at ``tier``: its tiers, head, seeds, and what it holds.
+
+        A client keeps each frozen tier once received (stagewise schedule), and, in the leaf stage, its
+        own head after its first leaf round: those are not sent again (nor counted as downloaded).
+        """
+        cfg, cs = self.config, self.client_states[cid]
         view: dict[Tier, Any] = {Tier.ROOT: self.root}
-        down = 0
-        if tier is Tier.ROOT:
-            down += state_bytes(self.root)
-        elif cid not in self.has_final[Tier.ROOT]:
-            down += state_bytes(self.root)
         if tier is not Tier.ROOT:
-            cluster = self.clusters[self.assignment[cid]]
-            view[Tier.CLUSTER] = cluster
-            if tier is Tier.CLUSTER or cid not in self.has_final[Tier.CLUSTER]:
-                down += state_bytes(cluster)
+            view[Tier.CLUSTER] = self.clusters[self.assignment[cid]]
         if tier is Tier.LEAF:
             view[Tier.LEAF] = cs.leaf
-        head = self.head_for(cid, tier)
-        if self.config.head_policy == "tier" and not (tier is Tier.LEAF and cid in self.has_final[Tier.CLUSTER]):
-            down += state_bytes(head)  # in the leaf stage only until the client has a personal head
-        return view, head, down
+        above = [x for x in (Tier.ROOT, Tier.CLUSTER) if x.position < tier.position]
+        has_own_head = tier is Tier.LEAF and cid in self.has_final[Tier.CLUSTER]
+        return FitRequest(cid, t, tier, view, self.head_for(cid, tier), client_seed(cfg.seed, t, cid),
+                          client_seed(cfg.seed, 0, cid, "leaf"),
+                          own_head=cfg.head_policy == "local" or tier is Tier.LEAF,
+                          cached=tuple(x for x in above if cid in self.has_final[x]),
+                          final=tuple(above) if cfg.schedule == "stagewise" else (),
+                          send_head=cfg.head_policy == "tier" and not has_own_head)
+
+    @staticmethod
+    def _download_bytes(req: FitRequest) -> int:
+        """Bytes a request moves to the client: the shared tiers it does not hold yet, and the head."""
+        total = state_bytes(dict(req.head)) if req.send_head else 0
+        for x in (Tier.ROOT, Tier.CLUSTER):
+            state = req.view.get(x)
+            if state is not None and x not in req.cached:
+                total += state_bytes(dict(state))
+        return total
 
     def head_for(self, cid: int, tier: Tier) -> dict[str, Tensor]:
         """The head client ``cid`` works with at ``tier`` (by the head policy)."""
@@ -267,17 +283,8 @@ class FederatedOrchestrator:
         requests: dict[int, FitRequest] = {}
         for cid in selected:
             try:
-                view, head, downloads[cid] = self._client_view(cid, tier)
-                stagewise = cfg.schedule == "stagewise"
-                cached = tuple(x for x in (Tier.ROOT, Tier.CLUSTER)
-                               if x.position < tier.position and cid in self.has_final[x])
-                final = tuple(x for x in (Tier.ROOT, Tier.CLUSTER) if stagewise and x.position < tier.position)
-                has_own = tier is Tier.LEAF and cid in self.has_final[Tier.CLUSTER]  # a leaf-stage head of its own
-                send_head = cfg.head_policy == "tier" and not has_own
-                requests[cid] = FitRequest(cid, t, tier, view, head, client_seed(cfg.seed, t, cid),
-                                           client_seed(cfg.seed, 0, cid, "leaf"),
-                                           own_head=cfg.head_policy == "local" or tier is Tier.LEAF,
-                                           cached=cached, final=final, send_head=send_head)
+                requests[cid] = self._fit_request(cid, t, tier)
+                downloads[cid] = self._download_bytes(requests[cid])
             except Exception as exc:
                 failed[cid] = f"{type(exc).__name__}: {exc}"
         replies = self.backend.fit(self, requests)
