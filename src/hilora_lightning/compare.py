@@ -187,10 +187,10 @@ class SeedComparison:
 
     def headline(self) -> dict[str, float]:
         """Flat numbers: ``<method>_<column>`` means and ``<method>_<column>_std``."""
+        heads = [comp.headline() for comp in self.runs.values()]
         out: dict[str, float] = {}
-        for key in next(iter(self.runs.values())).headline():
-            values = [comp.headline().get(key) for comp in self.runs.values()]
-            nums = [v for v in values if v is not None]
+        for key in heads[0]:
+            nums = [h[key] for h in heads if key in h]
             out[key], out[f"{key}_std"] = float(np.mean(nums)), float(np.std(nums))
         return out
 

@@ -52,7 +52,6 @@ DATASETS = ("digits", "cifar100", "domainnet", "imagefolder")
 _DATA_KEYS = {"name", "num_clients", "num_groups", "unseen_fraction", "train_fraction", "img_size", "root",
               "download", "verify", "partition", "alpha", "classes_per_client", "clients_per_domain",
               "test_fraction", "domains"}
-_TOP_KEYS = {"seed", "out_dir", "data", "model", "federation", "trainer", "compare"}
 
 
 def _fields(cls: type) -> set[str]:

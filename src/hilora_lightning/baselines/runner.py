@@ -41,7 +41,7 @@ from hilora_lightning.federation.local import (
     head_state,
     load_view,
 )
-from hilora_lightning.federation.orchestrator import FederationError, Payload
+from hilora_lightning.federation.orchestrator import Payload, require_min_clients
 from hilora_lightning.federation.result import FederatedResult, RoundRecord, accuracy_summary
 from hilora_lightning.model import HiLoRAViT
 from hilora_lightning.state import export_tier, validate_tier_state
@@ -166,11 +166,7 @@ class BaselineRunner:
             except Exception as exc:  # a failing client is dropped and recorded, the round goes on
                 failed[cid] = f"{type(exc).__name__}: {exc}"
         ok = [c for c in selected if c in updates]
-        if len(ok) < cfg.min_clients:
-            raise FederationError(
-                f"round {t}: only {len(ok)} of {len(selected)} clients succeeded, fewer than "
-                f"min_clients={cfg.min_clients}; failures: {failed}. The state after round {t - 1} is kept"
-            )
+        require_min_clients(t, ok, selected, cfg.min_clients, failed)
         if uploads:
             self._aggregate({c: updates[c] for c in ok})
         for cid in ok:
@@ -303,12 +299,19 @@ class BaselineRunner:
         if cid in self.client_states:
             self.client_states[cid].gates = self.model.gate_state()
 
-    def unseen_start(self) -> tuple[dict[Tier, State], State, State]:
-        """What a new client starts from: slots (fresh personal part), head and gates."""
+    def newcomer_row(self) -> State:
+        """FedALT's rest-of-world for a new client: the mean of every client's latest individual LoRA."""
+        if not self.latest:
+            return self.initial_row
+        return fedavg_states(list(self.latest.values()), [self.clients[c].num_samples for c in self.latest])
+
+    def unseen_start(self, cid: int, row: State | None = None) -> tuple[dict[Tier, State], State, State]:
+        """What new client ``cid`` starts from: slots (a fresh personal part from its seed), head and gates.
+
+        ``row`` is FedALT's rest-of-world LoRA for newcomers (default: :meth:`newcomer_row`).
+        """
         method = self.method
-        row = fedavg_states(list(self.latest.values()), [self.clients[c].num_samples for c in self.latest]) \
-            if self.latest else self.initial_row
-        view = self._view(-1, row=row)
+        view = self._view(cid, row=self.newcomer_row() if row is None else row)
         head = self.global_head if self.config.head_policy == "tier" else self.initial_head
         gates = dict(self.initial_gates)
         if method.zero_shot_gate is not None:
@@ -321,11 +324,9 @@ class BaselineRunner:
         fine-tuning their personal part (``finetuned``)."""
         accs: dict[str, list[float]] = {"zero_leaf": [], "finetuned": []}
         tiers = list(self.method.eval_active)
+        row = self.newcomer_row()
         for cid, data in sorted(self.unseen.items()):
-            view, head, gates = self.unseen_start()
-            if P in self.method.slots:
-                self.model.reset_tier(P, client_seed(self.config.seed, 0, cid, "leaf"))
-                view[P] = export_tier(self.model, P)
+            view, head, gates = self.unseen_start(cid, row)
             load_view(self.model, view, head)
             self.model.load_gate_state(gates)
             accs["zero_leaf"].append(evaluate(self.model, data.test, tiers, device=self.eval_device))
