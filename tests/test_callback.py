@@ -83,6 +83,23 @@ def test_callback_state_survives_a_checkpoint(tmp_path: Path) -> None:
     assert not torch.equal(resumed.ema["member0"]["layer"], cb.ema["member0"]["layer"])
 
 
+def test_callback_resume_uses_the_restored_ema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Made able to fail: with load_state_dict a no-op the resumed EMA is the third epoch's factors alone."""
+    cb = SubspaceClustering(rank=R, k_min=1, k_max=6, ema_decay=0.5, cluster_every_n_epochs=2, heatmap=False)
+    trainer, _ = _fit(tmp_path, cb, epochs=2, logger=False)
+    ckpt = tmp_path / "cb.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = {m: dict(v) for m, v in cb.ema.items()}
+    resumed = SubspaceClustering(rank=R, k_min=1, k_max=6, ema_decay=0.5, cluster_every_n_epochs=2, heatmap=False)
+    _, model = _fit(tmp_path, resumed, epochs=3, ckpt=ckpt, logger=False)
+    observed = {m: v["layer"] for m, v in model.subspace_factors().items()}
+    for m, b in observed.items():  # ema_normalized: decay * prev + (1 - decay) * b / ||b||_F
+        expected = 0.5 * saved[m]["layer"] + 0.5 * b / b.norm()
+        torch.testing.assert_close(resumed.ema[m]["layer"], expected, rtol=1e-5, atol=1e-6)
+        alone = b / b.norm()
+        assert (resumed.ema[m]["layer"] - alone).norm() > 1e-3  # what a no-op restore would give
+
+
 def test_callback_rejects_a_module_without_factors(tmp_path: Path) -> None:
     class Plain(pl.LightningModule):
         def __init__(self) -> None:

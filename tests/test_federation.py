@@ -74,8 +74,8 @@ def test_no_leaf_or_personal_head_is_ever_uploaded() -> None:
     orch.run()
     assert seen and all(p.tier in (Tier.ROOT, Tier.CLUSTER) and p.head is None for p in seen)
     assert not [p for p in seen if p.round == 4]  # the leaf round uploads nothing
-    leaves = [t for cs in orch.client_states.values() for t in (cs.leaf or {}).values()]
-    heads = [t for cs in orch.client_states.values() for t in (cs.head or {}).values()]
+    leaves = [t for c in orch.clients for t in orch.client_store(c).get("leaf", {}).values()]
+    heads = [t for c in orch.clients for t in orch.client_store(c).get("head", {}).values()]
     assert leaves and heads
     uploaded = [t for p in seen for t in p.factors.values()]
     assert not any(t.shape == u.shape and torch.equal(t, u) for t in leaves + heads for u in uploaded)
@@ -148,9 +148,9 @@ def _final_state(orch: FederatedOrchestrator) -> dict[str, torch.Tensor]:
     out = {f"root/{k}": v for k, v in orch.root.items()}
     for j, st in orch.clusters.items():
         out.update({f"cluster{j}/{k}": v for k, v in st.items()})
-    for cid, cs in orch.client_states.items():
-        out.update({f"leaf{cid}/{k}": v for k, v in (cs.leaf or {}).items()})
-        out.update({f"head{cid}/{k}": v for k, v in (cs.head or {}).items()})
+    for cid in orch.clients:
+        out.update({f"leaf{cid}/{k}": v for k, v in orch.client_store(cid).get("leaf", {}).items()})
+        out.update({f"head{cid}/{k}": v for k, v in orch.client_store(cid).get("head", {}).items()})
     return out
 
 
@@ -282,7 +282,7 @@ def test_per_round_schedule_trains_all_tiers_each_round_after_clustering() -> No
     orch.run()
     by_round = {r: sorted({p.tier.value for p in seen if p.round == r}) for r in (1, 2, 3)}
     assert by_round == {1: ["root"], 2: ["cluster", "root"], 3: ["cluster", "root"]}
-    assert all(cs.leaf is not None for cs in orch.client_states.values())
+    assert all(orch.client_store(c).get("leaf") is not None for c in orch.clients)
 
 
 def test_fedavg_option_averages_factors() -> None:

@@ -23,6 +23,19 @@ CFG = {"seed": 0, "data": {"name": "digits", "num_clients": 4, "num_groups": 2, 
        "trainer": {"accelerator": "cpu"}}
 
 
+def _assert_same_products(got, want) -> None:
+    """Compare what a tier computes, ``B A``, not its factors: an SVD-split factor pair is unique only up to
+    rotations within near-equal singular values, and Ray workers sum in another order than this process
+    (float32 sums of a few hundred terms differ by ~1e-6 relative). 1e-3 of the product's norm is far
+    above that and far below any real difference (a different client set moves it by > 1e-1)."""
+    from hilora_lightning.strategy.aggregation import factor_pairs
+
+    for prefix in factor_pairs(want):
+        a = (got[f"{prefix}.lora_B"] @ got[f"{prefix}.lora_A"]).double()
+        b = (want[f"{prefix}.lora_B"] @ want[f"{prefix}.lora_A"]).double()
+        assert (a - b).norm() <= 1e-3 * max(b.norm(), 1e-6), prefix
+
+
 @pytest.fixture(scope="module")
 def flower_run(tmp_path_factory):
     seen: list[tuple[str, str, dict[str, list[str]]]] = []
@@ -46,11 +59,9 @@ def test_simulation_runs_all_stages_and_matches_the_in_process_orchestrator(flow
     ref.progress = False
     expected = ref.run()
     assert orch.assignment == ref.assignment and result.clustering_ari == 1.0
-    for key, value in ref.root.items():
-        torch.testing.assert_close(orch.root[key], value, rtol=1e-3, atol=1e-4)
+    _assert_same_products(orch.root, ref.root)
     for j, cluster in ref.clusters.items():
-        for key, value in cluster.items():
-            torch.testing.assert_close(orch.clusters[j][key], value, rtol=1e-3, atol=1e-3)
+        _assert_same_products(orch.clusters[j], cluster)
     # the leaves live on the nodes: compare what they produce, per client and per tier view
     assert result.client_accuracy.keys() == expected.client_accuracy.keys()
     for cid, acc in expected.client_accuracy.items():
@@ -120,7 +131,25 @@ def test_a_killed_server_resumes_from_its_checkpoint_with_fresh_nodes(tmp_path, 
     orch, result = run_simulation(CFG, num_supernodes=4, out_dir=tmp_path, resume=True)  # new nodes: no state
     assert [r.round for r in result.records] == [1, 2, 3, 4] and not any(r.failed for r in result.records)
     for j, cluster in straight.clusters.items():
-        for key, value in cluster.items():
-            torch.testing.assert_close(orch.clusters[j][key], value, rtol=1e-3, atol=1e-3)
+        _assert_same_products(orch.clusters[j], cluster)
     # the frozen tiers were sent again once after the restart (the new nodes did not hold them)
     assert result.records[2].bytes_down_per_client > straight.records[2].bytes_down_per_client
+
+
+def test_partial_participation_and_unseen_clients_run_on_flower() -> None:
+    """fraction_fit=0.5: some clients have no root-stage features at the transition; they are probed
+    through their SuperNodes (the server never reads their data), and unseen clients are routed,
+    scored and fine-tuned on theirs, as in process."""
+    cfg = {**CFG, "data": {**CFG["data"], "num_clients": 6, "unseen_fraction": 0.34},
+           "federation": {**CFG["federation"], "rounds": 3, "fraction_fit": 0.5, "finetune_epochs": 1,
+                          "probe_steps": 2}}
+    orch, result = run_simulation(cfg, num_supernodes=6)
+    assert [r.stage for r in result.records] == ["root", "cluster", "leaf"]
+    assert all(not r.failed for r in result.records)
+    assert len(orch.unseen) == 2 and set(result.routing) == set(orch.unseen)
+    assert set(orch.assignment) == set(orch.clients)  # every training client has a cluster, probed or not
+    assert {"root", "zero_leaf", "finetuned"} <= set(result.generalization)
+    ref = build_experiment(cfg)
+    ref.checkpoint_path, ref.progress = None, False
+    expected = ref.run()
+    assert expected.routing == result.routing and orch.assignment == ref.assignment

@@ -38,7 +38,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from hilora_lightning.backbone import create_backbone
 from hilora_lightning.config import AdapterConfig
 from hilora_lightning.gates import TierGate
-from hilora_lightning.inject import find_tiered_layers, inject_tiers
+from hilora_lightning.inject import inject_tiers
 from hilora_lightning.layer import TieredLoRALinear
 from hilora_lightning.orthogonality import ORTHO_SIDES, FrozenGroups, frozen_groups, grouped_penalty
 from hilora_lightning.tiers import Tier, parse_tiers
@@ -100,7 +100,6 @@ class HiLoRAViT(pl.LightningModule):
         self.adapter_config = cfg
         self.strict_loading = False  # adapter-only checkpoints: the frozen backbone is rebuilt, not stored
         self._fingerprint: str | None = None
-        self._state_layers: dict[str, TieredLoRALinear] | None = None
         #: log training losses and accuracy (``self.log`` costs ~1 ms a call); the federation turns
         #: it off for client fits that have no logger, progress bar or callbacks to read them
         self.train_logging = True
@@ -359,10 +358,9 @@ class HiLoRAViT(pl.LightningModule):
         return {k: v.detach().clone() for k, v in self.state_dict().items() if self._is_adapter_key(k)}
 
     def state_layers(self) -> dict[str, TieredLoRALinear]:
-        """The tiered layers keyed by their path from this module (``model.blocks.0.attn.qkv``), cached.
+        """The tiered layers keyed by their path *in the backbone* (``blocks.0.attn.qkv``).
 
-        The per-tier state functions use it instead of walking every module on each call.
+        Tier states exported from a :class:`HiLoRAViT` therefore carry the same keys as those exported
+        from a bare injected timm model (``blocks.0.attn.qkv.q.lora_A``), and load into it and back.
         """
-        if self._state_layers is None:
-            self._state_layers = find_tiered_layers(self)
-        return self._state_layers
+        return self.tiered_layers

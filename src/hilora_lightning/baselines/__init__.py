@@ -22,12 +22,13 @@ from hilora_lightning.baselines.methods import (
     PF2LoRA,
     Phase,
 )
-from hilora_lightning.baselines.runner import BaselineClient, BaselineRunner
+from hilora_lightning.baselines.runner import BaselineRunner
+from hilora_lightning.baselines.strategy import BaselineStrategy
 
 __all__ = [
     "BASELINES",
-    "BaselineClient",
     "BaselineRunner",
+    "BaselineStrategy",
     "FDLoRA",
     "FedALT",
     "FedDPAF",

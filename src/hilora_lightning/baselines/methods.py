@@ -28,12 +28,12 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import ClassVar
 
 from torch import Tensor
 
+from hilora_lightning.federation.requests import Phase
 from hilora_lightning.strategy.aggregation import fedavg_states, leave_one_out_states, product_space_aggregate_states
 from hilora_lightning.tiers import Tier
 
@@ -110,25 +110,6 @@ def server_aggregate(
     else:
         raise ValueError(f"unknown rule {rule!r}: expected one of {RULES}")
     return new_global, new_latest, row
-
-
-@dataclasses.dataclass(frozen=True)
-class Phase:
-    """One part of a local update.
-
-    Attributes:
-        active: slots that contribute to the forward pass.
-        train: slots that get gradients (a subset of ``active``).
-        share: fraction of the round's local steps this phase takes.
-        gates: whether the method's gates train in this phase.
-        head: whether the head trains in this phase.
-    """
-
-    active: tuple[Tier, ...]
-    train: tuple[Tier, ...]
-    share: float = 1.0
-    gates: bool = False
-    head: bool = True
 
 
 class Method:

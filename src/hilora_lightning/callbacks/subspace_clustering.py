@@ -147,7 +147,7 @@ class SubspaceClustering(pl.Callback):
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"lsac/cluster/{m}": float(c) for m, c in self.assignment.items()},
                                        step=trainer.global_step)
-        if self.heatmap:
+        if self.heatmap and trainer.is_global_zero:  # one file under DDP, not one per rank
             self._write_heatmap(trainer, members, result, epoch)
         self.on_clusters(trainer, pl_module, result)
 

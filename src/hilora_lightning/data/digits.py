@@ -147,7 +147,7 @@ def digits_federation(
         >>> sum(len(c.train) + len(c.test) for c in clients)
         897
     """
-    from hilora_lightning.federation.client import ClientData
+    from hilora_lightning.data.clients import ClientData
 
     if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
         raise ValueError(f"num_clients must be a positive int, got {num_clients!r}")

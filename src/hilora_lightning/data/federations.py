@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from hilora_lightning.data.clients import ClientData
 from hilora_lightning.data.images import (
     DOMAINNET_DOMAINS,
     DOMAINNET_TEN_CLASSES,
@@ -36,7 +37,6 @@ from hilora_lightning.data.partition import (
     split_train_test,
     superclass_dirichlet_partition,
 )
-from hilora_lightning.federation.client import ClientData
 
 __all__ = ["PARTITIONS", "cifar100_federation", "domainnet_federation", "image_folder_federation"]
 

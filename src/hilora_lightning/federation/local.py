@@ -12,9 +12,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import logging
 import warnings
-import zlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -23,17 +24,20 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from hilora_lightning.federation.client import client_seed
 from hilora_lightning.model import HiLoRAViT
 from hilora_lightning.state import export_tier, import_tier
 from hilora_lightning.tiers import Tier
 
 __all__ = [
+    "LoaderSpec",
     "StepSampler",
     "client_seed",
     "eval_device",
     "evaluate",
     "fit_client",
     "fit_current",
+    "fresh_callbacks",
     "head_state",
     "load_view",
     "quiet_lightning",
@@ -42,9 +46,49 @@ __all__ = [
 ]
 
 
-def client_seed(seed: int, round_idx: int, client_id: int, purpose: str = "fit") -> int:
-    """A deterministic seed per (run, round, client, purpose): resumed runs replay the same draws."""
-    return zlib.crc32(f"{seed}|{round_idx}|{client_id}|{purpose}".encode())
+@dataclasses.dataclass(frozen=True)
+class LoaderSpec:
+    """How every client DataLoader is built (training, evaluation, probes): worker processes and pinning.
+
+    On a GPU with decoded-image data sets (the paper's 224-px configs) use workers and pinned memory,
+    or the accelerator starves; the defaults suit small in-memory tensors.
+
+    Example:
+        >>> LoaderSpec(num_workers=2, pin_memory=True).kwargs()
+        {'num_workers': 2, 'pin_memory': True, 'persistent_workers': False}
+        >>> LoaderSpec(persistent_workers=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: persistent_workers=True needs num_workers > 0, got num_workers=0
+    """
+
+    num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0, got {self.num_workers!r}")
+        for name in ("pin_memory", "persistent_workers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.persistent_workers and self.num_workers == 0:
+            raise ValueError("persistent_workers=True needs num_workers > 0, got num_workers=0")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | LoaderSpec | None) -> LoaderSpec:
+        """A spec from a mapping (the config's ``loader`` section); unknown keys are an error."""
+        if isinstance(data, LoaderSpec):
+            return data
+        data = dict(data or {})
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown loader option(s) {unknown}; valid: num_workers, pin_memory, persistent_workers")
+        return cls(**data)
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``torch.utils.data.DataLoader``."""
+        return dataclasses.asdict(self)
 
 
 def head_state(model: HiLoRAViT) -> dict[str, Tensor]:
@@ -102,11 +146,26 @@ def trainer_for(local_epochs: int, local_steps: int | None, extra: Mapping[str, 
     else:
         kwargs.update(barebones=True)
     kwargs.update(extra)
+    if "callbacks" in extra:
+        kwargs["callbacks"] = fresh_callbacks(extra["callbacks"])
     if local_steps is not None:
         kwargs.update(max_steps=local_steps, max_epochs=1)
     else:
         kwargs.update(max_epochs=local_epochs)
     return pl.Trainer(**kwargs)
+
+
+def fresh_callbacks(callbacks: Any) -> list[Any]:
+    """Callbacks for one client fit: a factory (zero-argument callable) is called, instances are deep-copied.
+
+    Every client's Trainer gets its own callback objects, so stateful callbacks (``EarlyStopping``,
+    ``ModelCheckpoint``) never carry one client's state into another's fit.
+    """
+    made = callbacks() if callable(callbacks) else callbacks
+    if made is None:
+        return []
+    items = list(made) if isinstance(made, (list, tuple)) else [made]
+    return [copy.deepcopy(cb) for cb in items] if not callable(callbacks) else items
 
 
 class StepSampler(Sampler[int]):
@@ -144,10 +203,11 @@ def fit_client(
     local_epochs: int,
     local_steps: int | None,
     trainer_kwargs: Mapping[str, Any],
+    loader: LoaderSpec | None = None,
 ) -> dict[str, Tensor]:
     """Train ``stage``'s tier (and the head) on ``train``; return the trained tier's factors (CPU)."""
     model.set_stage(stage)
-    fit_current(model, train, seed, batch_size, local_epochs, local_steps, trainer_kwargs)
+    fit_current(model, train, seed, batch_size, local_epochs, local_steps, trainer_kwargs, loader)
     return export_tier(model, stage)
 
 
@@ -159,15 +219,17 @@ def fit_current(
     local_epochs: int,
     local_steps: int | None,
     trainer_kwargs: Mapping[str, Any],
+    loader: LoaderSpec | None = None,
 ) -> None:
     """One local update of whatever the model's switches make trainable (tiers, head, gates)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    spec = (loader or LoaderSpec()).kwargs()
     if local_steps is None:
-        loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen)
+        data = DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen, **spec)
     else:  # exactly local_steps full batches in one pass: no epoch restarts inside a local update
         sampler = StepSampler(len(train), local_steps * batch_size, gen)  # type: ignore[arg-type]
-        loader = DataLoader(train, batch_size=batch_size, sampler=sampler)
+        data = DataLoader(train, batch_size=batch_size, sampler=sampler, **spec)
     was_logging = model.train_logging
     model.train_logging = wants_logging(trainer_kwargs)
     with quiet_lightning(), warnings.catch_warnings():
@@ -175,7 +237,7 @@ def fit_current(
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
         try:
-            trainer_for(local_epochs, local_steps, trainer_kwargs).fit(model, train_dataloaders=loader)
+            trainer_for(local_epochs, local_steps, trainer_kwargs).fit(model, train_dataloaders=data)
         finally:
             model.train_logging = was_logging
     if any(p.device.type != "cpu" for p in model.head.parameters()):
@@ -192,22 +254,29 @@ def eval_device(trainer_kwargs: Mapping[str, Any]) -> torch.device:
 
 @torch.no_grad()
 def evaluate(model: HiLoRAViT, data: Dataset, tiers: list[Tier], batch_size: int = 256,
-             device: torch.device | None = None) -> float:
-    """Accuracy of ``model`` with only ``tiers`` active on ``data``."""
+             device: torch.device | None = None, loader: LoaderSpec | None = None, metric: str = "accuracy") -> float:
+    """Accuracy (or, with ``metric="loss"``, mean loss) of ``model`` with only ``tiers`` active on ``data``.
+
+    The model is moved to ``device`` and *left there*: a backend evaluating many clients moves it
+    once per batch of clients, not once per client (``model.cpu()`` when done).
+    """
     was_training = model.training
     model.eval()
+    dev = device or torch.device("cpu")
     if device is not None:
         model.to(device)
     correct = total = 0
+    loss = 0.0
+    spec = (loader or LoaderSpec()).kwargs()
     try:
         with model.using_tiers(tiers):
-            for x, y in DataLoader(data, batch_size=batch_size):
-                dev = device or torch.device("cpu")
-                pred = model(x.to(dev)).argmax(-1).cpu()
-                correct += int((pred == y).sum())
+            for x, y in DataLoader(data, batch_size=batch_size, **spec):
+                logits = model(x.to(dev, non_blocking=True))
+                if metric == "loss":
+                    loss += float(model.compute_loss(logits, y.to(dev))) * len(y)
+                else:
+                    correct += int((logits.argmax(-1).cpu() == y).sum())
                 total += len(y)
     finally:
-        if device is not None and device.type != "cpu":
-            model.cpu()
         model.train(was_training)
-    return correct / max(total, 1)
+    return (loss if metric == "loss" else correct) / max(total, 1)

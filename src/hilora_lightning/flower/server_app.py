@@ -2,10 +2,12 @@
 
 Flower's stock ``Strategy.start`` is a fixed round loop around one global ``ArrayRecord``: it has no
 hook to change stage, to send different adapters to different clients, or to cluster between
-rounds. So the loop lives in the ServerApp's ``main``: it is the very
-:class:`~hilora_lightning.federation.FederatedOrchestrator` (stage schedule, the ``rho`` rule,
-product-space aggregation, LSAC, evaluation, atomic checkpoints and ``resume``), run with a
-:class:`FlowerBackend` that turns each batch of client requests into Flower messages.
+rounds. So the loop lives in the ServerApp's ``main``: it is the very round engine of the in-process
+run (:class:`~hilora_lightning.federation.engine.FederationRunner` with HiLoRA's strategy: stage
+schedule, the ``rho`` rule, product-space aggregation, LSAC, probes, unseen clients, evaluation,
+atomic checkpoints and ``resume``), run with a :class:`FlowerBackend` that turns each batch of
+client requests into Flower messages. A baseline runs the same way (``BaselineRunner(...,
+backend=FlowerBackend(...))``).
 
 Failures follow Flower's conventions: an error reply, a reply that does not arrive before the
 timeout, or a malformed reply (missing records, wrong keys or shapes, NaN) drops that client from
@@ -19,7 +21,7 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +29,15 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from torch.utils.data import Dataset
 
+from hilora_lightning.data.clients import ClientData
 from hilora_lightning.experiment import build_federation_config, build_model, validate_config
-from hilora_lightning.federation.backend import EvalRequest, FitReply, FitRequest
 from hilora_lightning.federation.checkpoint import load_checkpoint
-from hilora_lightning.federation.client import ClientData
 from hilora_lightning.federation.orchestrator import FederatedOrchestrator
+from hilora_lightning.federation.requests import EvalRequest, FitReply, FitRequest
 from hilora_lightning.federation.result import FederatedResult
 from hilora_lightning.flower.client_app import config_from_run
-from hilora_lightning.flower.codec import from_record, to_record
-from hilora_lightning.tiers import Tier
+from hilora_lightning.flower.codec import from_record
+from hilora_lightning.flower.messages import encode_eval, encode_fit
 
 __all__ = ["FlowerBackend", "RemoteData", "make_server_app", "run_federation"]
 
@@ -83,36 +85,17 @@ class FlowerBackend:
                 replies[cid] = reply
         return replies
 
-    @staticmethod
-    def _content(req: FitRequest | EvalRequest, send_head: bool = True) -> RecordDict:
-        """The tiers the client does not hold yet, and the head if it needs one (never a leaf)."""
-        content = RecordDict()
-        for tier, name in ((Tier.ROOT, "root"), (Tier.CLUSTER, "cluster")):
-            state = req.view.get(tier)
-            if state is not None and tier not in req.cached:
-                content[name] = to_record(state)
-        if send_head:
-            content["head"] = to_record(req.head)
-        return content
-
-    def fit(self, orch: FederatedOrchestrator, requests: Mapping[int, FitRequest]) -> dict[int, FitReply | Exception]:
-        cfg = orch.config
-        messages: dict[int, Message] = {}
-        for cid, req in requests.items():
-            content = self._content(req, req.send_head)
-            content["config"] = ConfigRecord({
-                "tier": req.tier.value, "round": req.round, "seed": req.seed, "leaf_seed": req.leaf_seed,
-                "cached": [t.value for t in req.cached], "final": [t.value for t in req.final],
-                "own_head": req.own_head, "batch_size": cfg.batch_size, "local_epochs": cfg.local_epochs,
-                "local_steps": -1 if cfg.local_steps is None else cfg.local_steps, "head_policy": cfg.head_policy})
-            messages[cid] = Message(content, self.nodes[cid], MessageType.TRAIN, group_id=str(req.round))
+    def fit(self, requests: Mapping[int, FitRequest]) -> dict[int, FitReply | Exception]:
+        messages = {cid: Message(encode_fit(req), self.nodes[cid], MessageType.TRAIN, group_id=str(req.round))
+                    for cid, req in requests.items() if cid in self.nodes}
         replies = self._exchange(messages)
         out: dict[int, FitReply | Exception] = {}
         for cid, req in requests.items():
-            reply = replies.get(cid)
             try:
-                out[cid] = self._fit_reply(reply, req)
-            except Exception as exc:  # malformed or failed: dropped and recorded by the orchestrator
+                if cid not in self.nodes:
+                    raise RuntimeError(f"no SuperNode serves client {cid}")
+                out[cid] = self._fit_reply(replies.get(cid), req)
+            except Exception as exc:  # malformed or failed: dropped and recorded by the runner
                 out[cid] = exc
         return out
 
@@ -129,25 +112,33 @@ class FlowerBackend:
             raise ValueError(f"malformed reply: no 'metrics' record (got {sorted(content)})")
         factors = from_record(content["factors"]) if "factors" in content else None
         head = from_record(content["head"]) if "head" in content else None
-        return FitReply(factors, head)
+        num = content["metrics"].get("num_samples", 0)  # type: ignore[union-attr]
+        return FitReply(factors, head, int(num))  # type: ignore[arg-type]
 
-    def evaluate(self, orch: FederatedOrchestrator, requests: Mapping[int, EvalRequest]) -> dict[int, float]:
-        messages: dict[int, Message] = {}
-        for cid, req in requests.items():
-            content = self._content(req)
-            content["config"] = ConfigRecord({"tiers": [t.value for t in req.tiers], "own_head": req.own_head,
-                                              "cached": [t.value for t in req.cached], "round": orch.round + 1})
-            messages[cid] = Message(content, self.nodes[cid], MessageType.EVALUATE, group_id=f"eval-{orch.round}")
-        out: dict[int, float] = {}
+    def evaluate(self, requests: Mapping[int, EvalRequest]) -> dict[int, float | Exception]:
+        messages = {cid: Message(encode_eval(req), self.nodes[cid], MessageType.EVALUATE, group_id=f"eval-{req.round}")
+                    for cid, req in requests.items() if cid in self.nodes}
+        out: dict[int, float | Exception] = {cid: RuntimeError("no reply") for cid in requests}
         for cid, reply in self._exchange(messages).items():
-            if not reply.has_error() and "metrics" in reply.content:
-                out[cid] = float(reply.content["metrics"]["accuracy"])  # type: ignore[index,arg-type]
+            if reply.has_error():
+                out[cid] = RuntimeError(f"client error {reply.error.code}: {reply.error.reason}")
+            elif "metrics" in reply.content and "score" in reply.content["metrics"]:  # type: ignore[operator]
+                out[cid] = float(reply.content["metrics"]["score"])  # type: ignore[index,arg-type]
         return out  # clients that failed to evaluate are left out of the round's accuracy
+
+    def reject(self, client_ids: Iterable[int]) -> None:
+        """Nothing to undo here: a remote client keeps what it stored (its next request overrides it)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # the client stores live on the SuperNodes
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        return None
 
 
 def discover_clients(grid: Grid, min_nodes: int = 1, timeout: float | None = None, wait_s: float = 600.0
-                     ) -> tuple[list[ClientData], dict[int, int]]:
-    """Wait for ``min_nodes`` SuperNodes, then ask each which client it serves.
+                     ) -> tuple[list[ClientData], list[ClientData], dict[int, int]]:
+    """Wait for ``min_nodes`` SuperNodes, then ask each which client it serves (training or unseen).
 
     The server keeps the clients' sizes and groups, never their data.
     """
@@ -159,6 +150,7 @@ def discover_clients(grid: Grid, min_nodes: int = 1, timeout: float | None = Non
         time.sleep(0.5)
     queries = [Message(RecordDict({"config": ConfigRecord({})}), node, MessageType.QUERY) for node in nodes]
     clients: list[ClientData] = []
+    unseen: list[ClientData] = []
     mapping: dict[int, int] = {}
     for reply in grid.send_and_receive(queries, timeout=timeout):
         if reply.has_error() or "info" not in reply.content:
@@ -169,12 +161,13 @@ def discover_clients(grid: Grid, min_nodes: int = 1, timeout: float | None = Non
             raise ValueError(f"two SuperNodes serve client {cid}; give each a distinct partition-id")
         group = int(info["group"])  # type: ignore[arg-type]
         mapping[cid] = reply.metadata.src_node_id
-        clients.append(ClientData(cid, RemoteData(int(info["num_samples"]), cid),  # type: ignore[arg-type]
-                                  RemoteData(int(info["num_test"]), cid),  # type: ignore[arg-type]
-                                  None if group < 0 else group))
+        data = ClientData(cid, RemoteData(int(info["num_samples"]), cid),  # type: ignore[arg-type]
+                          RemoteData(int(info["num_test"]), cid),  # type: ignore[arg-type]
+                          None if group < 0 else group)
+        (unseen if bool(info.get("unseen", False)) else clients).append(data)
     if not clients:
-        raise RuntimeError(f"none of the {len(nodes)} SuperNodes answered the client query")
-    return sorted(clients, key=lambda c: c.client_id), mapping
+        raise RuntimeError(f"none of the {len(nodes)} SuperNodes answered the client query as a training client")
+    return sorted(clients, key=lambda c: c.client_id), sorted(unseen, key=lambda c: c.client_id), mapping
 
 
 def run_federation(
@@ -191,8 +184,9 @@ def run_federation(
     """Run the experiment ``cfg`` over the clients connected to ``grid`` (the ServerApp's main body).
 
     The server builds the same model as the clients (for shapes and the shared-seed initialization;
-    it never trains) and the :class:`FederationConfig` of ``cfg``. Unseen-client evaluation is not
-    part of a Flower run (held-out clients are simply not started as SuperNodes).
+    it never trains) and the :class:`FederationConfig` of ``cfg``. SuperNodes that serve unseen
+    clients (``partition-id`` past the training clients) are routed, probed and fine-tuned at the end,
+    as in process.
 
     With ``resume`` the run continues from ``checkpoint_path``. SuperNodes keep their leaf, personal
     head and frozen tiers only in memory (``context.state``), so after a restart the frozen tiers are
@@ -200,13 +194,13 @@ def run_federation(
     """
     validate_config(cfg)
     config = build_federation_config(cfg)
-    clients, nodes = discover_clients(grid, max(min_nodes, config.min_clients), timeout)
+    clients, unseen, nodes = discover_clients(grid, max(min_nodes, config.min_clients), timeout)
     backend = FlowerBackend(grid, nodes, timeout, message_hook)
-    orch = FederatedOrchestrator(build_model(cfg), clients, config,
+    orch = FederatedOrchestrator(build_model(cfg), clients, config, unseen=unseen,
                                  checkpoint_path=checkpoint_path, progress=progress, backend=backend)
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
         orch.load_state_dict(load_checkpoint(Path(checkpoint_path)))
-        orch.has_final = {tier: set() for tier in orch.has_final}  # nodes may have restarted: resend once
+        orch.runner.state.has_final = {tier: set() for tier in orch.has_final}  # nodes may have restarted
     return orch, orch.run(stop_after=stop_after)
 
 

@@ -35,7 +35,7 @@ def run_simulation(
     resume: bool = False,
     stop_after: int | None = None,
 ) -> tuple[FederatedOrchestrator, FederatedResult]:
-    """Simulate the federation of ``cfg`` with one virtual SuperNode per training client.
+    """Simulate the federation of ``cfg`` with one virtual SuperNode per client (training, then unseen).
 
     Args:
         cfg: the experiment config (as for ``hilora-fl run``).
@@ -45,10 +45,11 @@ def run_simulation(
         fault, message_hook: see :func:`make_client_app` and :class:`FlowerBackend`.
         resume, stop_after: continue from ``out_dir/federation.pt``; stop after that many rounds.
     """
-    clients, _ = build_clients(cfg.get("data", {}), int(cfg.get("seed", 0)))
-    n = num_supernodes or len(clients)
-    if n > len(clients):
-        raise ValueError(f"num_supernodes={n} exceeds the {len(clients)} training clients of the config")
+    clients, unseen = build_clients(cfg.get("data", {}), int(cfg.get("seed", 0)))
+    n = num_supernodes or len(clients) + len(unseen)
+    if n > len(clients) + len(unseen):
+        raise ValueError(f"num_supernodes={n} exceeds the {len(clients)} training and {len(unseen)} unseen clients "
+                         "of the config")
     captured: dict[str, Any] = {}
 
     def keep(orch: FederatedOrchestrator, result: FederatedResult) -> None:

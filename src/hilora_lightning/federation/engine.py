@@ -1,0 +1,305 @@
+"""One round engine for HiLoRA and the baselines: a strategy in Flower's Message-API shape, one runner.
+
+A :class:`Strategy` decides and aggregates; it never trains. Per round it is asked, in Flower's
+order, for the fit requests of each fit phase (``configure_fit``), folds the validated replies in
+(``aggregate_fit``), moves its schedule on (``end_of_round``: HiLoRA's stage change and clustering),
+and names what to evaluate (``configure_evaluate``). The :class:`FederationRunner` owns the rest,
+once for every strategy: the loop, seeded client selection, ``min_clients``, reply validation
+against the model's expected shapes (heads included), records, evaluation cadence, atomic
+checkpoints with resume, and the round counter. A round works on a copy of the
+:class:`~hilora_lightning.federation.server_state.ServerState` and commits it once.
+
+Example:
+    >>> from hilora_lightning.federation.engine import Expected
+    >>> Expected(factors=None, head=None).allows_upload
+    False
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from hilora_lightning.data.clients import ClientData
+from hilora_lightning.errors import AdapterStateError, HiLoraError
+from hilora_lightning.federation.backend import ClientBackend
+from hilora_lightning.federation.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from hilora_lightning.federation.client import select_clients, state_bytes
+from hilora_lightning.federation.requests import EvalRequest, FitReply, FitRequest
+from hilora_lightning.federation.result import FederatedResult, RoundRecord, accuracy_summary
+from hilora_lightning.federation.server_state import ServerState
+from hilora_lightning.state import validate_tier_state
+from hilora_lightning.tiers import Tier
+
+__all__ = ["CHECKPOINT_VERSION", "Expected", "FederationError", "FederationRunner", "Payload", "RoundContext",
+           "Strategy", "require_min_clients"]
+
+CHECKPOINT_VERSION = 2
+
+
+class FederationError(HiLoraError, RuntimeError):
+    """A round could not complete (too few clients succeeded); the last good state is kept."""
+
+
+def require_min_clients(t: int, ok: Sequence[int], selected: Sequence[int], min_clients: int,
+                        failed: Mapping[int, str], note: str = "") -> None:
+    """Fail round ``t`` (keeping the previous state) when fewer than ``min_clients`` clients succeeded."""
+    if len(ok) < min_clients:
+        raise FederationError(
+            f"round {t}: only {len(ok)} of {len(selected)} clients succeeded, fewer than "
+            f"min_clients={min_clients}; failures: {dict(failed)}. The state after round {t - 1} is kept{note}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Payload:
+    """One client's upload: the trained shared slot's factors, maybe the head, and its sample count."""
+
+    client_id: int
+    round: int
+    tier: Tier
+    factors: dict[str, Tensor]
+    head: dict[str, Tensor] | None
+    num_samples: int
+
+    @property
+    def nbytes(self) -> int:
+        return state_bytes(self.factors) + state_bytes(self.head)
+
+
+@dataclasses.dataclass(frozen=True)
+class Expected:
+    """What a reply of one fit phase must hold: factor keys/shapes and head keys/shapes (``None``: nothing)."""
+
+    factors: Mapping[str, tuple[int, ...]] | None
+    head: Mapping[str, tuple[int, ...]] | None
+    max_norm: float | None = None
+
+    @property
+    def allows_upload(self) -> bool:
+        return self.factors is not None or self.head is not None
+
+
+class RoundContext:
+    """What a strategy may use between fits: the clients' metadata and the backend (probes, unseen clients)."""
+
+    def __init__(self, backend: ClientBackend, clients: Mapping[int, ClientData], unseen: Mapping[int, ClientData]):
+        self.backend, self.clients, self.unseen = backend, clients, unseen
+
+    def fit(self, requests: Mapping[int, FitRequest]) -> dict[int, FitReply | Exception]:
+        return self.backend.fit(requests) if requests else {}
+
+    def evaluate(self, requests: Mapping[int, EvalRequest]) -> dict[int, float | Exception]:
+        return self.backend.evaluate(requests) if requests else {}
+
+    def scores(self, requests: Mapping[int, EvalRequest]) -> dict[int, float]:
+        """The scores of the clients that could be evaluated (a failing client is left out)."""
+        return {cid: float(v) for cid, v in self.evaluate(requests).items() if not isinstance(v, Exception)}
+
+
+class Strategy(Protocol):
+    """A federated method as the runner drives it (HiLoRA, or a baseline built from its ``Method``)."""
+
+    name: str
+
+    def initial_state(self, clients: Sequence[int]) -> ServerState: ...
+
+    def fingerprint(self) -> str: ...
+
+    def fit_phases(self, state: ServerState) -> Sequence[Tier]: ...
+
+    def stage_name(self, state: ServerState) -> str: ...
+
+    def configure_fit(self, state: ServerState, t: int, selected: Sequence[int], phase: Tier
+                      ) -> dict[int, FitRequest]: ...
+
+    def download_bytes(self, state: ServerState, request: FitRequest) -> int: ...
+
+    def expected(self, state: ServerState, phase: Tier) -> Expected: ...
+
+    def aggregate_fit(self, state: ServerState, t: int, phase: Tier, payloads: Mapping[int, Payload],
+                      ok: Sequence[int]) -> float | None: ...
+
+    def end_of_round(self, state: ServerState, t: int, rho: float | None, ctx: RoundContext) -> None: ...
+
+    def configure_evaluate(self, state: ServerState) -> dict[int, EvalRequest]: ...
+
+    def finish(self, state: ServerState, ctx: RoundContext) -> FederatedResult: ...
+
+
+def check_reply(reply: FitReply, expected: Expected) -> None:
+    """Keys, shapes, dtypes, finiteness (and the norm bound) of a reply's factors and head, on receipt."""
+    if expected.factors is None and reply.factors is not None:
+        raise AdapterStateError("the reply carries factors, but this round's factors stay on the client")
+    if expected.head is None and reply.head is not None:
+        raise AdapterStateError("the reply carries a head, but this round's head stays on the client")
+    if expected.factors is not None:
+        if reply.factors is None:
+            raise AdapterStateError("the client replied without the trained factors")
+        validate_tier_state(reply.factors, expected.factors, expected.max_norm)
+    if expected.head is not None:
+        if reply.head is None:
+            raise AdapterStateError("the client replied without its head (the head policy shares it)")
+        got = {k: tuple(v.shape) for k, v in reply.head.items()}
+        if got != dict(expected.head):
+            raise AdapterStateError(f"head update has keys/shapes {sorted(got.items())}, expected "
+                                    f"{sorted(dict(expected.head).items())}")
+        if not all(torch.isfinite(v).all() for v in reply.head.values()):
+            raise AdapterStateError("head update holds NaN or Inf values")
+
+
+class FederationRunner:
+    """Runs a :class:`Strategy` over clients behind a backend: the one loop of every method.
+
+    Args:
+        strategy: the method.
+        clients, unseen: training and held-out clients (metadata; the data is the backend's).
+        backend: where client work runs.
+        rounds, fraction_fit, min_clients, eval_every, seed: the schedule the runner owns.
+        checkpoint_path: where the state is written atomically after every round.
+        upload_hook: sees every upload (a :class:`Payload`) before validation; may raise to reject it.
+        progress: print a line per round.
+    """
+
+    def __init__(self, strategy: Strategy, clients: Mapping[int, ClientData], unseen: Mapping[int, ClientData],
+                 backend: ClientBackend, rounds: int, fraction_fit: float = 1.0, min_clients: int = 1,
+                 eval_every: int = 1, seed: int = 0, checkpoint_path: str | Path | None = None,
+                 upload_hook: Callable[[Payload], None] | None = None, progress: bool = True) -> None:
+        self.strategy, self.backend = strategy, backend
+        self.clients, self.unseen = dict(clients), dict(unseen)
+        self.rounds, self.fraction_fit, self.min_clients = rounds, fraction_fit, min_clients
+        self.eval_every, self.seed = eval_every, seed
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self.upload_hook, self.progress = upload_hook, progress
+        self.state = strategy.initial_state(sorted(self.clients))
+        self.working: ServerState | None = None  # the round in progress (None between rounds)
+        self.ctx = RoundContext(backend, self.clients, self.unseen)
+
+    @property
+    def current(self) -> ServerState:
+        """The round in progress while one runs, else the committed state."""
+        return self.working if self.working is not None else self.state
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": CHECKPOINT_VERSION, "strategy": self.strategy.fingerprint(),
+                "client_ids": sorted(self.clients), "state": self.state.to_dict(),
+                "client_stores": self.backend.state_dict()}
+
+    def load_state_dict(self, data: Mapping[str, Any]) -> None:
+        if data.get("version") != CHECKPOINT_VERSION:
+            raise CheckpointError(f"checkpoint version {data.get('version')!r}, expected {CHECKPOINT_VERSION}")
+        if data.get("strategy") != self.strategy.fingerprint() or data.get("client_ids") != sorted(self.clients):
+            raise CheckpointError(
+                "the checkpoint belongs to a different run (config or client ids differ); "
+                "resume with the same FederationConfig and clients, or start a new checkpoint path"
+            )
+        self.state = ServerState.from_dict(data["state"])
+        self.backend.load_state_dict(data.get("client_stores", {}))
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, resume: bool = False, stop_after: int | None = None) -> FederatedResult:
+        """Run (or, with ``resume``, continue from the checkpoint) until the round budget is spent."""
+        if resume:
+            if self.checkpoint_path is None:
+                raise ValueError("resume=True needs a checkpoint_path")
+            if self.checkpoint_path.exists():
+                self.load_state_dict(load_checkpoint(self.checkpoint_path))
+        last = self.rounds if stop_after is None else min(self.rounds, stop_after)
+        while self.state.round < last:
+            self.step()
+        if self.state.round < self.rounds:  # stopped early: records only, no extra evaluation
+            s = self.state
+            return FederatedResult(list(s.records), {}, {}, dict(s.assignment), s.num_clusters, s.clustering_ari,
+                                   {}, {}, s.elapsed)
+        return self.strategy.finish(self.state, self.ctx)
+
+    def step(self) -> RoundRecord:
+        """Run one round on a working copy and commit it; a failure leaves state and stores as they were."""
+        t = self.state.round + 1
+        stores = self.backend.state_dict()
+        self.working = self.state.copy()
+        start = time.perf_counter()
+        try:
+            record = self._round(self.working, t)
+        except BaseException:
+            self.backend.load_state_dict(stores)
+            raise
+        finally:
+            work, self.working = self.working, None
+        record.seconds = time.perf_counter() - start
+        work.elapsed += record.seconds
+        work.records.append(record)
+        work.round = t
+        self.state = work  # the commit
+        if self.checkpoint_path is not None:
+            save_checkpoint(self.state_dict(), self.checkpoint_path)
+        if self.progress:
+            print(record.progress_line(self.rounds), flush=True)
+        return record
+
+    def select(self, t: int) -> list[int]:
+        """Seeded sampling of ``max(min_clients, ceil(fraction_fit * n))`` clients for round ``t``."""
+        return select_clients(list(self.clients), self.fraction_fit, self.min_clients, self.seed, t)
+
+    def _round(self, work: ServerState, t: int) -> RoundRecord:
+        strategy = self.strategy
+        stage = strategy.fit_phases(work)
+        selected = self.select(t)
+        failed: dict[int, str] = {}
+        up = down = 0
+        rho: float | None = None
+        for phase in stage:
+            requests = strategy.configure_fit(work, t, selected, phase)
+            downloads = {cid: strategy.download_bytes(work, req) for cid, req in requests.items()}
+            replies = self.ctx.fit(requests)
+            expected = strategy.expected(work, phase)
+            payloads: dict[int, Payload] = {}
+            phase_failed: dict[int, str] = {}
+            for cid in requests:
+                reply = replies.get(cid, RuntimeError("no reply from the client"))
+                try:
+                    if isinstance(reply, Exception):
+                        raise reply
+                    if expected.allows_upload and reply.factors is not None and self.upload_hook is not None:
+                        self.upload_hook(Payload(cid, t, phase, reply.factors, reply.head,
+                                                 self.clients[cid].num_samples))
+                    check_reply(reply, expected)
+                    payloads[cid] = Payload(cid, t, phase, reply.factors or {}, reply.head,
+                                            self.clients[cid].num_samples)
+                except Exception as exc:  # a failing client is dropped and recorded, the round goes on
+                    phase_failed[cid] = f"{type(exc).__name__}: {exc}"
+            self.backend.reject(phase_failed)
+            failed.update(phase_failed)
+            ok = [cid for cid in selected if cid not in failed and cid in payloads]
+            require_min_clients(t, ok, selected, self.min_clients, phase_failed, note=" (checkpoint untouched)")
+            rho_phase = strategy.aggregate_fit(work, t, phase, {c: payloads[c] for c in ok}, ok)
+            rho = rho_phase if rho_phase is not None else rho
+            up += sum(payloads[c].nbytes for c in ok)
+            down += sum(downloads.get(c, 0) for c in ok)
+        succeeded = [cid for cid in selected if cid not in failed]
+        for cid in succeeded:
+            work.clients[cid].rounds_trained += 1
+        rho_kept = rho if rho is not None and math.isfinite(rho) else None  # JSON has no inf
+        record = RoundRecord(t, strategy.stage_name(work), selected, succeeded, failed, rho_kept,
+                             bytes_up_per_client=up / max(len(succeeded), 1),
+                             bytes_down_per_client=down / max(len(succeeded), 1))
+        work.round = t - 1  # end_of_round reads the rounds completed before this one
+        strategy.end_of_round(work, t, rho, self.ctx)
+        if t % self.eval_every == 0 or t == self.rounds:
+            accs = self.evaluate(strategy.configure_evaluate(work))
+            summary = accuracy_summary(list(accs.values()))
+            record.acc_mean, record.acc_p10, record.acc_min, record.acc_std = (
+                summary["mean"], summary["p10"], summary["min"], summary["std"])
+        return record
+
+    def evaluate(self, requests: Mapping[int, EvalRequest]) -> dict[int, float]:
+        """Scores of the clients that could be evaluated (a failing client is left out)."""
+        return self.ctx.scores(requests)
