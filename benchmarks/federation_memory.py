@@ -38,11 +38,12 @@ def child(model_key: str, n: int) -> dict[str, float]:
     clients = [ClientData(i, ds, ds) for i in range(n)]
     orch = FederatedOrchestrator(model, clients, FederationConfig(rounds=3, root_rounds=(1, 1),
                                                                   cluster_rounds=(1, 1)), progress=False)
-    for cid, cs in orch.client_states.items():
+    for cid in orch.clients:  # each client's store holds its leaf and personal head, as after the leaf stage
         model.reset_tier(Tier.LEAF, cid)
-        cs.leaf = export_tier(model, Tier.LEAF)  # fresh copies, as a trained leaf would be
-        cs.head = head_state(model)
-    per_client = state_bytes(orch.client_states[0].leaf) + state_bytes(orch.client_states[0].head)
+        store = orch.client_store(cid)
+        store["leaf"] = export_tier(model, Tier.LEAF)  # fresh copies, as a trained leaf would be
+        store["head"] = head_state(model)
+    per_client = state_bytes(orch.client_store(0)["leaf"]) + state_bytes(orch.client_store(0)["head"])
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     return {"rss_bytes": float(rss), "state_bytes": float(per_client)}
 
