@@ -9,12 +9,11 @@ from torch.utils.data import TensorDataset
 
 from hilora_lightning import HiLoRAViT, Tier
 from hilora_lightning.baselines import BASELINES, BaselineRunner, FedALT, FedDPAF, FedIT, FedSALoRA, Method
-from hilora_lightning.baselines.methods import server_aggregate
+from hilora_lightning.baselines.methods import local_rounds, server_aggregate
 from hilora_lightning.compare import (
     METHODS,
     Comparison,
     SeedComparison,
-    local_rounds,
     parse_methods,
     parse_seeds,
     run_comparison,

@@ -153,3 +153,43 @@ def test_partial_participation_and_unseen_clients_run_on_flower() -> None:
     ref.checkpoint_path, ref.progress = None, False
     expected = ref.run()
     assert expected.routing == result.routing and orch.assignment == ref.assignment
+
+
+def test_a_baseline_runs_on_flower_like_in_process() -> None:
+    """FedSA-LoRA over Flower: the same requests on the same runtime; each node keeps its own B."""
+    cfg = {**CFG, "method": "fedsa-lora", "federation": {**CFG["federation"], "rounds": 3}}
+    runner, result = run_simulation(cfg, num_supernodes=4)
+    ref = build_experiment(cfg)
+    ref.runner.checkpoint_path, ref.runner.progress = None, False
+    expected = ref.run()
+    assert [r.stage for r in result.records] == ["federated"] * 3 and not any(r.failed for r in result.records)
+    assert result.records[0].bytes_up_per_client == expected.records[0].bytes_up_per_client  # A and the head only
+    for key, value in ref.global_state.items():  # A averaged, B untouched: compare within float32 sum noise
+        assert (runner.global_state[key] - value).norm() <= 1e-3 * max(float(value.norm()), 1e-6), key
+    for cid, acc in expected.client_accuracy.items():
+        assert abs(result.client_accuracy[cid] - acc) <= 0.02
+
+
+def test_requests_survive_the_wire_format() -> None:
+    from hilora_lightning.baselines import FDLoRA
+    from hilora_lightning.federation.requests import EvalRequest, Phase
+    from hilora_lightning.flower.messages import decode_eval, decode_fit, encode_eval, encode_fit
+
+    gates = {"blocks.0.attn.qkv.tier_gate.weights": torch.tensor([0.5, 0.5])}
+    state = {"m.lora_A": torch.randn(2, 3), "m.lora_B": torch.randn(4, 2)}
+    req = FitRequest(5, 3, Tier.CLUSTER, {Tier.ROOT: state, Tier.CLUSTER: state, Tier.LEAF: None},
+                     {"w": torch.ones(2)}, 11, 12, own_head=True, cached=(Tier.ROOT,), final=(Tier.ROOT,),
+                     batch_size=8, epochs=2, steps=None, phases=tuple(FDLoRA(rounds=2).phases(1)) + (Phase(
+                         (Tier.ROOT,), (), 0.25, gates=True, head=False),), phase_epochs=True, upload="A",
+                     keep=((Tier.ROOT, "B"), (Tier.LEAF, "AB")), keep_head=True, return_head=False, gates=True,
+                     gate_init=gates)
+    back = decode_fit(encode_fit(req))
+    assert back.view[Tier.ROOT] is None  # cached on the client: not sent
+    assert torch.equal(back.view[Tier.CLUSTER]["m.lora_B"], state["m.lora_B"]) and back.view[Tier.LEAF] is None
+    for field in ("client_id", "round", "tier", "seed", "leaf_seed", "own_head", "cached", "final", "batch_size",
+                  "epochs", "steps", "phases", "phase_epochs", "upload", "keep", "keep_head", "return_head", "gates"):
+        assert getattr(back, field) == getattr(req, field), field
+    assert torch.equal(back.gate_init["blocks.0.attn.qkv.tier_gate.weights"], gates[next(iter(gates))])
+    ev = EvalRequest(5, (Tier.ROOT, Tier.CLUSTER), {Tier.ROOT: state}, {}, metric="loss", gates=True)
+    got = decode_eval(encode_eval(ev))
+    assert got.metric == "loss" and got.tiers == ev.tiers and got.head == {} and got.gates

@@ -84,7 +84,7 @@ def test_model_gate_state_round_trip_and_switches() -> None:
     changed = {k: v + 1.0 for k, v in state.items()}
     model.load_gate_state(changed)
     assert all(torch.equal(model.gate_state()[k], changed[k]) for k in state)
-    assert set(state) <= set(model.adapter_state_dict())  # checkpoints keep the gates
+    assert {f"model.{k}" for k in state} <= set(model.adapter_state_dict())  # checkpoints keep the gates
     model._fingerprint = None
     assert model.backbone_fingerprint() == fingerprint  # gates are adapter state, not backbone
     model.set_tiers(["cluster", "leaf"], ["leaf"], head=False, gates=True)

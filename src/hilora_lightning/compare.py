@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from hilora_lightning.baselines import BASELINES, BaselineRunner
+from hilora_lightning.baselines.methods import make_method
 from hilora_lightning.experiment import build_clients, build_federation_config, build_model, validate_config
 from hilora_lightning.federation import FederatedOrchestrator, FederatedResult, FederationConfig
 from hilora_lightning.federation.result import RoundRecord, format_rows
@@ -85,12 +86,6 @@ def parse_seeds(value: str | int | Sequence[int] | None, default: int) -> list[i
     if not seeds or any(v < 0 for v in seeds):
         raise ValueError(f"seeds must be non-negative ints like 0,1,2, got {value!r}")
     return list(dict.fromkeys(seeds))
-
-
-def local_rounds(config: FederationConfig) -> int:
-    """The rounds HiLoRA keeps for its leaf stage at least; FedDPA-F's local-adapter rounds."""
-    rest = config.rounds - config.root_rounds[1] - config.cluster_rounds[1]
-    return rest if rest > 0 else max(1, config.rounds // 5)
 
 
 def _variant_config(config: FederationConfig, changes: Mapping[str, Any]) -> FederationConfig:
@@ -229,7 +224,7 @@ def run_method(name: str, cfg: Mapping[str, Any], clients: Sequence[Any], unseen
     config = build_federation_config(cfg)
     trainer = dict(cfg.get("trainer", {}))
     if name in BASELINES:
-        method = BASELINES[name](rounds=config.rounds, local_rounds=local_rounds(config))
+        method = make_method(name, config)
         model = build_model(cfg, gamma_c=0.0, gamma_l=0.0)
         return BaselineRunner(method, model, clients, config, unseen, trainer, progress=progress).run()
     model_over, fed_changes = HILORA_VARIANTS[name]

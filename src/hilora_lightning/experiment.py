@@ -19,7 +19,7 @@ import dataclasses
 import difflib
 import inspect
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,9 @@ _DATA_KEYS = {"name", "num_clients", "num_groups", "unseen_fraction", "train_fra
               "test_fraction", "domains"}
 
 
+_LOADER_KEYS = ("num_workers", "pin_memory", "persistent_workers")
+
+
 def _fields(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
@@ -69,8 +72,9 @@ def _schema() -> dict[str, Any]:
     model["adapter"] = adapter
     federation = dict.fromkeys(_fields(FederationConfig))
     federation["clustering"] = dict.fromkeys(_fields(ClusteringConfig))
-    return {"seed": None, "out_dir": None, "data": dict.fromkeys(_DATA_KEYS), "model": model,
-            "federation": federation, "trainer": "*", "compare": {"methods": None, "seeds": None}}
+    return {"seed": None, "out_dir": None, "method": None, "data": dict.fromkeys(_DATA_KEYS), "model": model,
+            "federation": federation, "trainer": "*", "loader": dict.fromkeys(_LOADER_KEYS),
+            "compare": {"methods": None, "seeds": None}}
 
 
 def _check(node: Mapping[str, Any], schema: Mapping[str, Any], prefix: str) -> None:
@@ -86,8 +90,20 @@ def _check(node: Mapping[str, Any], schema: Mapping[str, Any], prefix: str) -> N
 
 
 def validate_config(cfg: Mapping[str, Any]) -> None:
-    """Reject unknown keys (naming the closest valid one); ``trainer`` passes anything to Lightning."""
+    """Reject unknown keys (naming the closest valid one) and unknown methods; ``trainer`` passes anything
+    to Lightning."""
     _check(cfg, _schema(), "")
+    method = cfg.get("method")
+    if method is not None:
+        from hilora_lightning.baselines.methods import BASELINES
+
+        valid = ["hilora", *sorted(BASELINES)]
+        if method not in valid:
+            raise ValueError(f"unknown method {method!r} (config key 'method'); valid: {valid}")
+    if cfg.get("loader") is not None:
+        from hilora_lightning.federation.local import LoaderSpec
+
+        LoaderSpec.from_dict(dict(cfg["loader"]))
 
 
 def build_clients(data: Mapping[str, Any], seed: int) -> tuple[list[ClientData], list[ClientData]]:
@@ -145,16 +161,32 @@ def build_federation_config(cfg: Mapping[str, Any]) -> FederationConfig:
     return FederationConfig(**{"seed": int(cfg.get("seed", 0)), **fed})
 
 
-def build_experiment(cfg: Mapping[str, Any]) -> FederatedOrchestrator:
-    """Validate ``cfg`` and build the orchestrator it describes (nothing runs yet)."""
+def build_runner(cfg: Mapping[str, Any], clients: Sequence[ClientData], unseen: Sequence[ClientData] = (),
+                 checkpoint_path: str | Path | None = None, backend: Any = None, progress: bool = True) -> Any:
+    """The runner of ``cfg``'s ``method``: a :class:`FederatedOrchestrator` for ``"hilora"`` (the
+    default), a :class:`~hilora_lightning.baselines.BaselineRunner` for a baseline's name. Shared by
+    the CLI and the Flower ServerApp."""
+    method = str(cfg.get("method", "hilora") or "hilora")
+    config = build_federation_config(cfg)
+    common: dict[str, Any] = {"trainer_kwargs": dict(cfg.get("trainer", {}) or {}), "checkpoint_path": checkpoint_path,
+                              "progress": progress, "backend": backend, "loader": cfg.get("loader")}
+    if method == "hilora":
+        return FederatedOrchestrator(build_model(cfg), clients, config, unseen=unseen, **common)
+    from hilora_lightning.baselines import BaselineRunner
+    from hilora_lightning.baselines.methods import make_method
+
+    return BaselineRunner(make_method(method, config), build_model(cfg), clients, config, unseen, **common)
+
+
+def build_experiment(cfg: Mapping[str, Any]) -> Any:
+    """Validate ``cfg`` and build the runner it describes (nothing runs yet)."""
     validate_config(cfg)
     clients, unseen = build_clients(cfg.get("data", {}), int(cfg.get("seed", 0)))
     out = Path(cfg.get("out_dir", "runs/experiment"))
-    return FederatedOrchestrator(build_model(cfg), clients, build_federation_config(cfg), unseen=unseen,
-                                 trainer_kwargs=dict(cfg.get("trainer", {})), checkpoint_path=out / "federation.pt")
+    return build_runner(cfg, clients, unseen, checkpoint_path=out / "federation.pt")
 
 
-def save_outputs(orch: FederatedOrchestrator, result: FederatedResult, cfg: Mapping[str, Any], out: Path) -> list[Path]:
+def save_outputs(orch: Any, result: FederatedResult, cfg: Mapping[str, Any], out: Path) -> list[Path]:
     """Write result.json, rounds.csv, the resolved config.yaml and PNG plots into ``out``."""
     import numpy as np
 
@@ -170,7 +202,7 @@ def save_outputs(orch: FederatedOrchestrator, result: FederatedResult, cfg: Mapp
                              title="personalized accuracy per round (stage: " +
                                    ", ".join(dict.fromkeys(r.stage for r in result.records)) + ")")
     paths.append(_save(fig, out / "accuracy_per_round.png"))
-    if orch.last_clustering is not None:
+    if getattr(orch, "last_clustering", None) is not None:
         ids, res = orch.last_clustering
         groups = [orch.clients[c].group for c in ids]
         names = [f"c{c}/g{g}" if g is not None else f"c{c}" for c, g in zip(ids, groups)]
@@ -196,7 +228,7 @@ def _to_yaml(cfg: Mapping[str, Any]) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(json.loads(json.dumps(cfg, default=list))))
 
 
-def run_experiment(cfg: Mapping[str, Any], resume: bool = False) -> tuple[FederatedOrchestrator, FederatedResult]:
+def run_experiment(cfg: Mapping[str, Any], resume: bool = False) -> tuple[Any, FederatedResult]:
     """Build and run; with ``resume`` continue from ``out_dir/federation.pt`` if it exists."""
     orch = build_experiment(cfg)
     return orch, orch.run(resume=resume)

@@ -33,6 +33,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from hilora_lightning.federation.config import FederationConfig
 from hilora_lightning.federation.requests import Phase
 from hilora_lightning.strategy.aggregation import fedavg_states, leave_one_out_states, product_space_aggregate_states
 from hilora_lightning.tiers import Tier
@@ -51,6 +52,8 @@ __all__ = [
     "Method",
     "PF2LoRA",
     "Phase",
+    "local_rounds",
+    "make_method",
     "server_aggregate",
 ]
 
@@ -328,3 +331,22 @@ class FedALT(Method):
 BASELINES: dict[str, type[Method]] = {
     cls.name: cls for cls in (LocalLoRA, FedIT, FlexLoRA, FedSALoRA, FDLoRA, FedDPAF, FedDPAT, PF2LoRA, FedALT)
 }
+
+
+def local_rounds(config: FederationConfig) -> int:
+    """The rounds HiLoRA keeps for its leaf stage at least; FedDPA-F's local-adapter rounds."""
+    rest = config.rounds - config.root_rounds[1] - config.cluster_rounds[1]
+    return rest if rest > 0 else max(1, config.rounds // 5)
+
+
+def make_method(name: str, config: FederationConfig) -> Method:
+    """The baseline ``name`` sized to the run's round budget.
+
+    Example:
+        >>> from hilora_lightning.federation.config import FederationConfig
+        >>> make_method("fedit", FederationConfig(rounds=10)).rounds
+        10
+    """
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}: available {sorted(BASELINES)}")
+    return BASELINES[name](rounds=config.rounds, local_rounds=local_rounds(config))

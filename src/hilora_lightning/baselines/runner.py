@@ -107,6 +107,16 @@ class BaselineRunner:
         return self.runner.run(resume=resume, stop_after=stop_after)
 
     @property
+    def last_clustering(self) -> None:
+        """Baselines do not cluster (for the experiment's plots, which ask every runner)."""
+        return None
+
+    @property
+    def state(self) -> Any:
+        """The committed server state, or the round in progress while one runs."""
+        return self.runner.current
+
+    @property
     def global_state(self) -> dict[str, Tensor]:
         """The global LoRA (the root slot's state)."""
         return self.runner.current.root

@@ -13,8 +13,9 @@ Example:
     >>> from hilora_lightning.baselines import FedSALoRA
     >>> from hilora_lightning.baselines.strategy import BaselineStrategy
     >>> from hilora_lightning.federation.config import FederationConfig
-    >>> s = BaselineStrategy(FedSALoRA(rounds=2), HiLoRAViT(gamma_c=0, gamma_l=0), FederationConfig(rounds=2))
-    >>> req = s.configure_fit(s.initial_state([0]), 1, [0], s.fit_phases(s.initial_state([0]))[0])[0]
+    >>> s = BaselineStrategy(FedSALoRA(rounds=10), HiLoRAViT(gamma_c=0, gamma_l=0), FederationConfig(rounds=10))
+    >>> state = s.initial_state([0])
+    >>> req = s.configure_fit(state, 1, [0], s.fit_phases(state)[0])[0]
     >>> req.upload, req.keep[0][1]
     ('A', 'B')
 """

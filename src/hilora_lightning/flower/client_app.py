@@ -30,8 +30,10 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from hilora_lightning.baselines.methods import make_method
+from hilora_lightning.baselines.runner import prepare_baseline_model
 from hilora_lightning.data.clients import ClientData
-from hilora_lightning.experiment import build_clients, build_model
+from hilora_lightning.experiment import build_clients, build_federation_config, build_model
 from hilora_lightning.federation.runtime import ClientRuntime
 from hilora_lightning.flower.codec import to_record
 from hilora_lightning.flower.messages import RecordStore, decode_eval, decode_fit
@@ -44,10 +46,14 @@ _RUNTIME: dict[str, tuple[HiLoRAViT, list[ClientData], Any, list[ClientData]]] =
 
 
 def _runtime(cfg: Mapping[str, Any]) -> tuple[HiLoRAViT, list[ClientData], Any, list[ClientData]]:
-    key = json.dumps({k: cfg.get(k) for k in ("seed", "data", "model")}, sort_keys=True, default=str)
+    key = json.dumps({k: cfg.get(k) for k in ("seed", "data", "model", "method", "federation")}, sort_keys=True,
+                     default=str)
     if key not in _RUNTIME:
         clients, unseen = build_clients(cfg.get("data", {}), int(cfg.get("seed", 0)))
         model = build_model(cfg)
+        method = str(cfg.get("method", "hilora") or "hilora")
+        if method != "hilora":  # a baseline: no penalty, its gates (as the server's BaselineRunner sets up)
+            model = prepare_baseline_model(make_method(method, build_federation_config(cfg)), model)
         _RUNTIME[key] = (model, sorted(clients, key=lambda c: c.client_id), None,
                          sorted(unseen, key=lambda c: c.client_id))
     return _RUNTIME[key]

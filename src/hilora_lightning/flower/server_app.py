@@ -30,9 +30,8 @@ from flwr.serverapp import Grid, ServerApp
 from torch.utils.data import Dataset
 
 from hilora_lightning.data.clients import ClientData
-from hilora_lightning.experiment import build_federation_config, build_model, validate_config
+from hilora_lightning.experiment import build_federation_config, build_runner, validate_config
 from hilora_lightning.federation.checkpoint import load_checkpoint
-from hilora_lightning.federation.orchestrator import FederatedOrchestrator
 from hilora_lightning.federation.requests import EvalRequest, FitReply, FitRequest
 from hilora_lightning.federation.result import FederatedResult
 from hilora_lightning.flower.client_app import config_from_run
@@ -180,7 +179,7 @@ def run_federation(
     progress: bool = True,
     min_nodes: int = 1,
     stop_after: int | None = None,
-) -> tuple[FederatedOrchestrator, FederatedResult]:
+) -> tuple[Any, FederatedResult]:
     """Run the experiment ``cfg`` over the clients connected to ``grid`` (the ServerApp's main body).
 
     The server builds the same model as the clients (for shapes and the shared-seed initialization;
@@ -196,11 +195,10 @@ def run_federation(
     config = build_federation_config(cfg)
     clients, unseen, nodes = discover_clients(grid, max(min_nodes, config.min_clients), timeout)
     backend = FlowerBackend(grid, nodes, timeout, message_hook)
-    orch = FederatedOrchestrator(build_model(cfg), clients, config, unseen=unseen,
-                                 checkpoint_path=checkpoint_path, progress=progress, backend=backend)
+    orch = build_runner(cfg, clients, unseen, checkpoint_path=checkpoint_path, backend=backend, progress=progress)
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
         orch.load_state_dict(load_checkpoint(Path(checkpoint_path)))
-        orch.runner.state.has_final = {tier: set() for tier in orch.has_final}  # nodes may have restarted
+        orch.runner.state.has_final = {t: set() for t in orch.runner.state.has_final}  # nodes may have restarted
     return orch, orch.run(stop_after=stop_after)
 
 
@@ -209,7 +207,7 @@ def make_server_app(
     out_dir: str | Path | None = None,
     resume: bool = False,
     timeout: float | None = None,
-    on_result: Callable[[FederatedOrchestrator, FederatedResult], None] | None = None,
+    on_result: Callable[[Any, FederatedResult], None] | None = None,
     message_hook: MessageHook | None = None,
     min_nodes: int = 1,
     config_root: str | Path | None = None,
