@@ -230,7 +230,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch) -
     assert ck.load_checkpoint(path) == {"round": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["fed.pt"]
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match=r"is not a readable federation checkpoint"):
+    with pytest.raises(RuntimeError, match=r"is not a hilora-lightning federation checkpoint \(no checksum header"):
         ck.load_checkpoint(tmp_path / "junk.pt")
 
 

@@ -36,7 +36,7 @@ from hilora_lightning.federation.backend import ClientBackend, InProcessBackend
 from hilora_lightning.federation.client import check_federation
 from hilora_lightning.federation.config import FederationConfig
 from hilora_lightning.federation.engine import FederationRunner, Payload
-from hilora_lightning.federation.local import LoaderSpec
+from hilora_lightning.federation.local import LoaderSpec, trainer_precision
 from hilora_lightning.federation.result import FederatedResult, RoundRecord
 from hilora_lightning.federation.runtime import ClientRuntime, Store
 from hilora_lightning.model import HiLoRAViT
@@ -100,7 +100,8 @@ class BaselineRunner:
             self.backend.bind(self.runtime, [*clients, *unseen])
         self.runner = FederationRunner(self.strategy, self.clients, self.unseen, self.backend, config.rounds,
                                        config.fraction_fit, config.min_clients, config.eval_every, config.seed,
-                                       checkpoint_path, upload_hook, progress)
+                                       checkpoint_path, upload_hook, progress,
+                                       fingerprint={"trainer.precision": str(trainer_precision(trainer_kwargs))})
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> FederatedResult:
         """Run every round, fuse (FDLoRA), evaluate the clients and the unseen clients."""

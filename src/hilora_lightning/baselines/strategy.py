@@ -32,6 +32,7 @@ from hilora_lightning.baselines.methods import Method, server_aggregate
 from hilora_lightning.federation.client import client_seed, state_bytes
 from hilora_lightning.federation.config import FederationConfig
 from hilora_lightning.federation.engine import Expected, Payload, RoundContext
+from hilora_lightning.federation.fingerprint import config_items, model_items
 from hilora_lightning.federation.requests import EvalRequest, FitRequest, Phase
 from hilora_lightning.federation.result import FederatedResult, accuracy_summary
 from hilora_lightning.federation.server_state import ClientState, ServerState
@@ -70,8 +71,8 @@ class BaselineStrategy:
         self.upload_slot = P if method.rule == "others" else G
 
     # ------------------------------------------------------------------ identity and state
-    def fingerprint(self) -> str:
-        return f"{self.method!r}|{self.config!r}"
+    def fingerprint(self) -> dict[str, str]:
+        return {"method": repr(self.method), **config_items(self.config), **model_items(self.model)}
 
     def initial_state(self, clients: Sequence[int]) -> ServerState:
         return ServerState(root=dict(self.initial_global), global_head=dict(self.initial_head),
@@ -139,7 +140,8 @@ class BaselineStrategy:
         if self.method.rule == "A":
             shapes = {k: v for k, v in shapes.items() if k.endswith(".lora_A")}
         head = self.head_shapes if self.config.head_policy == "tier" else None
-        return Expected(shapes, head, self.config.max_update_norm)
+        return Expected(shapes, head, self.config.max_update_norm,
+                        self.config.outlier_norm)
 
     @property
     def head_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -208,8 +210,9 @@ class BaselineStrategy:
     def finish(self, state: ServerState, ctx: RoundContext) -> FederatedResult:
         """Fuse (FDLoRA), evaluate the clients and the unseen clients."""
         if self.method.fusion_share > 0:
-            ctx.fit({cid: self._fusion(state, cid, self._view(state, cid), -3) for cid in sorted(state.clients)})
-        final = ctx.scores(self.configure_evaluate(state))
+            ctx.fit({cid: self._fusion(state, cid, self._view(state, cid), -3) for cid in sorted(state.clients)},
+                    "fusion")
+        final = ctx.scores(self.configure_evaluate(state), "final personalized")
         generalization = self.evaluate_unseen(state, ctx) if ctx.unseen else {}
         return FederatedResult(list(state.records), final, {"personalized": accuracy_summary(list(final.values()))},
                                {}, 0, None, generalization, {}, state.elapsed)
@@ -222,8 +225,8 @@ class BaselineStrategy:
         row = self.newcomer_row(state)
         gates = self.unseen_gates()
         views = {c: self._view(state, c, row=row) for c in ids}
-        accs: dict[str, Any] = {"zero_leaf": list(ctx.scores({c: self._eval(state, c, views[c], gates)
-                                                               for c in ids}).values()), "finetuned": []}
+        arrive = {c: self._eval(state, c, views[c], gates) for c in ids}
+        accs: dict[str, Any] = {"zero_leaf": list(ctx.scores(arrive, "unseen zero_leaf").values()), "finetuned": []}
         if cfg.finetune_epochs > 0:
             personal = P in method.slots
             head = state.global_head if cfg.head_policy == "tier" else self.initial_head
@@ -232,8 +235,9 @@ class BaselineStrategy:
                                   epochs=cfg.finetune_epochs, phases=tuple(method.unseen_phases()), phase_epochs=True,
                                   upload="", keep=((P if personal else G, "AB"),), keep_head=True, return_head=False,
                                   gates=method.gate_mode is not None, gate_init=gates) for c in ids}
-            done = [c for c, r in ctx.fit(fits).items() if not isinstance(r, Exception)]
+            done = [c for c, r in ctx.fit(fits, "unseen finetune").items() if not isinstance(r, Exception)]
             if method.fusion_share > 0:
-                ctx.fit({c: self._fusion(state, c, views[c], -2, gates) for c in done})
-            accs["finetuned"] = list(ctx.scores({c: self._eval(state, c, views[c], gates) for c in done}).values())
+                ctx.fit({c: self._fusion(state, c, views[c], -2, gates) for c in done}, "unseen fusion")
+            tuned = {c: self._eval(state, c, views[c], gates) for c in done}
+            accs["finetuned"] = list(ctx.scores(tuned, "unseen finetuned").values())
         return {k: accuracy_summary(v) for k, v in accs.items() if v}

@@ -27,6 +27,10 @@ CLUSTERINGS = ("lsac", "given", "kmeans", "random")
 FEATURES = ("A", "B", "delta")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -115,6 +119,10 @@ class FederationConfig:
         aggregation: ``"product"`` (sum pi B A + SVD) or ``"fedavg"`` (factor averaging).
         head_policy: ``"tier"`` (head aggregated at the training tier's level) or ``"local"``.
         max_update_norm: reject uploaded factors whose Frobenius norm exceeds this (``None``: off).
+        outlier_norm: reject an upload whose factor norm, or head norm, exceeds this many times the
+            median of the round's uploads (needs at least 3 uploads; ``None``: off). On by default
+            (10): honest clients' norms stay within a small factor of each other, a scaled or
+            diverged update does not; the client is dropped from the round and recorded.
         eval_every: evaluate every n rounds (the final round is always evaluated).
         seed: seeds client sampling, tier initialization and local shuffling.
         clustering: a :class:`ClusteringConfig`.
@@ -138,6 +146,7 @@ class FederationConfig:
     aggregation: str = "product"
     head_policy: str = "tier"
     max_update_norm: float | None = None
+    outlier_norm: float | None = 10.0
     eval_every: int = 1
     seed: int = 0
     clustering: ClusteringConfig = dataclasses.field(default_factory=ClusteringConfig)
@@ -171,8 +180,12 @@ class FederationConfig:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.head_policy not in HEAD_POLICIES:
             raise ValueError(f"head_policy must be one of {HEAD_POLICIES}, got {self.head_policy!r}")
-        if self.max_update_norm is not None and not self.max_update_norm > 0:
-            raise ValueError(f"max_update_norm must be > 0 or None, got {self.max_update_norm!r}")
+        if self.max_update_norm is not None and not (_is_number(self.max_update_norm) and
+                                                     math.isfinite(self.max_update_norm) and self.max_update_norm > 0):
+            raise ValueError(f"max_update_norm must be a finite number > 0 or None, got {self.max_update_norm!r}")
+        if self.outlier_norm is not None and not (_is_number(self.outlier_norm) and math.isfinite(self.outlier_norm)
+                                                  and self.outlier_norm > 1):
+            raise ValueError(f"outlier_norm must be a finite number > 1 or None (off), got {self.outlier_norm!r}")
         _check_int("eval_every", self.eval_every, 1)
         _check_int("seed", self.seed, 0)
         if isinstance(self.clustering, Mapping):

@@ -32,6 +32,7 @@ from hilora_lightning.errors import AdapterStateError, HiLoraError
 from hilora_lightning.federation.backend import ClientBackend
 from hilora_lightning.federation.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from hilora_lightning.federation.client import select_clients, state_bytes
+from hilora_lightning.federation.fingerprint import client_items, differences
 from hilora_lightning.federation.requests import EvalRequest, FitReply, FitRequest
 from hilora_lightning.federation.result import FederatedResult, RoundRecord, accuracy_summary
 from hilora_lightning.federation.server_state import ServerState
@@ -39,9 +40,9 @@ from hilora_lightning.state import validate_tier_state
 from hilora_lightning.tiers import Tier
 
 __all__ = ["CHECKPOINT_VERSION", "Expected", "FederationError", "FederationRunner", "Payload", "RoundContext",
-           "Strategy", "require_min_clients"]
+           "Strategy", "check_finite_state", "norm_outliers", "require_min_clients"]
 
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
 
 
 class FederationError(HiLoraError, RuntimeError):
@@ -81,6 +82,7 @@ class Expected:
     factors: Mapping[str, tuple[int, ...]] | None
     head: Mapping[str, tuple[int, ...]] | None
     max_norm: float | None = None
+    outlier_norm: float | None = None
 
     @property
     def allows_upload(self) -> bool:
@@ -92,16 +94,28 @@ class RoundContext:
 
     def __init__(self, backend: ClientBackend, clients: Mapping[int, ClientData], unseen: Mapping[int, ClientData]):
         self.backend, self.clients, self.unseen = backend, clients, unseen
+        #: per step (``"probe"``, ``"final root"``, ``"unseen finetune"``...): client id -> why it failed
+        self.failures: dict[str, dict[int, str]] = {}
 
-    def fit(self, requests: Mapping[int, FitRequest]) -> dict[int, FitReply | Exception]:
-        return self.backend.fit(requests) if requests else {}
+    def _note(self, step: str, results: Mapping[int, Any]) -> None:
+        for cid, value in results.items():
+            if isinstance(value, Exception):
+                self.failures.setdefault(step, {})[cid] = f"{type(value).__name__}: {value}"
 
-    def evaluate(self, requests: Mapping[int, EvalRequest]) -> dict[int, float | Exception]:
-        return self.backend.evaluate(requests) if requests else {}
+    def fit(self, requests: Mapping[int, FitRequest], step: str = "fit") -> dict[int, FitReply | Exception]:
+        """Run fit requests (probes, fine-tunes) through the backend; failures are recorded under ``step``."""
+        replies = self.backend.fit(requests) if requests else {}
+        self._note(step, replies)
+        return replies
 
-    def scores(self, requests: Mapping[int, EvalRequest]) -> dict[int, float]:
-        """The scores of the clients that could be evaluated (a failing client is left out)."""
-        return {cid: float(v) for cid, v in self.evaluate(requests).items() if not isinstance(v, Exception)}
+    def evaluate(self, requests: Mapping[int, EvalRequest], step: str = "evaluate") -> dict[int, float | Exception]:
+        results = self.backend.evaluate(requests) if requests else {}
+        self._note(step, results)
+        return results
+
+    def scores(self, requests: Mapping[int, EvalRequest], step: str = "evaluate") -> dict[int, float]:
+        """The scores of the clients that could be evaluated (a failing client is left out and recorded)."""
+        return {cid: float(v) for cid, v in self.evaluate(requests, step).items() if not isinstance(v, Exception)}
 
 
 class Strategy(Protocol):
@@ -111,7 +125,7 @@ class Strategy(Protocol):
 
     def initial_state(self, clients: Sequence[int]) -> ServerState: ...
 
-    def fingerprint(self) -> str: ...
+    def fingerprint(self) -> dict[str, str]: ...
 
     def fit_phases(self, state: ServerState) -> Sequence[Tier]: ...
 
@@ -155,6 +169,49 @@ def check_reply(reply: FitReply, expected: Expected) -> None:
             raise AdapterStateError("head update holds NaN or Inf values")
 
 
+def _norm(state: Mapping[str, Tensor] | None) -> float:
+    if not state:
+        return 0.0
+    return float(torch.sqrt(sum((v.double() ** 2).sum() for v in state.values())))  # type: ignore[arg-type]
+
+
+def norm_outliers(payloads: Mapping[int, Payload], factor: float | None) -> dict[int, str]:
+    """Uploads whose factor norm or head norm exceeds ``factor`` times the round's median (needs 3 uploads).
+
+    Example:
+        >>> import torch
+        >>> up = {c: Payload(c, 1, Tier.ROOT, {"a": torch.ones(2) * s}, None, 1) for c, s in enumerate([1, 1.2, 1e3])}
+        >>> list(norm_outliers(up, 10.0))
+        [2]
+    """
+    if factor is None or len(payloads) < 3:
+        return {}
+    out: dict[int, str] = {}
+    for part in ("factors", "head"):
+        norms = {cid: _norm(getattr(p, part)) for cid, p in payloads.items() if getattr(p, part)}
+        if len(norms) < 3:
+            continue
+        median = float(torch.tensor(sorted(norms.values()), dtype=torch.float64).median())
+        for cid, n in sorted(norms.items()):
+            if n > factor * median and cid not in out:
+                out[cid] = (f"OutlierUpload: {part} norm {n:.4g} exceeds outlier_norm={factor:g} x the round's "
+                            f"median {median:.4g}; update rejected")
+    return out
+
+
+def check_finite_state(state: ServerState, t: int, payloads: Mapping[int, Payload]) -> None:
+    """Refuse to commit an aggregate holding NaN or Inf (finite uploads can still overflow together)."""
+    tensors = [*state.root.values(), *state.global_head.values()]
+    for group in (*state.clusters.values(), *state.cluster_heads.values()):
+        tensors.extend(group.values())
+    if all(bool(torch.isfinite(v).all()) for v in tensors):
+        return
+    largest = sorted(payloads, key=lambda c: -_norm(payloads[c].factors))[:3]
+    raise FederationError(f"round {t}: the aggregate holds NaN or Inf values (finite uploads overflowed); the "
+                          f"largest uploads came from clients {largest}. The state after round {t - 1} is kept; "
+                          "lower outlier_norm or set max_update_norm")
+
+
 class FederationRunner:
     """Runs a :class:`Strategy` over clients behind a backend: the one loop of every method.
 
@@ -171,13 +228,15 @@ class FederationRunner:
     def __init__(self, strategy: Strategy, clients: Mapping[int, ClientData], unseen: Mapping[int, ClientData],
                  backend: ClientBackend, rounds: int, fraction_fit: float = 1.0, min_clients: int = 1,
                  eval_every: int = 1, seed: int = 0, checkpoint_path: str | Path | None = None,
-                 upload_hook: Callable[[Payload], None] | None = None, progress: bool = True) -> None:
+                 upload_hook: Callable[[Payload], None] | None = None, progress: bool = True,
+                 fingerprint: Mapping[str, str] | None = None) -> None:
         self.strategy, self.backend = strategy, backend
         self.clients, self.unseen = dict(clients), dict(unseen)
         self.rounds, self.fraction_fit, self.min_clients = rounds, fraction_fit, min_clients
         self.eval_every, self.seed = eval_every, seed
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.upload_hook, self.progress = upload_hook, progress
+        self.extra_fingerprint = dict(fingerprint or {})
         self.state = strategy.initial_state(sorted(self.clients))
         self.working: ServerState | None = None  # the round in progress (None between rounds)
         self.ctx = RoundContext(backend, self.clients, self.unseen)
@@ -188,20 +247,37 @@ class FederationRunner:
         return self.working if self.working is not None else self.state
 
     # ------------------------------------------------------------------ checkpoints
+    def fingerprint(self) -> dict[str, str]:
+        """Everything that shapes the result (strategy, model, partition, trainer, format), as flat text items."""
+        return {"format": str(CHECKPOINT_VERSION), **self.strategy.fingerprint(),
+                **client_items(list(self.clients.values()), list(self.unseen.values())), **self.extra_fingerprint}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"version": CHECKPOINT_VERSION, "strategy": self.strategy.fingerprint(),
-                "client_ids": sorted(self.clients), "state": self.state.to_dict(),
-                "client_stores": self.backend.state_dict()}
+        return {"version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint(), "client_ids": sorted(self.clients),
+                "state": self.state.to_dict(), "client_stores": self.backend.state_dict()}
 
     def load_state_dict(self, data: Mapping[str, Any]) -> None:
+        """Restore a checkpoint of *this* run; any difference in what shapes the result is refused, listed."""
         if data.get("version") != CHECKPOINT_VERSION:
-            raise CheckpointError(f"checkpoint version {data.get('version')!r}, expected {CHECKPOINT_VERSION}")
-        if data.get("strategy") != self.strategy.fingerprint() or data.get("client_ids") != sorted(self.clients):
-            raise CheckpointError(
-                "the checkpoint belongs to a different run (config or client ids differ); "
-                "resume with the same FederationConfig and clients, or start a new checkpoint path"
-            )
-        self.state = ServerState.from_dict(data["state"])
+            raise CheckpointError(f"checkpoint format version {data.get('version')!r}, this code reads "
+                                  f"{CHECKPOINT_VERSION}; start a new checkpoint path")
+        diff = differences(dict(data.get("fingerprint", {})), self.fingerprint())
+        if diff:
+            raise CheckpointError("the checkpoint belongs to a different run; resume with the same settings, "
+                                  "model and clients, or start a new checkpoint path. Differences: " + "; ".join(diff))
+        try:
+            state = ServerState.from_dict(data["state"])
+            if not isinstance(data.get("client_stores", {}), Mapping):
+                raise TypeError("client_stores is not a mapping")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"the checkpoint's state is malformed ({type(exc).__name__}: {exc}); "
+                                  "start a new checkpoint path") from exc
+        if not 0 <= state.round <= self.rounds or len(state.records) != state.round:
+            raise CheckpointError(f"the checkpoint says round {state.round} with {len(state.records)} records, "
+                                  f"but this run has {self.rounds} rounds; start a new checkpoint path")
+        if set(state.clients) != set(self.clients):
+            raise CheckpointError("the checkpoint's client states do not match this run's clients")
+        self.state = state
         self.backend.load_state_dict(data.get("client_stores", {}))
 
     # ------------------------------------------------------------------ the loop
@@ -219,7 +295,10 @@ class FederationRunner:
             s = self.state
             return FederatedResult(list(s.records), {}, {}, dict(s.assignment), s.num_clusters, s.clustering_ari,
                                    {}, {}, s.elapsed)
-        return self.strategy.finish(self.state, self.ctx)
+        self.ctx.failures = {}
+        result = self.strategy.finish(self.state, self.ctx)
+        result.failures = dict(self.ctx.failures)
+        return result
 
     def step(self) -> RoundRecord:
         """Run one round on a working copy and commit it; a failure leaves state and stores as they were."""
@@ -276,11 +355,13 @@ class FederationRunner:
                                             self.clients[cid].num_samples)
                 except Exception as exc:  # a failing client is dropped and recorded, the round goes on
                     phase_failed[cid] = f"{type(exc).__name__}: {exc}"
+            phase_failed.update(norm_outliers(payloads, expected.outlier_norm))
             self.backend.reject(phase_failed)
             failed.update(phase_failed)
             ok = [cid for cid in selected if cid not in failed and cid in payloads]
             require_min_clients(t, ok, selected, self.min_clients, phase_failed, note=" (checkpoint untouched)")
             rho_phase = strategy.aggregate_fit(work, t, phase, {c: payloads[c] for c in ok}, ok)
+            check_finite_state(work, t, {c: payloads[c] for c in ok})
             rho = rho_phase if rho_phase is not None else rho
             up += sum(payloads[c].nbytes for c in ok)
             down += sum(downloads.get(c, 0) for c in ok)
@@ -294,7 +375,9 @@ class FederationRunner:
         work.round = t - 1  # end_of_round reads the rounds completed before this one
         strategy.end_of_round(work, t, rho, self.ctx)
         if t % self.eval_every == 0 or t == self.rounds:
-            accs = self.evaluate(strategy.configure_evaluate(work))
+            results = self.ctx.evaluate(strategy.configure_evaluate(work), f"round {t} evaluate")
+            record.eval_failed = {c: f"{type(v).__name__}: {v}" for c, v in results.items() if isinstance(v, Exception)}
+            accs = {c: float(v) for c, v in results.items() if not isinstance(v, Exception)}
             summary = accuracy_summary(list(accs.values()))
             record.acc_mean, record.acc_p10, record.acc_min, record.acc_std = (
                 summary["mean"], summary["p10"], summary["min"], summary["std"])

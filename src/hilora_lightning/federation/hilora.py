@@ -28,6 +28,7 @@ from hilora_lightning.federation import transition
 from hilora_lightning.federation.client import client_seed, state_bytes
 from hilora_lightning.federation.config import FederationConfig
 from hilora_lightning.federation.engine import Expected, Payload, RoundContext
+from hilora_lightning.federation.fingerprint import config_items, model_items
 from hilora_lightning.federation.requests import EvalRequest, FitRequest
 from hilora_lightning.federation.result import FederatedResult, accuracy_summary
 from hilora_lightning.federation.server_state import ClientState, ServerState
@@ -75,8 +76,8 @@ class HiLoRAStrategy:
         self.last_clustering: tuple[list[int], Any] | None = None  # (client ids, ClusteringResult), for plots
 
     # ------------------------------------------------------------------ identity and state
-    def fingerprint(self) -> str:
-        return f"hilora|{self.config!r}"
+    def fingerprint(self) -> dict[str, str]:
+        return {"method": "hilora", **config_items(self.config), **model_items(self.model)}
 
     def initial_state(self, clients: Sequence[int]) -> ServerState:
         return ServerState(root=dict(self.initial_root), global_head=dict(self.initial_head),
@@ -148,7 +149,8 @@ class HiLoRAStrategy:
         if tier is Tier.LEAF:  # leaf and personal head never leave the client
             return Expected(None, None)
         head = self.head_shapes if self.config.head_policy == "tier" else None
-        return Expected(expected_shapes(self.model, tier), head, self.config.max_update_norm)
+        return Expected(expected_shapes(self.model, tier), head, self.config.max_update_norm,
+                        self.config.outlier_norm)
 
     # ------------------------------------------------------------------ aggregation and stages
     def _aggregate_group(self, payloads: list[Payload], tier: Tier) -> State:
@@ -224,7 +226,7 @@ class HiLoRAStrategy:
 
         def probe(ids: Sequence[int]) -> dict[int, dict[str, Tensor]]:
             requests = {c: transition.probe_request(c, cfg, state.root, self.probe_start, head) for c in ids}
-            return transition.route_by_probe(ctx.fit(requests), self.probe_start, cfg, rank)
+            return transition.route_by_probe(ctx.fit(requests, "transition probe"), self.probe_start, cfg, rank)
 
         groups = {c: d.group for c, d in ctx.clients.items()}
         found = transition.form_clusters(state, cfg, rank, groups, probe)
@@ -264,7 +266,7 @@ class HiLoRAStrategy:
         for name, tiers in TIER_VIEWS:
             if tiers[-1].position > state.stage.position:
                 continue
-            final = ctx.scores(self.evaluation_requests(state, tiers))
+            final = ctx.scores(self.evaluation_requests(state, tiers), f"final {name}")
             tierwise[name] = accuracy_summary(list(final.values()))
         generalization, routing = self.evaluate_unseen(state, ctx) if ctx.unseen and state.assignment else ({}, {})
         return FederatedResult(list(state.records), final, tierwise, dict(state.assignment), state.num_clusters,
@@ -278,11 +280,11 @@ class HiLoRAStrategy:
         if cfg.route_by == "loss":
             heads = {j: state.cluster_heads[j] if cfg.head_policy == "tier" else self.initial_head
                      for j in state.clusters}
-            routed = transition.route_by_loss(ids, state, heads, ctx.scores)
+            routed = transition.route_by_loss(ids, state, heads, lambda r: ctx.scores(r, "unseen loss routing"))
         else:
             head = state.global_head if cfg.head_policy == "tier" else self.initial_head
             requests = {c: transition.probe_request(c, cfg, state.root, self.probe_start, head) for c in ids}
-            features = transition.route_by_probe(ctx.fit(requests), self.probe_start, cfg, rank)
+            features = transition.route_by_probe(ctx.fit(requests, "unseen probe"), self.probe_start, cfg, rank)
             routed = {c: transition.route_to_cluster(transition.client_subspaces(f, rank), state.cluster_centers)[0]
                       for c, f in features.items()}
         return {c: routed.get(c, 0) for c in ids}
@@ -299,8 +301,9 @@ class HiLoRAStrategy:
         root_only = {c: EvalRequest(c, (Tier.ROOT,), {Tier.ROOT: state.root}, root_head) for c in ids}
         views = {c: {Tier.ROOT: state.root, Tier.CLUSTER: state.clusters[routing[c]]} for c in ids}
         zero_leaf = {c: EvalRequest(c, (Tier.ROOT, Tier.CLUSTER), views[c], heads[c]) for c in ids}
-        accs: dict[str, list[float]] = {"root": list(ctx.scores(root_only).values()),
-                                        "zero_leaf": list(ctx.scores(zero_leaf).values()), "finetuned": []}
+        accs: dict[str, list[float]] = {"root": list(ctx.scores(root_only, "unseen root").values()),
+                                        "zero_leaf": list(ctx.scores(zero_leaf, "unseen zero_leaf").values()),
+                                        "finetuned": []}
         if cfg.finetune_epochs > 0:
             fits = {}
             for c in ids:
@@ -310,9 +313,9 @@ class HiLoRAStrategy:
                                      client_seed(cfg.seed, -2, c, "finetune"), 0, batch_size=cfg.batch_size,
                                      epochs=cfg.finetune_epochs, upload="", keep=((Tier.LEAF, "AB"),),
                                      keep_head=True, return_head=False)
-            done = [c for c, r in ctx.fit(fits).items() if not isinstance(r, Exception)]
+            done = [c for c, r in ctx.fit(fits, "unseen finetune").items() if not isinstance(r, Exception)]
             tuned = {c: EvalRequest(c, tuple(Tier), {**views[c], Tier.LEAF: None}, heads[c], own_head=True)
                      for c in done}
-            accs["finetuned"] = list(ctx.scores(tuned).values())
+            accs["finetuned"] = list(ctx.scores(tuned, "unseen finetuned").values())
         summary: dict[str, Any] = {k: accuracy_summary(v) for k, v in accs.items() if v}
         return summary, routing

@@ -42,6 +42,7 @@ __all__ = [
     "load_view",
     "quiet_lightning",
     "trainer_for",
+    "trainer_precision",
     "wants_logging",
 ]
 
@@ -242,6 +243,11 @@ def fit_current(
             model.train_logging = was_logging
     if any(p.device.type != "cpu" for p in model.head.parameters()):
         model.cpu()  # the server side works on the CPU; skip the module walk when already there
+
+
+def trainer_precision(trainer_kwargs: Mapping[str, Any] | None) -> str:
+    """The precision the clients' Trainers run at (Lightning's default ``"32-true"`` when unset)."""
+    return str((trainer_kwargs or {}).get("precision", "32-true"))
 
 
 def eval_device(trainer_kwargs: Mapping[str, Any]) -> torch.device:

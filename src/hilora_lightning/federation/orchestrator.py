@@ -33,7 +33,7 @@ from hilora_lightning.federation.client import ClientState, check_federation
 from hilora_lightning.federation.config import FederationConfig
 from hilora_lightning.federation.engine import FederationError, FederationRunner, Payload, require_min_clients
 from hilora_lightning.federation.hilora import HiLoRAStrategy
-from hilora_lightning.federation.local import LoaderSpec
+from hilora_lightning.federation.local import LoaderSpec, trainer_precision
 from hilora_lightning.federation.result import FederatedResult, RoundRecord
 from hilora_lightning.federation.runtime import ClientRuntime, Store
 from hilora_lightning.federation.server_state import ServerState
@@ -96,7 +96,8 @@ class FederatedOrchestrator:
             self.backend.bind(self.runtime, [*clients, *unseen])
         self.runner = FederationRunner(self.strategy, self.clients, self.unseen, self.backend, config.rounds,
                                        config.fraction_fit, config.min_clients, config.eval_every, config.seed,
-                                       checkpoint_path, upload_hook, progress)
+                                       checkpoint_path, upload_hook, progress,
+                                       fingerprint={"trainer.precision": str(trainer_precision(trainer_kwargs))})
 
     # ------------------------------------------------------------------ the loop
     def run(self, resume: bool = False, stop_after: int | None = None) -> FederatedResult:

@@ -48,24 +48,28 @@ class RoundRecord:
     bytes_up_per_client: float = 0.0
     bytes_down_per_client: float = 0.0
     seconds: float = 0.0
+    eval_failed: dict[int, str] = dataclasses.field(default_factory=dict)
 
     def progress_line(self, rounds: int) -> str:
         """One line for the round counter: stage, clients, failures, rho, accuracy, seconds."""
         acc = "" if self.acc_mean is None else f" acc mean {self.acc_mean:.3f} p10 {self.acc_p10:.3f}"
         rho = "" if self.rho is None or not math.isfinite(self.rho) else f" rho {self.rho:.3f}"
         fails = f" failed {sorted(self.failed)}" if self.failed else ""
+        fails += f" not evaluated {sorted(self.eval_failed)}" if self.eval_failed else ""
         return (f"round {self.round}/{rounds} [{self.stage}] clients {len(self.succeeded)}/{len(self.selected)}"
                 f"{fails}{rho}{acc} ({self.seconds:.1f}s)")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["failed"] = {str(k): v for k, v in self.failed.items()}
+        out["eval_failed"] = {str(k): v for k, v in self.eval_failed.items()}
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RoundRecord:
         data = dict(data)
         data["failed"] = {int(k): v for k, v in data.get("failed", {}).items()}
+        data["eval_failed"] = {int(k): v for k, v in data.get("eval_failed", {}).items()}
         return cls(**data)
 
 
@@ -92,6 +96,8 @@ class FederatedResult:
         generalization: unseen clients' ``{"root": summary, "zero_leaf": ..., "finetuned": ...}``.
         routing: unseen client id -> routed cluster id.
         seconds: wall time of the run.
+        failures: per final step (``"final root"``, ``"probe"``, ``"unseen finetune"``...), the clients
+            that failed it and why (they are left out of that step's table).
     """
 
     records: list[RoundRecord]
@@ -103,12 +109,14 @@ class FederatedResult:
     generalization: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     routing: dict[int, int] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
+    failures: dict[str, dict[int, str]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["records"] = [r.to_dict() for r in self.records]
         for key in ("client_accuracy", "assignment", "routing"):
             out[key] = {str(k): v for k, v in getattr(self, key).items()}
+        out["failures"] = {step: {str(k): v for k, v in by.items()} for step, by in self.failures.items()}
         return out
 
     def to_json(self, path: str | os.PathLike[str]) -> Path:

@@ -1,0 +1,71 @@
+"""What shapes a federation's result, as flat ``{key: text}`` items: stored in every checkpoint, compared on resume.
+
+A resumed run must be the run that was interrupted: same federation and clustering settings,
+same model and adapter settings, same backbone weights (by SHA-256), same trainer precision, same
+client partition, same checkpoint format. Each differing key is reported with its old and new
+value.
+
+Example:
+    >>> from hilora_lightning.federation.config import FederationConfig
+    >>> from hilora_lightning.federation.fingerprint import config_items, differences
+    >>> old, new = config_items(FederationConfig(rounds=9)), config_items(FederationConfig(rounds=10))
+    >>> differences(old, new)
+    ['federation.rounds: checkpoint 9, this run 10']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from hilora_lightning.data.clients import ClientData
+
+__all__ = ["client_items", "config_items", "differences", "model_items"]
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=repr)
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, Mapping) and value and all(isinstance(k, str) for k in value):
+        for key, sub in value.items():
+            _flatten(f"{prefix}.{key}", sub, out)
+    else:
+        out[prefix] = _text(value)
+
+
+def config_items(config: Any, prefix: str = "federation") -> dict[str, str]:
+    """Every field of a config dataclass (nested ones flattened), e.g. ``federation.clustering.k_max``."""
+    out: dict[str, str] = {}
+    _flatten(prefix, dataclasses.asdict(config), out)
+    return out
+
+
+def model_items(model: Any) -> dict[str, str]:
+    """A :class:`~hilora_lightning.model.HiLoRAViT`'s hyper-parameters (adapter settings included) and
+    the SHA-256 of its frozen weights."""
+    out: dict[str, str] = {}
+    _flatten("model", {k: v for k, v in dict(model.hparams).items() if k != "stage"}, out)  # stage: run state
+    out["model.backbone_sha256"] = model.backbone_fingerprint()
+    return out
+
+
+def client_items(clients: Sequence[ClientData], unseen: Sequence[ClientData] = ()) -> dict[str, str]:
+    """The partition: every client's id, training and test sizes and latent group."""
+    def rows(cs: Sequence[ClientData]) -> list[list[Any]]:
+        return [[c.client_id, c.num_samples, len(c.test), c.group] for c in sorted(cs, key=lambda c: c.client_id)]  # type: ignore[arg-type]
+
+    return {"data.clients": _text(rows(clients)), "data.unseen": _text(rows(unseen))}
+
+
+def differences(saved: Mapping[str, str], current: Mapping[str, str], width: int = 80) -> list[str]:
+    """``key: checkpoint OLD, this run NEW`` for every key whose value differs (or exists on one side only)."""
+    def cut(v: str | None) -> str:
+        v = "(absent)" if v is None else v
+        return v if len(v) <= width else v[: width - 3] + "..."
+
+    return [f"{k}: checkpoint {cut(saved.get(k))}, this run {cut(current.get(k))}"
+            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
