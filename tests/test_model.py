@@ -178,3 +178,50 @@ def test_orthogonality_cache_follows_frozen_factor_changes() -> None:
         for layer in model.tiered_layers.values():
             layer.lora_B["root"].mul_(2.0)  # a new root (e.g. imported after aggregation)
     assert model.orthogonality_loss().item() == pytest.approx(4 * first, rel=1e-5)
+
+
+def _saved(tmp_path: Path) -> Path:
+    trainer = _trainer(tmp_path)
+    trainer.fit(HiLoRAViT(**TINY, seed=1), DigitsDataModule(batch_size=8))
+    ckpt = tmp_path / "a.ckpt"
+    trainer.save_checkpoint(ckpt)
+    return ckpt
+
+
+def test_model_checkpoints_are_checked_before_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hilora_lightning.errors import AdapterStateError
+
+    ckpt = _saved(tmp_path)
+    raw = torch.load(ckpt, weights_only=True)
+    no_adapters = {**raw, "state_dict": {k: v for k, v in raw["state_dict"].items() if ".lora_" not in k}}
+    torch.save(no_adapters, tmp_path / "none.ckpt")
+    with pytest.raises(AdapterStateError, match="holds no adapter factors .* loading it would give fresh"):
+        HiLoRAViT.load_from_checkpoint(tmp_path / "none.ckpt")
+    key = next(k for k in raw["state_dict"] if ".lora_B." in k)
+    nan = {**raw, "state_dict": {**raw["state_dict"], key: torch.full_like(raw["state_dict"][key], float("nan"))}}
+    torch.save(nan, tmp_path / "nan.ckpt")
+    with pytest.raises(AdapterStateError, match="holds NaN or Inf adapter values"):
+        HiLoRAViT.load_from_checkpoint(tmp_path / "nan.ckpt")
+    legacy = {k: v for k, v in raw.items() if k != "hilora_backbone_sha256"}
+    torch.save(legacy, tmp_path / "legacy.ckpt")
+    with pytest.raises(AdapterStateError, match="has no backbone fingerprint, .* pass allow_legacy=True"):
+        HiLoRAViT.load_from_checkpoint(tmp_path / "legacy.ckpt")
+    assert HiLoRAViT.load_from_checkpoint(tmp_path / "legacy.ckpt", allow_legacy=True).stage is Tier.ROOT
+    with pytest.raises(ValueError, match="load with weights_only=True only, got weights_only=False"):
+        HiLoRAViT.load_from_checkpoint(ckpt, weights_only=False)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("pickle payload ran",))
+
+
+def test_a_pickle_payload_never_runs_even_with_the_override_variable(tmp_path, monkeypatch, capsys) -> None:
+    ckpt = _saved(tmp_path)
+    raw = torch.load(ckpt, weights_only=True)
+    raw["evil"] = _Payload()
+    torch.save(raw, tmp_path / "evil.ckpt")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+        HiLoRAViT.load_from_checkpoint(tmp_path / "evil.ckpt")
+    assert "pickle payload ran" not in capsys.readouterr().out

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -37,6 +39,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from hilora_lightning.backbone import create_backbone
 from hilora_lightning.config import AdapterConfig
+from hilora_lightning.errors import AdapterStateError
 from hilora_lightning.gates import TierGate
 from hilora_lightning.inject import inject_tiers
 from hilora_lightning.layer import TieredLoRALinear
@@ -44,6 +47,25 @@ from hilora_lightning.orthogonality import ORTHO_SIDES, FrozenGroups, frozen_gro
 from hilora_lightning.tiers import Tier, parse_tiers
 
 __all__ = ["HiLoRAViT"]
+
+
+def check_adapter_checkpoint(checkpoint: Any, name: str, allow_legacy: bool = False) -> None:
+    """Refuse a model checkpoint without adapter factors, with non-finite ones, or without a backbone fingerprint."""
+    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
+        raise AdapterStateError(f"{name!r} is not a Lightning checkpoint (no state_dict)")
+    state = checkpoint["state_dict"]
+    factors = {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
+    if not factors:
+        raise AdapterStateError(f"{name!r} holds no adapter factors (no '.lora_A.'/'.lora_B.' keys among "
+                                f"{len(state)}): it was not saved from a HiLoRAViT; loading it would give fresh "
+                                "adapters")
+    bad = sorted(k for k, v in factors.items() if isinstance(v, Tensor) and not bool(torch.isfinite(v).all()))
+    if bad:
+        more = " ..." if len(bad) > 3 else ""
+        raise AdapterStateError(f"{name!r} holds NaN or Inf adapter values in {bad[:3]}{more}")
+    if "hilora_backbone_sha256" not in checkpoint and not allow_legacy:
+        raise AdapterStateError(f"{name!r} has no backbone fingerprint, so nothing proves its adapters fit the rebuilt "
+                                "backbone; pass allow_legacy=True to load a file from before fingerprints existed")
 
 
 class HiLoRAViT(pl.LightningModule):
@@ -352,6 +374,40 @@ class HiLoRAViT(pl.LightningModule):
             )
         if "hilora_stage" in checkpoint:
             self.set_stage(checkpoint["hilora_stage"])
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | os.PathLike[str],
+        map_location: Any = None,
+        hparams_file: str | os.PathLike[str] | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = True,
+        allow_legacy: bool = False,
+        **kwargs: Any,
+    ) -> HiLoRAViT:
+        """Rebuild the frozen backbone from the saved hyper-parameters and load the adapters and head.
+
+        Always reads with ``weights_only=True`` (tensors and plain types, never code; an environment
+        variable cannot turn it off). The checkpoint is checked before anything is built: it must hold
+        adapter factors, all finite, and the backbone fingerprint that :meth:`on_load_checkpoint`
+        compares (``allow_legacy=True`` accepts a file without a fingerprint, from before it existed).
+
+        Example:
+            >>> HiLoRAViT.load_from_checkpoint("missing.ckpt")  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            FileNotFoundError: no HiLoRAViT checkpoint at 'missing.ckpt'
+        """
+        if weights_only is not True:
+            raise ValueError("HiLoRAViT checkpoints load with weights_only=True only, got "
+                             f"weights_only={weights_only!r}")
+        path = Path(checkpoint_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no HiLoRAViT checkpoint at {str(checkpoint_path)!r}")
+        check_adapter_checkpoint(torch.load(path, map_location="cpu", weights_only=True), str(path), allow_legacy)
+        return super().load_from_checkpoint(path, map_location, hparams_file, strict,  # type: ignore[return-value]
+                                            weights_only=True, **kwargs)
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
         """All tiers' factors and the head, as stored in checkpoints."""
