@@ -34,7 +34,7 @@ __all__ = ["load_config", "main"]
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Read a YAML config, apply ``key=value`` overrides, return a plain resolved dict."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
     path = Path(path)
     if not path.is_file():
@@ -42,10 +42,27 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, An
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ValueError(f"overrides must look like key=value (e.g. federation.rounds=20), got {bad}")
-    cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
-    out = OmegaConf.to_container(cfg, resolve=True)
+    from hilora_lightning.config_check import ConfigError
+
+    if not path.read_text().strip():
+        raise ConfigError(f"{str(path)!r} is empty; a config needs at least its data section (see examples/configs/)")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as exc:  # yaml's scanner/parser errors: not ValueError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{str(path)!r} is not valid YAML: {first}") from exc
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{str(path)!r} must hold a mapping at the top level, got a {type(loaded).__name__}")
+    if len(loaded) == 0:
+        raise ConfigError(f"{str(path)!r} is empty; a config needs at least its data section (see examples/configs/)")
+    try:
+        cfg = OmegaConf.merge(loaded, OmegaConf.from_dotlist(list(overrides)))
+        out = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as exc:  # omegaconf's grammar / merge errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot apply the overrides {list(overrides)}: {first}") from exc
     if not isinstance(out, dict):
-        raise ValueError(f"{str(path)!r} must hold a mapping at the top level")
+        raise ConfigError(f"{str(path)!r} must hold a mapping at the top level, got {type(out).__name__}")
     return out  # type: ignore[return-value]
 
 
@@ -98,10 +115,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     comp.add_argument("--resume", action="store_true", help="read back methods already finished in out_dir/compare")
     sub.add_parser("demo", help="the embedded-data demo (its options: hilora-fl demo --help)")
     args = parser.parse_args(argv)
+    from hilora_lightning.errors import HiLoraError
+
     try:
         return _compare(args) if args.command == "compare" else _run(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"hilora-fl: error: {exc}", file=sys.stderr)
+    except (HiLoraError, ValueError, TypeError, OSError) as exc:  # project and input errors: one line, exit 2
+        print(f"hilora-fl: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 

@@ -90,9 +90,13 @@ def _check(node: Mapping[str, Any], schema: Mapping[str, Any], prefix: str) -> N
 
 
 def validate_config(cfg: Mapping[str, Any]) -> None:
-    """Reject unknown keys (naming the closest valid one) and unknown methods; ``trainer`` passes anything
-    to Lightning."""
+    """Reject unknown keys (naming the closest valid one), values of the wrong type (naming the dotted
+    key, what was expected and what came) and unknown methods; ``trainer`` options are checked against
+    Lightning's ``Trainer`` by :func:`check_trainer`."""
+    from hilora_lightning.config_check import check_types
+
     _check(cfg, _schema(), "")
+    check_types(cfg)
     method = cfg.get("method")
     if method is not None:
         from hilora_lightning.baselines.methods import BASELINES
@@ -145,20 +149,38 @@ def build_clients(data: Mapping[str, Any], seed: int) -> tuple[list[ClientData],
 
 def build_model(cfg: Mapping[str, Any], **overrides: Any) -> HiLoRAViT:
     """The :class:`HiLoRAViT` of the ``model`` section (``overrides`` win, e.g. ``gamma_c=0``)."""
-    model_cfg = dict(cfg.get("model", {}))
-    adapter = AdapterConfig.from_dict(model_cfg.pop("adapter", {}) or {})
-    return HiLoRAViT(adapter=adapter, **{"seed": int(cfg.get("seed", 0)), **model_cfg, **overrides})
+    from hilora_lightning.config_check import ConfigError, prefixed
+
+    model_cfg = dict(cfg.get("model", {}) or {})
+    try:
+        adapter = AdapterConfig.from_dict(model_cfg.pop("adapter", {}) or {})
+    except (ValueError, TypeError) as exc:
+        raise prefixed("model.adapter", exc) from exc
+    try:
+        return HiLoRAViT(adapter=adapter, **{"seed": int(cfg.get("seed", 0)), **model_cfg, **overrides})
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc) or "unknown" in str(exc).lower() and "backbone" in str(exc).lower():
+            raise ConfigError(f"model.backbone: {exc}; use a timm model name (timm.list_models()) or "
+                              "'hilora-digits-vit'") from exc
+        raise
+    except (ValueError, TypeError) as exc:
+        raise prefixed("model", exc) from exc
 
 
 def build_federation_config(cfg: Mapping[str, Any]) -> FederationConfig:
     """The :class:`FederationConfig` of the ``federation`` section (seeded by the top-level ``seed``)."""
-    fed = dict(cfg.get("federation", {}))
-    for key in ("root_rounds", "cluster_rounds"):
-        if key in fed:
-            fed[key] = tuple(fed[key])
-    if "clustering" in fed:
-        fed["clustering"] = ClusteringConfig(**dict(fed["clustering"]))
-    return FederationConfig(**{"seed": int(cfg.get("seed", 0)), **fed})
+    from hilora_lightning.config_check import prefixed
+
+    fed = dict(cfg.get("federation", {}) or {})
+    try:
+        for key in ("root_rounds", "cluster_rounds"):
+            if key in fed:
+                fed[key] = tuple(fed[key])
+        if "clustering" in fed:
+            fed["clustering"] = ClusteringConfig(**dict(fed["clustering"] or {}))
+        return FederationConfig(**{"seed": int(cfg.get("seed", 0)), **fed})
+    except (ValueError, TypeError) as exc:
+        raise prefixed("federation", exc) from exc
 
 
 def build_runner(cfg: Mapping[str, Any], clients: Sequence[ClientData], unseen: Sequence[ClientData] = (),
@@ -180,8 +202,15 @@ def build_runner(cfg: Mapping[str, Any], clients: Sequence[ClientData], unseen: 
 
 def build_experiment(cfg: Mapping[str, Any]) -> Any:
     """Validate ``cfg`` and build the runner it describes (nothing runs yet)."""
+    from hilora_lightning.config_check import check_experiment, check_trainer, prefixed
+
     validate_config(cfg)
-    clients, unseen = build_clients(cfg.get("data", {}), int(cfg.get("seed", 0)))
+    check_trainer(dict(cfg.get("trainer", {}) or {}))  # config_check: Lightning's Trainer refuses nothing later
+    try:
+        clients, unseen = build_clients(cfg.get("data", {}) or {}, int(cfg.get("seed", 0)))
+    except (ValueError, TypeError) as exc:
+        raise prefixed("data", exc) from exc
+    check_experiment(cfg, clients, unseen)
     out = Path(cfg.get("out_dir", "runs/experiment"))
     return build_runner(cfg, clients, unseen, checkpoint_path=out / "federation.pt")
 
