@@ -274,3 +274,26 @@ def test_comparison_over_two_seeds_end_to_end(tmp_path) -> None:
     assert (tmp_path / "seed0" / "fedit" / "result.json").exists() and (tmp_path / "seed1" / "fedit").is_dir()
     # different seeds draw different partitions: the two runs differ
     assert comp.runs[0].results["fedit"].client_accuracy != comp.runs[1].results["fedit"].client_accuracy
+
+
+def test_compare_resume_reruns_a_corrupt_method_result(comparison, tmp_path, monkeypatch) -> None:
+    import shutil
+
+    import hilora_lightning.compare as cmp
+
+    comp, out = comparison
+    copy = tmp_path / "compare"
+    shutil.copytree(out, copy)
+    (copy / "fedit" / "result.json").write_text('{"config": "truncated')  # a kill mid-write of an old version
+    ran: list[str] = []
+    real = cmp.run_method
+
+    def counting(name, *a, **k):
+        ran.append(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(cmp, "run_method", counting)
+    again = run_comparison(TINY, ["fedit", "hilora"], progress=False, out_dir=copy, resume=True)
+    assert ran == ["fedit"]  # only the corrupt one ran again
+    assert again.results["fedit"].client_accuracy == comp.results["fedit"].client_accuracy
+    assert json.loads((copy / "fedit" / "result.json").read_text())["result"]["records"][1]["round"] == 2

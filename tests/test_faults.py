@@ -183,3 +183,19 @@ def test_a_temp_file_orphaned_by_a_killed_save_is_removed(tmp_path) -> None:
     os.utime(orphan)
     save_checkpoint({"round": 1}, tmp_path / "fed.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fed.pt"]
+
+
+def test_the_similarity_plot_survives_a_resume_past_clustering(tmp_path) -> None:
+    from hilora_lightning.experiment import save_outputs
+
+    cfg = _config(rounds=3, clustering=ClusteringConfig(k_min=2, k_max=2))
+    first = _orch(config=cfg, checkpoint_path=tmp_path / "fed.pt")
+    first.run(stop_after=2)  # past the transition
+    again = _orch(config=cfg, checkpoint_path=tmp_path / "fed.pt")
+    result = again.run(resume=True)
+    assert again.strategy.last_clustering is None and again.last_clustering is not None
+    ids, res = again.last_clustering
+    assert ids == sorted(first.clients) and res.k == first.last_clustering[1].k
+    assert (res.distances == first.last_clustering[1].distances).all()
+    paths = save_outputs(again, result, {}, tmp_path / "out")
+    assert tmp_path / "out" / "client_similarity.png" in paths

@@ -275,12 +275,16 @@ def _run_one(cfg: Mapping[str, Any], names: Sequence[str], progress: bool, out_d
     for i, name in enumerate(names, start=1):
         path = Path(out_dir) / name / "result.json" if out_dir is not None else None
         if resume and path is not None and path.exists():
-            saved = json.loads(path.read_text())
-            if saved.get("config") == stamp:
-                results[name], seconds[name] = _result_from_dict(saved["result"]), float(saved["wall_seconds"])
-                if progress:
-                    print(f"[{i}/{len(names)}] {name}: read back from {path}", flush=True)
-                continue
+            try:
+                saved = json.loads(path.read_text())
+                if saved.get("config") == stamp:
+                    results[name], seconds[name] = _result_from_dict(saved["result"]), float(saved["wall_seconds"])
+                    if progress:
+                        print(f"[{i}/{len(names)}] {name}: read back from {path}", flush=True)
+                    continue
+            except (ValueError, KeyError, TypeError) as exc:  # corrupt or from another version: run it again
+                print(f"[{i}/{len(names)}] {name}: {path} is unreadable ({type(exc).__name__}: {exc}); "
+                      "running the method again", flush=True)
         if progress:
             print(f"[{i}/{len(names)}] {name}", flush=True)
         start = time.perf_counter()

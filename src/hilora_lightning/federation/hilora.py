@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from hilora_lightning.federation import transition
@@ -232,6 +233,9 @@ class HiLoRAStrategy:
         found = transition.form_clusters(state, cfg, rank, groups, probe)
         if found is not None:
             self.last_clustering = found
+            ids, res = found  # kept in the state too, so the similarity plot survives a resume
+            state.extra["lsac"] = {"ids": list(ids), "labels": [int(v) for v in res.labels], "k": int(res.k),
+                                   "distances": torch.as_tensor(res.distances, dtype=torch.float64)}
         for j in range(state.num_clusters):
             self.model.reset_tier(Tier.CLUSTER, client_seed(cfg.seed, 0, j, "cluster"))
             state.clusters[j] = export_tier(self.model, Tier.CLUSTER)

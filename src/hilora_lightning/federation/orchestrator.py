@@ -21,10 +21,12 @@ Example:
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import Tensor
 
 from hilora_lightning.data.clients import ClientData
@@ -209,8 +211,16 @@ class FederatedOrchestrator:
 
     @property
     def last_clustering(self) -> tuple[list[int], Any] | None:
-        """``(client ids, ClusteringResult)`` of the transition in this process (for plots), if any."""
-        return self.strategy.last_clustering
+        """``(client ids, result)`` of the transition (for plots), if any: ``result`` has ``labels``, ``k`` and
+        ``distances``; after a resume it is read back from the state."""
+        if self.strategy.last_clustering is not None:
+            return self.strategy.last_clustering
+        saved = self.state.extra.get("lsac")
+        if not saved:
+            return None
+        res = types.SimpleNamespace(labels=np.asarray(saved["labels"]), k=int(saved["k"]),
+                                    distances=saved["distances"].numpy())
+        return list(saved["ids"]), res
 
     def client_store(self, client_id: int) -> Store:
         """What stays on client ``client_id`` (its leaf, personal head...): in process only."""
