@@ -74,3 +74,43 @@ def test_out_dir_that_is_a_file_is_refused_up_front(tmp_path, capsys) -> None:
     assert main(["run", str(CONFIG), *SMALL, f"out_dir={blocker}"]) == 2
     assert "out_dir: " in capsys.readouterr().err and "exists and is not a folder" in blocker.read_text() + \
         "exists and is not a folder"
+
+
+def test_two_hundred_mutated_values_are_each_refused_naming_their_key() -> None:
+    """Config fuzzing at the type layer (fast): every wrong-typed, boolean-as-number or non-finite value of
+    every typed key is refused, and the error names that key."""
+    import math
+    import random
+
+    from hilora_lightning.config_check import ConfigError, _schema, check_types
+
+    bad = {"int": [6.7, True, "x", float("nan"), [1]], "float": [float("nan"), float("inf"), True, "x", [0.1]],
+           "bool": [1, "yes", 2.5], "str": [3, True, 1.5], "pair": [[1], [2.5, 3], "x", True]}
+    leaves: list[tuple[list[str], str]] = []
+
+    def walk(node, path):
+        for key, spec in node.items():
+            if isinstance(spec, dict):
+                walk(spec, [*path, key])
+            elif isinstance(spec, str):
+                base = next((o.strip() for o in spec.split("|") if o.strip() != "None"), "any")
+                kind = "pair" if base.startswith("tuple[int, int]") else base
+                if kind in bad:
+                    leaves.append(([*path, key], kind))
+
+    walk(_schema(), [])
+    rng = random.Random(0)
+    for i in range(200):
+        path, kind = leaves[i % len(leaves)]
+        value = rng.choice(bad[kind])
+        cfg: dict = {}
+        node = cfg
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+        dotted = ".".join(path)
+        with pytest.raises(ConfigError) as info:
+            check_types(cfg)
+        assert str(info.value).startswith(dotted), (dotted, value, str(info.value))
+        if isinstance(value, float) and not math.isfinite(value):
+            assert "nan" in str(info.value) or "inf" in str(info.value)

@@ -145,3 +145,19 @@ def test_pure_modules_import_without_lightning_or_timm() -> None:
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_leaf_stage_reply_carrying_factors_or_a_head_is_rejected() -> None:
+    from hilora_lightning.errors import AdapterStateError
+    from hilora_lightning.federation.engine import Expected, check_reply
+    from hilora_lightning.federation.requests import FitReply
+
+    leaf = Expected(None, None)
+    check_reply(FitReply(None, None, 3), leaf)  # what a leaf round sends back: nothing
+    with pytest.raises(AdapterStateError, match="carries factors, but this round's factors stay on the client"):
+        check_reply(FitReply({"m.lora_A": torch.ones(1)}, None, 3), leaf)
+    with pytest.raises(AdapterStateError, match="carries a head, but this round's head stays on the client"):
+        check_reply(FitReply(None, {"w": torch.ones(1)}, 3), leaf)
+    shared = Expected({"m.lora_A": (1,)}, {"w": (1,)})
+    with pytest.raises(AdapterStateError, match=r"head update has keys/shapes \[\('w', \(2,\)\)\]"):
+        check_reply(FitReply({"m.lora_A": torch.ones(1)}, {"w": torch.ones(2)}, 3), shared)

@@ -1,6 +1,6 @@
 """``hilora-fl``: run federated HiLoRA experiments from YAML configs.
 
-    hilora-fl run CONFIG [key=value ...] [--resume]   # e.g. federation.rounds=20 data.num_clients=12
+    hilora-fl run CONFIG [key=value ...] [--resume] [--check]   # e.g. federation.rounds=20 data.num_clients=12
     hilora-fl compare CONFIG [methods=a,b] [seeds=0,1,2] [key=value ...] [--resume]   # vs the baselines
     hilora-fl demo [demo options]                     # the embedded-data demo (python -m hilora_lightning.demo)
 
@@ -67,10 +67,15 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, An
 
 
 def _run(args: argparse.Namespace) -> int:
-    from hilora_lightning.experiment import run_and_report
+    from hilora_lightning.experiment import build_experiment, run_and_report
 
     cfg = load_config(args.config, args.overrides)
     cfg["out_dir"] = str(cfg.get("out_dir", "runs/experiment"))
+    if args.check:  # validate and build everything, train nothing
+        runner = build_experiment(cfg)
+        print(f"hilora-fl: {args.config}: config OK ({len(runner.clients)} training clients, {len(runner.unseen)} "
+              f"unseen, method {cfg.get('method', 'hilora')})")
+        return 0
     print(f"hilora-fl: {args.config} -> {cfg['out_dir']}")
     run_and_report(cfg, resume=args.resume)
     return 0
@@ -109,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("config", help="path of a YAML config (see examples/configs/)")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federation.rounds=20")
     run.add_argument("--resume", action="store_true", help="continue from out_dir/federation.pt")
+    run.add_argument("--check", action="store_true", help="validate the config and build data and model; train nothing")
     comp = sub.add_parser("compare", help="run HiLoRA, its ablations and the baselines; print one table")
     comp.add_argument("config", help="path of a YAML config (see examples/configs/)")
     comp.add_argument("overrides", nargs="*", help="methods=a,b and key=value overrides")
