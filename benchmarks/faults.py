@@ -49,11 +49,11 @@ BAD = {
 GOOD = {"int": [1, 2, 3], "float": [0.5, 1.0], "bool": [True, False], "str": [], "pair": [[1, 1]]}
 
 
-def _leaves() -> list[tuple[str, str]]:
-    """(dotted key, base type) of every typed config value."""
+def _leaves() -> list[tuple[str, str, bool]]:
+    """(dotted key, base type, whether null is allowed) of every typed config value."""
     from hilora_lightning.config_check import _schema
 
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str, str, bool]] = []
 
     def walk(node: Any, prefix: str) -> None:
         for key, spec in node.items():
@@ -64,7 +64,7 @@ def _leaves() -> list[tuple[str, str]]:
                 base = next((o.strip() for o in spec.split("|") if o.strip() != "None"), "any")
                 kind = "pair" if base.startswith("tuple[int, int]") else base
                 if kind in BAD:
-                    out.append((path, kind))
+                    out.append((path, kind, "None" in spec))
 
     walk(_schema(), "")
     return out
@@ -103,9 +103,11 @@ def config_cases(n: int, seed: int, work: Path) -> list[dict[str, Any]]:
     leaves = _leaves()
     cases = []
     for i in range(n):
-        key, kind = leaves[i % len(leaves)] if i < len(leaves) else rng.choice(leaves)
+        key, kind, nullable = leaves[i % len(leaves)] if i < len(leaves) else rng.choice(leaves)
         invalid = rng.random() < 0.85 or not GOOD[kind]
         value = rng.choice(BAD[kind]) if invalid else rng.choice(GOOD[kind])
+        if value is None and nullable:  # null is a valid setting here (an option switched off)
+            invalid = False
         if rng.random() < 0.05:  # a mistyped key
             key, invalid, value = key + "x", True, 1
         outcome, code, line = _cli(["run", str(CONFIG), *SMALL, f"{key}={_yaml(value)}",

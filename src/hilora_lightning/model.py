@@ -37,9 +37,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from hilora_lightning.adapter_checkpoint import check_adapter_checkpoint
 from hilora_lightning.backbone import create_backbone
 from hilora_lightning.config import AdapterConfig
-from hilora_lightning.errors import AdapterStateError
 from hilora_lightning.gates import TierGate
 from hilora_lightning.inject import inject_tiers
 from hilora_lightning.layer import TieredLoRALinear
@@ -47,25 +47,6 @@ from hilora_lightning.orthogonality import ORTHO_SIDES, FrozenGroups, frozen_gro
 from hilora_lightning.tiers import Tier, parse_tiers
 
 __all__ = ["HiLoRAViT"]
-
-
-def check_adapter_checkpoint(checkpoint: Any, name: str, allow_legacy: bool = False) -> None:
-    """Refuse a model checkpoint without adapter factors, with non-finite ones, or without a backbone fingerprint."""
-    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
-        raise AdapterStateError(f"{name!r} is not a Lightning checkpoint (no state_dict)")
-    state = checkpoint["state_dict"]
-    factors = {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
-    if not factors:
-        raise AdapterStateError(f"{name!r} holds no adapter factors (no '.lora_A.'/'.lora_B.' keys among "
-                                f"{len(state)}): it was not saved from a HiLoRAViT; loading it would give fresh "
-                                "adapters")
-    bad = sorted(k for k, v in factors.items() if isinstance(v, Tensor) and not bool(torch.isfinite(v).all()))
-    if bad:
-        more = " ..." if len(bad) > 3 else ""
-        raise AdapterStateError(f"{name!r} holds NaN or Inf adapter values in {bad[:3]}{more}")
-    if "hilora_backbone_sha256" not in checkpoint and not allow_legacy:
-        raise AdapterStateError(f"{name!r} has no backbone fingerprint, so nothing proves its adapters fit the rebuilt "
-                                "backbone; pass allow_legacy=True to load a file from before fingerprints existed")
 
 
 class HiLoRAViT(pl.LightningModule):
@@ -406,7 +387,8 @@ class HiLoRAViT(pl.LightningModule):
         if not path.is_file():
             raise FileNotFoundError(f"no HiLoRAViT checkpoint at {str(checkpoint_path)!r}")
         check_adapter_checkpoint(torch.load(path, map_location="cpu", weights_only=True), str(path), allow_legacy)
-        return super().load_from_checkpoint(path, map_location, hparams_file, strict,  # type: ignore[return-value]
+        hparams = None if hparams_file is None else Path(hparams_file)
+        return super().load_from_checkpoint(path, map_location, hparams, strict,  # type: ignore[return-value]
                                             weights_only=True, **kwargs)
 
     def adapter_state_dict(self) -> dict[str, Tensor]:

@@ -8,9 +8,9 @@ value.
 Example:
     >>> from hilora_lightning.federation.config import FederationConfig
     >>> from hilora_lightning.federation.fingerprint import config_items, differences
-    >>> old, new = config_items(FederationConfig(rounds=9)), config_items(FederationConfig(rounds=10))
+    >>> old, new = config_items(FederationConfig(rounds=19)), config_items(FederationConfig(rounds=20))
     >>> differences(old, new)
-    ['federation.rounds: checkpoint 9, this run 10']
+    ['federation.rounds: checkpoint 19, this run 20']
 """
 
 from __future__ import annotations
