@@ -46,6 +46,7 @@ _MODEL = {"backbone": "str", "num_classes": "int", "stage": "str", "pretrained":
           "pretrained_file": "str | None", "backbone_kwargs": "dict | None", "lr": "float", "weight_decay": "float",
           "gamma_c": "float", "gamma_l": "float", "ortho_side": "str", "train_head": "bool", "seed": "int"}
 _LOADER = {"num_workers": "int", "pin_memory": "bool", "persistent_workers": "bool"}
+_LOGGER = {"name": "str", "save_dir": "str", "project": "str", "experiment_name": "str", "tracking_uri": "str"}
 _TOP = {"seed": "int", "out_dir": "str", "method": "str"}
 
 
@@ -62,7 +63,7 @@ def _schema() -> dict[str, Any]:
     federation["clustering"] = _dataclass_types(ClusteringConfig)
     model: dict[str, Any] = dict(_MODEL)
     model["adapter"] = {"targets": "any", "root": tier, "cluster": tier, "leaf": tier}
-    return {**_TOP, "data": _DATA, "model": model, "federation": federation, "loader": _LOADER,
+    return {**_TOP, "data": _DATA, "model": model, "federation": federation, "loader": _LOADER, "logger": _LOGGER,
             "trainer": "dict", "compare": {"methods": "any", "seeds": "any"}}
 
 

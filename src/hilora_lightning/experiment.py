@@ -55,6 +55,29 @@ _DATA_KEYS = {"name", "num_clients", "num_groups", "unseen_fraction", "train_fra
 
 
 _LOADER_KEYS = ("num_workers", "pin_memory", "persistent_workers")
+_LOGGER_KEYS = ("name", "save_dir", "project", "experiment_name", "tracking_uri")
+LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
+
+
+def build_logger(section: Mapping[str, Any] | None, out_dir: str | Path) -> Any:
+    """The Lightning logger of the config's ``logger`` section (``name``: csv, tensorboard, wandb or
+    mlflow; ``save_dir`` defaults to ``out_dir/logs``); ``None`` without one."""
+    if not section:
+        return None
+    name = str(section.get("name", "csv"))
+    save_dir = str(section.get("save_dir") or Path(out_dir) / "logs")
+    from lightning.pytorch import loggers
+
+    if name == "csv":
+        return loggers.CSVLogger(save_dir, name="federation")
+    if name == "tensorboard":
+        return loggers.TensorBoardLogger(save_dir, name="federation", default_hp_metric=False)
+    if name == "wandb":
+        return loggers.WandbLogger(project=section.get("project", "hilora"), save_dir=save_dir)
+    if name == "mlflow":
+        return loggers.MLFlowLogger(experiment_name=section.get("experiment_name", "hilora"),
+                                    tracking_uri=section.get("tracking_uri"), save_dir=save_dir)
+    raise ValueError(f"logger.name must be one of {LOGGERS}, got {name!r}")
 
 
 def _fields(cls: type) -> set[str]:
@@ -74,6 +97,7 @@ def _schema() -> dict[str, Any]:
     federation["clustering"] = dict.fromkeys(_fields(ClusteringConfig))
     return {"seed": None, "out_dir": None, "method": None, "data": dict.fromkeys(_DATA_KEYS), "model": model,
             "federation": federation, "trainer": "*", "loader": dict.fromkeys(_LOADER_KEYS),
+            "logger": dict.fromkeys(_LOGGER_KEYS),
             "compare": {"methods": None, "seeds": None}}
 
 
@@ -108,6 +132,9 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         from hilora_lightning.federation.local import LoaderSpec
 
         LoaderSpec.from_dict(dict(cfg["loader"]))
+    name = (cfg.get("logger") or {}).get("name")
+    if name is not None and name not in LOGGERS:
+        raise ValueError(f"logger.name must be one of {LOGGERS}, got {name!r}")
 
 
 def build_clients(data: Mapping[str, Any], seed: int) -> tuple[list[ClientData], list[ClientData]]:
@@ -191,7 +218,8 @@ def build_runner(cfg: Mapping[str, Any], clients: Sequence[ClientData], unseen: 
     method = str(cfg.get("method", "hilora") or "hilora")
     config = build_federation_config(cfg)
     common: dict[str, Any] = {"trainer_kwargs": dict(cfg.get("trainer", {}) or {}), "checkpoint_path": checkpoint_path,
-                              "progress": progress, "backend": backend, "loader": cfg.get("loader")}
+                              "progress": progress, "backend": backend, "loader": cfg.get("loader"),
+                              "logger": build_logger(cfg.get("logger"), cfg.get("out_dir", "runs/experiment"))}
     if method == "hilora":
         return FederatedOrchestrator(build_model(cfg), clients, config, unseen=unseen, **common)
     from hilora_lightning.baselines import BaselineRunner

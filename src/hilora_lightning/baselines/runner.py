@@ -85,6 +85,7 @@ class BaselineRunner:
         checkpoint_path: str | Path | None = None,
         backend: ClientBackend | None = None,
         loader: LoaderSpec | Mapping[str, Any] | None = None,
+        logger: Any = None,
     ) -> None:
         if not isinstance(model, HiLoRAViT):
             raise TypeError(f"model must be a HiLoRAViT, got {type(model).__name__}")
@@ -101,7 +102,8 @@ class BaselineRunner:
         self.runner = FederationRunner(self.strategy, self.clients, self.unseen, self.backend, config.rounds,
                                        config.fraction_fit, config.min_clients, config.eval_every, config.seed,
                                        checkpoint_path, upload_hook, progress,
-                                       fingerprint={"trainer.precision": str(trainer_precision(trainer_kwargs))})
+                                       fingerprint={"trainer.precision": str(trainer_precision(trainer_kwargs))},
+                                       logger=logger)
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> FederatedResult:
         """Run every round, fuse (FDLoRA), evaluate the clients and the unseen clients."""

@@ -15,7 +15,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from hilora_lightning.data.clients import ClientData
@@ -62,6 +62,8 @@ class InProcessBackend:
         self.data: dict[int, ClientData] = {}
         self.stores: dict[int, Store] = {}
         self._before: dict[int, dict[str, Any]] = {}
+        #: called with the number of clients done after each client of a fit batch (the progress bar)
+        self.on_client: Callable[[int], None] | None = None
 
     def bind(self, runtime: ClientRuntime, data: Iterable[ClientData]) -> None:
         """Serve ``data``'s clients with ``runtime``."""
@@ -88,6 +90,8 @@ class InProcessBackend:
                 out[cid] = runtime.fit(req, self.data[cid], store)
             except Exception as exc:  # reported per client; the runner drops and records it
                 out[cid] = exc
+            if self.on_client is not None:
+                self.on_client(len(out))
         return out
 
     def evaluate(self, requests: Mapping[int, EvalRequest]) -> dict[int, float | Exception]:

@@ -33,6 +33,8 @@ from hilora_lightning.federation.backend import ClientBackend
 from hilora_lightning.federation.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from hilora_lightning.federation.client import select_clients, state_bytes
 from hilora_lightning.federation.fingerprint import client_items, differences
+from hilora_lightning.federation.loggers import RoundLogger
+from hilora_lightning.federation.progress import RoundProgress
 from hilora_lightning.federation.requests import EvalRequest, FitReply, FitRequest
 from hilora_lightning.federation.result import FederatedResult, RoundRecord, accuracy_summary
 from hilora_lightning.federation.server_state import ServerState
@@ -229,7 +231,7 @@ class FederationRunner:
                  backend: ClientBackend, rounds: int, fraction_fit: float = 1.0, min_clients: int = 1,
                  eval_every: int = 1, seed: int = 0, checkpoint_path: str | Path | None = None,
                  upload_hook: Callable[[Payload], None] | None = None, progress: bool = True,
-                 fingerprint: Mapping[str, str] | None = None) -> None:
+                 fingerprint: Mapping[str, str] | None = None, logger: Any = None) -> None:
         self.strategy, self.backend = strategy, backend
         self.clients, self.unseen = dict(clients), dict(unseen)
         self.rounds, self.fraction_fit, self.min_clients = rounds, fraction_fit, min_clients
@@ -237,6 +239,8 @@ class FederationRunner:
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.upload_hook, self.progress = upload_hook, progress
         self.extra_fingerprint = dict(fingerprint or {})
+        self.logger = RoundLogger(logger)
+        self.bar: RoundProgress | None = None
         self.state = strategy.initial_state(sorted(self.clients))
         self.working: ServerState | None = None  # the round in progress (None between rounds)
         self.ctx = RoundContext(backend, self.clients, self.unseen)
@@ -289,8 +293,15 @@ class FederationRunner:
             if self.checkpoint_path.exists():
                 self.load_state_dict(load_checkpoint(self.checkpoint_path))
         last = self.rounds if stop_after is None else min(self.rounds, stop_after)
-        while self.state.round < last:
-            self.step()
+        if self.logger:
+            self.logger.hyperparams(self.fingerprint())
+        self.bar = RoundProgress(self.rounds, self.state.round, self.progress)
+        try:
+            while self.state.round < last:
+                self.step()
+        finally:
+            self.bar.close()
+            self.bar = None
         if self.state.round < self.rounds:  # stopped early: records only, no extra evaluation
             s = self.state
             return FederatedResult(list(s.records), {}, {}, dict(s.assignment), s.num_clusters, s.clustering_ari,
@@ -298,6 +309,11 @@ class FederationRunner:
         self.ctx.failures = {}
         result = self.strategy.finish(self.state, self.ctx)
         result.failures = dict(self.ctx.failures)
+        if self.checkpoint_path is not None:  # the unseen clients' stores (their fine-tuned leaves) too
+            save_checkpoint(self.state_dict(), self.checkpoint_path)
+        if self.logger:
+            self.logger.figures(self.state.records, self.state.extra.get("lsac"), self.state.round)
+            self.logger.finalize("success")
         return result
 
     def step(self) -> RoundRecord:
@@ -317,11 +333,20 @@ class FederationRunner:
         work.elapsed += record.seconds
         work.records.append(record)
         work.round = t
+        clustered = work.num_clusters and not self.state.num_clusters
         self.state = work  # the commit
         if self.checkpoint_path is not None:
             save_checkpoint(self.state_dict(), self.checkpoint_path)
+        if self.logger:
+            self.logger.round(record)
+            if clustered:
+                self.logger.metrics({"k": float(work.num_clusters), "ari": work.clustering_ari}, step=t)
         if self.progress:
-            print(record.progress_line(self.rounds), flush=True)
+            line = record.progress_line(self.rounds)
+            if self.bar is not None:
+                self.bar.end_round(line, record.acc_mean)
+            else:
+                print(line, flush=True)
         return record
 
     def select(self, t: int) -> list[int]:
@@ -332,6 +357,10 @@ class FederationRunner:
         strategy = self.strategy
         stage = strategy.fit_phases(work)
         selected = self.select(t)
+        if self.bar is not None:
+            self.bar.start_round(t, strategy.stage_name(work), len(selected))
+            if hasattr(self.backend, "on_client"):
+                self.backend.on_client = lambda done: self.bar.client_done(done, len(selected)) if self.bar else None
         failed: dict[int, str] = {}
         up = down = 0
         rho: float | None = None

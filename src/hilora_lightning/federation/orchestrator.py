@@ -64,6 +64,10 @@ class FederatedOrchestrator:
             passes one that sends messages to ClientApps).
         loader: DataLoader options of every client loader (``num_workers``, ``pin_memory``,
             ``persistent_workers``).
+        logger: a Lightning logger or a list of them (``CSVLogger``, ``TensorBoardLogger``, W&B,
+            MLflow...): per-round ``fed/...`` metrics (step = round), ``k``/``ari`` at the transition,
+            the settings as hyper-parameters once, and the final figures (see
+            :mod:`hilora_lightning.federation.loggers`).
 
     The state (``round``, ``stage``, ``root``, ``clusters``, ``assignment``...) reads the committed
     :class:`ServerState`, or the round in progress while one runs.
@@ -81,6 +85,7 @@ class FederatedOrchestrator:
         progress: bool = True,
         backend: ClientBackend | None = None,
         loader: LoaderSpec | Mapping[str, Any] | None = None,
+        logger: Any = None,
     ) -> None:
         if not isinstance(model, HiLoRAViT):
             raise TypeError(f"model must be a HiLoRAViT, got {type(model).__name__}")
@@ -99,7 +104,8 @@ class FederatedOrchestrator:
         self.runner = FederationRunner(self.strategy, self.clients, self.unseen, self.backend, config.rounds,
                                        config.fraction_fit, config.min_clients, config.eval_every, config.seed,
                                        checkpoint_path, upload_hook, progress,
-                                       fingerprint={"trainer.precision": str(trainer_precision(trainer_kwargs))})
+                                       fingerprint={"trainer.precision": str(trainer_precision(trainer_kwargs))},
+                                       logger=logger)
 
     # ------------------------------------------------------------------ the loop
     def run(self, resume: bool = False, stop_after: int | None = None) -> FederatedResult:
