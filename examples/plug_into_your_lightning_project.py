@@ -1,8 +1,10 @@
 """Use HiLoRA's pieces in an ordinary Lightning project (no federation).
 
-Subclasses :class:`HiLoRAViT` to change the loss, trains the three tiers as a cascade with a plain
-Lightning ``Trainer`` on the embedded digits (rotated 180 degrees), prints the tier-wise accuracy and
-exports each tier as a ``.safetensors`` file that any other client can load into the same slot.
+Subclasses :class:`HiLoRAViT` to change the loss, trains the three tiers as a cascade in *one*
+``trainer.fit`` with the :class:`~hilora_lightning.callbacks.TierCascade` callback (root, then
+cluster, then leaf by epoch; a checkpoint resumes mid-cascade) on the embedded digits (rotated 180
+degrees), prints the tier-wise accuracy and exports each tier as a ``.safetensors`` file that any
+other client can load into the same slot.
 
     python examples/plug_into_your_lightning_project.py [--epochs 3] [--out runs/plugin]
 """
@@ -17,6 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from hilora_lightning import HiLoRAViT, Tier, export_tier, save_tier_file
+from hilora_lightning.callbacks import TierCascade
 from hilora_lightning.data import DigitsDataModule
 
 
@@ -36,13 +39,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     dm = DigitsDataModule(quarter_turns=2, batch_size=32)
     model = SmoothedHiLoRA(backbone="hilora-digits-vit", num_classes=10, lr=3e-3)
+    cascade = TierCascade({tier: args.epochs for tier in Tier})  # each tier trains, then freezes
+    trainer = pl.Trainer(max_epochs=3 * args.epochs, logger=False, enable_model_summary=False,
+                         default_root_dir=args.out, callbacks=[cascade])
+    trainer.fit(model, dm)  # pass ckpt_path=... to resume mid-cascade at the right tier
+    print(f"cascade done: val acc {trainer.callback_metrics['val/acc']:.3f}")
     for tier in Tier:
-        model.set_stage(tier)  # train this tier; the ones above stay active and frozen
-        trainer = pl.Trainer(max_epochs=args.epochs, logger=False, enable_checkpointing=False,
-                             enable_model_summary=False, default_root_dir=args.out)
-        trainer.fit(model, dm)
         path = save_tier_file(export_tier(model, tier), args.out / f"{tier.value}.safetensors")
-        print(f"{tier.value}: val acc {trainer.callback_metrics['val/acc']:.3f}, saved {path}")
+        print(f"{tier.value}: saved {path}")
     for tiers in (["root"], ["root", "cluster"], list(Tier)):
         with model.using_tiers(tiers):
             acc = pl.Trainer(logger=False, enable_progress_bar=False).test(model, dm, verbose=False)[0]["test/acc"]
