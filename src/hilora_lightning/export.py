@@ -98,6 +98,7 @@ def _merged_backbone(model: HiLoRAViT, tiers: Mapping[Tier, State], head: State)
     """A plain timm model (no adapter modules) whose weights hold the client's tiers merged in."""
     own = _loaded(model, tiers, head)
     for layer in own.tiered_layers.values():
+        layer.set_trainable([])  # nothing trains in a deployed model; merging needs frozen tiers
         layer.merge(list(tiers))
     plain = own.build_backbone()
     source = own.model.state_dict()

@@ -273,6 +273,7 @@ class HiLoRAStrategy:
             final = ctx.scores(self.evaluation_requests(state, tiers), f"final {name}")
             tierwise[name] = accuracy_summary(list(final.values()))
         generalization, routing = self.evaluate_unseen(state, ctx) if ctx.unseen and state.assignment else ({}, {})
+        state.extra["routing"] = dict(routing)  # unseen client -> cluster, for exporting their models
         return FederatedResult(list(state.records), final, tierwise, dict(state.assignment), state.num_clusters,
                                state.clustering_ari, generalization, routing, state.elapsed)
 

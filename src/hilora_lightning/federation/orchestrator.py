@@ -234,6 +234,42 @@ class FederatedOrchestrator:
             raise RuntimeError("client stores live on the clients with a remote backend; ask the client")
         return self.backend.store(client_id)
 
+    # ------------------------------------------------------------------ deployment
+    def client_model(self, client_id: int) -> tuple[dict[Tier, dict[str, Tensor]], dict[str, Tensor]]:
+        """Client ``client_id``'s tiers (root, its cluster, its leaf as far as it has them) and head.
+
+        Training clients use their assigned cluster; an unseen client, after :meth:`run`, the cluster
+        it was routed to and its fine-tuned leaf and head. In process only (a remote client's leaf
+        never reaches the server).
+        """
+        state = self.state
+        if client_id in self.clients:
+            cluster = state.assignment.get(client_id)
+        elif client_id in self.unseen:
+            cluster = {int(k): int(v) for k, v in state.extra.get("routing", {}).items()}.get(client_id)
+        else:
+            raise ValueError(f"no client {client_id}: training clients {sorted(self.clients)}, unseen "
+                             f"{sorted(self.unseen)}")
+        store = self.client_store(client_id)
+        tiers: dict[Tier, dict[str, Tensor]] = {Tier.ROOT: state.root}
+        if cluster is not None:
+            tiers[Tier.CLUSTER] = state.clusters[cluster]
+        if cluster is not None and "leaf" in store:
+            tiers[Tier.LEAF] = store["leaf"]
+        head = store.get("head") or self.strategy.head_for(state, client_id, Tier.CLUSTER if cluster is not None
+                                                            else Tier.ROOT)
+        if client_id in self.unseen and cluster is not None and "head" not in store:
+            head = state.cluster_heads[cluster]
+        return tiers, dict(head)
+
+    def export_client(self, client_id: int, out_dir: str | Path, format: str = "timm") -> list[Path]:
+        """Write client ``client_id``'s personalized model for deployment (``"timm"``, ``"peft"`` or
+        ``"tiers"``; see :mod:`hilora_lightning.export`). Returns the written files."""
+        from hilora_lightning.export import export_client_model
+
+        tiers, head = self.client_model(client_id)
+        return export_client_model(self.model, tiers, head, out_dir, format, client_id)
+
     # ------------------------------------------------------------------ evaluation
     def head_for(self, cid: int, tier: Tier) -> dict[str, Tensor]:
         """The server's head for client ``cid`` at ``tier`` (by the head policy)."""

@@ -1,0 +1,84 @@
+"""Export of a client's personalized model: timm folder, PEFT adapter, tier files; same predictions."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+
+from hilora_lightning import HiLoRAViT, Tier
+from hilora_lightning.data import digits_federation, split_unseen
+from hilora_lightning.errors import AdapterStateError
+from hilora_lightning.export import check_metadata
+from hilora_lightning.federation import ClusteringConfig, FederatedOrchestrator, FederationConfig
+from hilora_lightning.state import import_tier, load_tier_file
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    clients, unseen = split_unseen(digits_federation(5, num_groups=2), 0.2)
+    cfg = FederationConfig(rounds=3, root_rounds=(1, 1), cluster_rounds=(1, 1), local_steps=3, batch_size=16,
+                           clustering=ClusteringConfig(k_min=2, k_max=2), finetune_epochs=1)
+    orch = FederatedOrchestrator(HiLoRAViT(lr=3e-3), clients, cfg, unseen=unseen, progress=False)
+    orch.run()
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return orch, x
+
+
+def _reference(orch, cid, x):
+    """The federated model's logits for client ``cid``: its tiers as LoRA terms (not merged), its head."""
+    tiers, head = orch.client_model(cid)
+    model = copy.deepcopy(orch.model).eval()
+    for tier, state in tiers.items():
+        import_tier(model, tier, state)
+    model.head.load_state_dict(head)
+    with torch.no_grad(), model.using_tiers(list(tiers)):
+        return model(x), tiers
+
+
+@pytest.mark.parametrize("which", ["training", "unseen"])
+def test_timm_export_predicts_what_the_federated_model_predicts(run, tmp_path, which) -> None:
+    orch, x = run
+    cid = sorted(orch.clients)[1] if which == "training" else sorted(orch.unseen)[0]
+    want, tiers = _reference(orch, cid, x)
+    assert set(tiers) == set(Tier)  # root, its cluster and its (fine-tuned) leaf
+    orch.export_client(cid, tmp_path, "timm")
+    plain = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    assert not any("lora" in k for k in plain.state_dict())  # a plain timm ViT
+    with torch.no_grad():
+        got = plain(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert check_metadata(tmp_path / "model.safetensors", orch.model)["client_id"] == str(cid)
+
+
+def test_peft_export_loads_into_the_bare_timm_model_with_the_same_predictions(run, tmp_path) -> None:
+    peft = pytest.importorskip("peft")
+    orch, x = run
+    cid = sorted(orch.clients)[0]
+    want, _ = _reference(orch, cid, x)
+    orch.export_client(cid, tmp_path, "peft")
+    base = orch.model.build_backbone().eval()  # the frozen backbone as timm builds it, original head
+    model = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_tier_files_and_the_backbone_check(run, tmp_path) -> None:
+    orch, _ = run
+    cid = sorted(orch.clients)[0]
+    paths = orch.export_client(cid, tmp_path, "tiers")
+    assert sorted(p.name for p in paths) == ["cluster.safetensors", "head.safetensors", "leaf.safetensors",
+                                             "root.safetensors"]
+    tiers, _ = orch.client_model(cid)
+    root = load_tier_file(tmp_path / "root.safetensors")
+    assert root.keys() == tiers[Tier.ROOT].keys() and all(torch.equal(root[k], v) for k, v in tiers[Tier.ROOT].items())
+    other = HiLoRAViT(backbone="test_vit", num_classes=10)
+    with pytest.raises(AdapterStateError, match="was exported for another frozen backbone"):
+        check_metadata(tmp_path / "root.safetensors", other)
+    with pytest.raises(ValueError, match="format must be one of"):
+        orch.export_client(cid, tmp_path, "onnx")
+    with pytest.raises(ValueError, match="no client 99"):
+        orch.export_client(99, tmp_path)
