@@ -94,3 +94,40 @@ def test_cli_compare_prints_one_table_and_writes_it(tmp_path: Path, capsys) -> N
 def test_cli_compare_rejects_unknown_methods(tmp_path: Path, capsys) -> None:
     assert main(["compare", str(CONFIG), "methods=fedit,fedprox", f"out_dir={tmp_path}"]) == 2
     assert "unknown method(s) ['fedprox']" in capsys.readouterr().err
+
+
+def test_export_and_predict_from_a_run_folder(tmp_path: Path, capsys) -> None:
+    import timm
+    import torch
+    from PIL import Image
+
+    from hilora_lightning.cli import load_run
+    from hilora_lightning.predict import image_transform
+
+    out = tmp_path / "run"
+    assert main(["run", str(CONFIG), *SMALL, f"out_dir={out}"]) == 0
+    orch, cfg = load_run(out)
+    cid = sorted(orch.clients)[0]
+    assert main(["export", str(out), "--client", str(cid), "--format", "timm", "--out", str(tmp_path / "m")]) == 0
+    plain = timm.create_model(f"local-dir:{tmp_path / 'm'}", pretrained=True).eval()
+    images = tmp_path / "images"
+    images.mkdir()
+    x, y = orch.clients[cid].test[:4]
+    for i, img in enumerate(x):  # the digits as 8-bit PNGs, as a user would have them
+        gray = ((img[0] * 0.5 + 0.5).clamp(0, 1) * 255).round().byte().numpy()
+        Image.fromarray(gray, mode="L").save(images / f"d{i}.png")
+    capsys.readouterr()
+    assert main(["predict", str(out), str(images), "--client", str(cid), "--topk", "3", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [Path(r["image"]).name for r in rows] == [f"d{i}.png" for i in range(4)]
+    transform = image_transform(cfg["data"])
+    batch = torch.stack([transform(Image.open(images / f"d{i}.png").convert("RGB")) for i in range(4)])
+    with torch.no_grad():
+        want = plain(batch).softmax(-1).topk(3, dim=-1)  # the exported timm model: an independent path
+    assert [r["classes"] for r in rows] == want.indices.tolist()
+    for r, probs in zip(rows, want.values.tolist()):
+        assert r["probabilities"] == pytest.approx(probs, abs=1e-5)
+    assert main(["predict", str(out), str(tmp_path / "none"), "--client", str(cid)]) == 2
+    assert "no image file or folder" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--client", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "is not a run folder: it has no config.yaml" in capsys.readouterr().err

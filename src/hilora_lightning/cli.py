@@ -2,6 +2,8 @@
 
     hilora-fl run CONFIG [key=value ...] [--resume] [--check]   # e.g. federation.rounds=20 data.num_clients=12
     hilora-fl compare CONFIG [methods=a,b] [seeds=0,1,2] [key=value ...] [--resume]   # vs the baselines
+    hilora-fl export RUN_DIR --client N --format timm|peft|tiers --out DIR   # one client's model
+    hilora-fl predict RUN_DIR IMAGES_OR_FOLDER --client N [--topk 5] [--json]
     hilora-fl demo [demo options]                     # the embedded-data demo (python -m hilora_lightning.demo)
 
 ``run`` merges the overrides into the YAML (omegaconf dot-list syntax), rejects unknown keys with the
@@ -29,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_config", "main"]
+__all__ = ["load_config", "load_run", "main"]
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -100,6 +102,54 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_run(run_dir: str | Path) -> tuple[Any, dict[str, Any]]:
+    """The finished (or interrupted) in-process HiLoRA run in ``run_dir``: its orchestrator with the
+    checkpointed state and client stores loaded, and its resolved config."""
+    from hilora_lightning.config_check import ConfigError
+    from hilora_lightning.experiment import build_experiment
+    from hilora_lightning.federation.checkpoint import load_checkpoint
+
+    run = Path(run_dir)
+    for name in ("config.yaml", "federation.pt"):
+        if not (run / name).is_file():
+            raise FileNotFoundError(f"{str(run)!r} is not a run folder: it has no {name} (hilora-fl run writes both)")
+    cfg = load_config(run / "config.yaml")
+    cfg["out_dir"] = str(run)
+    if cfg.get("method", "hilora") != "hilora":
+        raise ConfigError(f"{str(run)!r} holds a {cfg['method']} run; export and predict serve HiLoRA runs")
+    orch = build_experiment(cfg)
+    orch.load_state_dict(load_checkpoint(run / "federation.pt"))
+    return orch, cfg
+
+
+def _export(args: argparse.Namespace) -> int:
+    orch, _ = load_run(args.run_dir)
+    for path in orch.export_client(args.client, args.out, args.format):
+        print(f"wrote {path}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import json
+
+    from hilora_lightning.predict import image_paths, image_transform, predict_images
+
+    orch, cfg = load_run(args.run_dir)
+    tiers, head = orch.client_model(args.client)
+    rows = predict_images(orch.model, tiers, head, image_paths(args.images), image_transform(cfg.get("data", {})),
+                          args.topk)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    from hilora_lightning.federation.result import format_rows
+
+    print(f"client {args.client}: tiers {', '.join(t.value for t in tiers)}")
+    print(format_rows(["image", "top classes", "probabilities"],
+                      [[r["image"], " ".join(map(str, r["classes"])), " ".join(f"{p:.3f}" for p in r["probabilities"])]
+                       for r in rows]))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hilora-fl`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -119,12 +169,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     comp.add_argument("config", help="path of a YAML config (see examples/configs/)")
     comp.add_argument("overrides", nargs="*", help="methods=a,b and key=value overrides")
     comp.add_argument("--resume", action="store_true", help="read back methods already finished in out_dir/compare")
+    exp = sub.add_parser("export", help="write one client's personalized model (timm folder, PEFT adapter, tiers)")
+    exp.add_argument("run_dir", help="a run's out_dir (config.yaml and federation.pt)")
+    exp.add_argument("--client", type=int, required=True, help="client id (training or unseen)")
+    exp.add_argument("--format", choices=("timm", "peft", "tiers"), default="timm")
+    exp.add_argument("--out", required=True, help="output folder")
+    pred = sub.add_parser("predict", help="one client's class predictions on image files")
+    pred.add_argument("run_dir", help="a run's out_dir (config.yaml and federation.pt)")
+    pred.add_argument("images", help="an image file or a folder of images")
+    pred.add_argument("--client", type=int, required=True, help="client id (training or unseen)")
+    pred.add_argument("--topk", type=int, default=5)
+    pred.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub.add_parser("demo", help="the embedded-data demo (its options: hilora-fl demo --help)")
     args = parser.parse_args(argv)
     from hilora_lightning.errors import HiLoraError
 
     try:
-        return _compare(args) if args.command == "compare" else _run(args)
+        commands = {"compare": _compare, "run": _run, "export": _export, "predict": _predict}
+        return commands[args.command](args)
     except (HiLoraError, ValueError, TypeError, OSError) as exc:  # project and input errors: one line, exit 2
         print(f"hilora-fl: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
