@@ -78,6 +78,9 @@ def test_tier_files_and_the_backbone_check(run, tmp_path) -> None:
     other = HiLoRAViT(backbone="test_vit", num_classes=10)
     with pytest.raises(AdapterStateError, match="was exported for another frozen backbone"):
         check_metadata(tmp_path / "root.safetensors", other)
+    with pytest.raises(AdapterStateError, match="was exported for another frozen backbone"):
+        load_tier_file(tmp_path / "leaf.safetensors", other)
+    assert load_tier_file(tmp_path / "leaf.safetensors", orch.model).keys() == tiers[Tier.LEAF].keys()
     with pytest.raises(ValueError, match="format must be one of"):
         orch.export_client(cid, tmp_path, "onnx")
     with pytest.raises(ValueError, match="no client 99"):

@@ -75,6 +75,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"clusters (client: cluster): {result.assignment}; unseen routed: {result.routing}")
     written = save_outputs(orch, result, {k: str(v) for k, v in vars(args).items()}, args.out)
     print(f"results and plots written to {args.out}/: {', '.join(p.name for p in written)}")
+    first = sorted(orch.clients)[0]
+    model_dir = args.out / f"client{first}_timm"
+    orch.export_client(first, model_dir, "timm")
+    print(f"client {first}'s personalized model, tiers merged, as a plain timm model: {model_dir}/ "
+          f"(timm.create_model('local-dir:{model_dir}', pretrained=True))")
+    print("next: hilora-fl run examples/configs/digits_cpu.yaml out_dir=runs/digits, then "
+          "hilora-fl export runs/digits --client 0 --format peft --out runs/client0_peft and "
+          "hilora-fl predict runs/digits IMAGES_OR_FOLDER --client 0")
 
 
 if __name__ == "__main__":

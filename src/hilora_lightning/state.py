@@ -140,14 +140,28 @@ def save_tier_file(state: Mapping[str, Tensor], path: str | os.PathLike[str]) ->
     return atomic_write(path, lambda fh: fh.write(data))
 
 
-def load_tier_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Read a ``.safetensors`` tier file (no pickle is ever executed)."""
+def load_tier_file(path: str | os.PathLike[str], model: Any = None) -> dict[str, Tensor]:
+    """Read a ``.safetensors`` tier file (no pickle is ever executed).
+
+    With ``model`` (a :class:`~hilora_lightning.model.HiLoRAViT`), a file exported for another frozen
+    backbone (its header's ``backbone_sha256``, see :mod:`hilora_lightning.export`) is refused.
+    """
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file {str(path)!r} does not exist")
     try:
-        return load_file(str(path))
+        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
     except Exception as exc:  # safetensors raises its own SafetensorError on corrupt files
         raise AdapterStateError(f"{str(path)!r} is not a valid safetensors adapter file: {exc}") from exc
+    fingerprint = getattr(model, "backbone_fingerprint", None)
+    if callable(fingerprint) and meta.get("backbone_sha256") not in (None, fingerprint()):
+        raise AdapterStateError(
+            f"{str(path)!r} was exported for another frozen backbone ({meta.get('backbone')!r}, fingerprint "
+            f"{meta['backbone_sha256'][:12]}...), this model's is {fingerprint()[:12]}...; load it into the "
+            "backbone it was trained on")
+    return state
