@@ -105,8 +105,8 @@ def _merged_backbone(model: HiLoRAViT, tiers: Mapping[Tier, State], head: State)
     merged: dict[str, Tensor] = {}
     for key in plain.state_dict():
         path, _, leaf = key.rpartition(".")
-        layer = own.tiered_layers.get(path)
-        merged[key] = getattr(layer.base_layer, leaf).detach().clone() if layer is not None else source[key]
+        tiered = own.tiered_layers.get(path)
+        merged[key] = getattr(tiered.base_layer, leaf).detach().clone() if tiered is not None else source[key]
     plain.load_state_dict(merged)
     return plain.eval()
 

@@ -35,10 +35,10 @@ from hilora_lightning.data.clients import ClientData
 from hilora_lightning.federation.backend import ClientBackend, InProcessBackend
 from hilora_lightning.federation.client import check_federation
 from hilora_lightning.federation.config import FederationConfig
-from hilora_lightning.federation.engine import FederationRunner, Payload
-from hilora_lightning.federation.local import LoaderSpec, trainer_precision
+from hilora_lightning.federation.engine import Payload, in_process_runner
+from hilora_lightning.federation.local import LoaderSpec
 from hilora_lightning.federation.result import FederatedResult, RoundRecord
-from hilora_lightning.federation.runtime import ClientRuntime, Store
+from hilora_lightning.federation.runtime import Store
 from hilora_lightning.model import HiLoRAViT
 
 __all__ = ["BaselineRunner", "prepare_baseline_model"]
@@ -95,15 +95,9 @@ class BaselineRunner:
         self.clients = {c.client_id: c for c in clients}
         self.unseen = {c.client_id: c for c in unseen}
         self.strategy = BaselineStrategy(method, self.model, config)
-        self.backend: ClientBackend = backend or InProcessBackend()
-        if isinstance(self.backend, InProcessBackend):
-            self.runtime = ClientRuntime(self.model, trainer_kwargs, loader)
-            self.backend.bind(self.runtime, [*clients, *unseen])
-        self.runner = FederationRunner(self.strategy, self.clients, self.unseen, self.backend, config.rounds,
-                                       config.fraction_fit, config.min_clients, config.eval_every, config.seed,
-                                       checkpoint_path, upload_hook, progress,
-                                       fingerprint={"trainer.precision": str(trainer_precision(trainer_kwargs))},
-                                       logger=logger)
+        self.runner, self.backend, self.runtime = in_process_runner(
+            self.strategy, self.model, clients, unseen, config, backend, trainer_kwargs, loader, checkpoint_path,
+            upload_hook, progress, logger)
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> FederatedResult:
         """Run every round, fuse (FDLoRA), evaluate the clients and the unseen clients."""

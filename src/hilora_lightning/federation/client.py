@@ -5,12 +5,12 @@ loaded into it for each request. Its leaf and personal head stay in its store (s
 :mod:`hilora_lightning.federation.runtime`); the server keeps only its LSAC features and counters.
 
 Example:
-    >>> import torch
-    >>> from torch.utils.data import TensorDataset
-    >>> from hilora_lightning.federation.client import ClientData
-    >>> ds = TensorDataset(torch.zeros(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))
-    >>> ClientData(client_id=0, train=ds, test=ds, group=1).num_samples
-    4
+    >>> from hilora_lightning.federation.client import client_seed, select_clients
+    >>> picked = select_clients([5, 3, 9, 7], fraction=0.5, min_clients=1, seed=0, round_idx=1)
+    >>> len(picked), picked == select_clients([7, 9, 3, 5], 0.5, 1, seed=0, round_idx=1)
+    (2, True)
+    >>> client_seed(0, 1, 3) == client_seed(0, 1, 3) != client_seed(0, 2, 3)
+    True
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from hilora_lightning.state import validate_tier_state
 from hilora_lightning.tiers import Tier
 
 __all__ = ["CHECKPOINT_VERSION", "Expected", "FederationError", "FederationRunner", "Payload", "RoundContext",
-           "Strategy", "check_finite_state", "norm_outliers", "require_min_clients"]
+           "Strategy", "check_finite_state", "in_process_runner", "norm_outliers", "require_min_clients"]
 
 CHECKPOINT_VERSION = 3
 
@@ -415,3 +415,29 @@ class FederationRunner:
     def evaluate(self, requests: Mapping[int, EvalRequest]) -> dict[int, float]:
         """Scores of the clients that could be evaluated (a failing client is left out)."""
         return self.ctx.scores(requests)
+
+
+def in_process_runner(strategy: Strategy, model: Any, clients: Sequence[ClientData], unseen: Sequence[ClientData],
+                      config: Any, backend: ClientBackend | None, trainer_kwargs: Mapping[str, Any] | None,
+                      loader: Any, checkpoint_path: str | Path | None, upload_hook: Callable[[Payload], None] | None,
+                      progress: bool, logger: Any) -> tuple[FederationRunner, ClientBackend, Any]:
+    """The runner of a :class:`FederationConfig` run, its backend and (in process) the client runtime.
+
+    Shared by :class:`~hilora_lightning.federation.FederatedOrchestrator` and
+    :class:`~hilora_lightning.baselines.BaselineRunner`: the default backend runs every client on
+    ``model`` in this process; a given backend (Flower) runs them where it runs them.
+    """
+    from hilora_lightning.federation.backend import InProcessBackend
+    from hilora_lightning.federation.local import trainer_precision
+    from hilora_lightning.federation.runtime import ClientRuntime
+
+    backend = backend or InProcessBackend()
+    runtime = None
+    if isinstance(backend, InProcessBackend):
+        runtime = ClientRuntime(model, trainer_kwargs, loader)
+        backend.bind(runtime, [*clients, *unseen])
+    runner = FederationRunner(strategy, {c.client_id: c for c in clients}, {c.client_id: c for c in unseen}, backend,
+                              config.rounds, config.fraction_fit, config.min_clients, config.eval_every, config.seed,
+                              checkpoint_path, upload_hook, progress,
+                              fingerprint={"trainer.precision": trainer_precision(trainer_kwargs)}, logger=logger)
+    return runner, backend, runtime

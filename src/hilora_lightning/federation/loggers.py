@@ -77,7 +77,7 @@ class RoundLogger:
         written: list[Path] = []
         for lg in self.loggers:
             kind = type(lg).__name__
-            experiment = getattr(lg, "experiment", None)
+            experiment: Any = getattr(lg, "experiment", None)
             if kind == "TensorBoardLogger" and hasattr(experiment, "add_figure"):
                 experiment.add_figure(f"{self.prefix}{name}", fig, global_step=step, close=False)
             elif kind == "WandbLogger" and callable(getattr(lg, "log_image", None)):

@@ -33,11 +33,11 @@ from hilora_lightning.data.clients import ClientData
 from hilora_lightning.federation.backend import ClientBackend, InProcessBackend
 from hilora_lightning.federation.client import ClientState, check_federation
 from hilora_lightning.federation.config import FederationConfig
-from hilora_lightning.federation.engine import FederationError, FederationRunner, Payload, require_min_clients
+from hilora_lightning.federation.engine import FederationError, Payload, in_process_runner, require_min_clients
 from hilora_lightning.federation.hilora import HiLoRAStrategy
-from hilora_lightning.federation.local import LoaderSpec, trainer_precision
+from hilora_lightning.federation.local import LoaderSpec
 from hilora_lightning.federation.result import FederatedResult, RoundRecord
-from hilora_lightning.federation.runtime import ClientRuntime, Store
+from hilora_lightning.federation.runtime import Store
 from hilora_lightning.federation.server_state import ServerState
 from hilora_lightning.model import HiLoRAViT
 from hilora_lightning.tiers import Tier
@@ -97,15 +97,9 @@ class FederatedOrchestrator:
         self.trainer_kwargs = dict(trainer_kwargs or {})
         self.strategy = HiLoRAStrategy(model, config, {c.client_id: c.group for c in clients},
                                        recluster_policy=lambda state: self.should_recluster(state.round + 1))
-        self.backend: ClientBackend = backend or InProcessBackend()
-        if isinstance(self.backend, InProcessBackend):
-            self.runtime = ClientRuntime(model, self.trainer_kwargs, loader)
-            self.backend.bind(self.runtime, [*clients, *unseen])
-        self.runner = FederationRunner(self.strategy, self.clients, self.unseen, self.backend, config.rounds,
-                                       config.fraction_fit, config.min_clients, config.eval_every, config.seed,
-                                       checkpoint_path, upload_hook, progress,
-                                       fingerprint={"trainer.precision": str(trainer_precision(trainer_kwargs))},
-                                       logger=logger)
+        self.runner, self.backend, self.runtime = in_process_runner(
+            self.strategy, model, clients, unseen, config, backend, self.trainer_kwargs, loader, checkpoint_path,
+            upload_hook, progress, logger)
 
     # ------------------------------------------------------------------ the loop
     def run(self, resume: bool = False, stop_after: int | None = None) -> FederatedResult:
