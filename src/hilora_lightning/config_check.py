@@ -40,8 +40,8 @@ class ConfigError(HiLoraError, ValueError):
 
 _DATA = {"name": "str", "num_clients": "int", "num_groups": "int", "unseen_fraction": "float",
          "train_fraction": "float", "img_size": "int", "root": "str", "download": "bool", "verify": "bool",
-         "partition": "str", "alpha": "float", "classes_per_client": "int", "clients_per_domain": "int",
-         "test_fraction": "float", "domains": "list[str]"}
+         "partition": "str", "alpha": "float | None", "classes_per_client": "int", "clients_per_domain": "int",
+         "test_fraction": "float", "domains": "list[str]", "per_client": "int"}
 _MODEL = {"backbone": "str", "num_classes": "int", "stage": "str", "pretrained": "bool",
           "pretrained_file": "str | None", "backbone_kwargs": "dict | None", "lr": "float", "weight_decay": "float",
           "gamma_c": "float", "gamma_l": "float", "ortho_side": "str", "train_head": "bool", "seed": "int"}

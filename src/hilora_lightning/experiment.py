@@ -47,11 +47,11 @@ __all__ = [
 ]
 
 #: Data sets the config can name.
-DATASETS = ("digits", "cifar100", "domainnet", "imagefolder")
+DATASETS = ("digits", "fashion-mnist", "cifar100", "domainnet", "imagefolder")
 
 _DATA_KEYS = {"name", "num_clients", "num_groups", "unseen_fraction", "train_fraction", "img_size", "root",
               "download", "verify", "partition", "alpha", "classes_per_client", "clients_per_domain",
-              "test_fraction", "domains"}
+              "test_fraction", "domains", "per_client"}
 
 
 _LOADER_KEYS = ("num_workers", "pin_memory", "persistent_workers")
@@ -148,6 +148,15 @@ def build_clients(data: Mapping[str, Any], seed: int) -> tuple[list[ClientData],
         clients = digits_federation(int(data.get("num_clients", 10)), num_groups=int(data.get("num_groups", 4)),
                                     img_size=int(data.get("img_size", 32)),
                                     train_fraction=float(data.get("train_fraction", 0.75)), seed=seed)
+    elif name == "fashion-mnist":
+        from hilora_lightning.data.fashion import fashion_mnist_federation
+
+        clients = fashion_mnist_federation(
+            data.get("root"), num_clients=int(data.get("num_clients", 36)), partition=data.get("partition", "sc-dir"),
+            alpha=None if data.get("alpha") is None else float(data["alpha"]),
+            classes_per_client=int(data.get("classes_per_client", 3)), per_client=int(data.get("per_client", 620)),
+            test_fraction=float(data.get("test_fraction", 0.25)), img_size=int(data.get("img_size", 32)),
+            download=bool(data.get("download", False)), seed=seed)
     else:
         from hilora_lightning.data import federations
 

@@ -1,0 +1,121 @@
+"""Fashion-MNIST: IDX reading (raw and gzip), where the files are looked for, the four federations."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hilora_lightning.data import fashion
+from hilora_lightning.data.fashion import DEBIAN_ROOT, FILES, fashion_mnist_federation, load_fashion_mnist, read_idx
+
+
+def _idx(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def _write(folder: Path, n_train: int = 400, n_test: int = 100, gz: bool = True, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = np.arange(n) % 10  # balanced classes
+        data[split] = (images, labels)
+        for name, arr in zip(FILES[split], (images, labels)):
+            raw = _idx(arr)
+            if gz:
+                (folder / f"{name}.gz").write_bytes(gzip.compress(raw))
+            else:
+                (folder / name).write_bytes(raw)
+    return data
+
+
+@pytest.fixture
+def no_debian(monkeypatch, tmp_path):
+    """Make the search independent of whether the Debian package is installed on this machine."""
+    monkeypatch.setattr(fashion, "DEBIAN_ROOT", tmp_path / "no-debian")
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_files_read_back_exactly(tmp_path, no_debian, gz) -> None:
+    data = _write(tmp_path / "fm", gz=gz)
+    images, labels = load_fashion_mnist(tmp_path / "fm", "train")
+    assert np.array_equal(images, data["train"][0]) and np.array_equal(labels, data["train"][1])
+    both, _ = load_fashion_mnist(tmp_path / "fm", "all")
+    assert np.array_equal(both, np.concatenate([data["train"][0], data["test"][0]]))
+    _write(tmp_path / "tv" / "FashionMNIST" / "raw", seed=1)  # where torchvision downloads to
+    assert load_fashion_mnist(tmp_path / "tv", "test")[0].shape == (100, 28, 28)
+
+
+def test_missing_or_corrupt_files_are_clear_errors(tmp_path, no_debian) -> None:
+    with pytest.raises(FileNotFoundError, match=r"apt-get install -y dataset-fashion-mnist.*data.download=true"):
+        load_fashion_mnist(tmp_path / "empty")
+    bad = tmp_path / "bad"
+    bad.write_bytes(bytes([0, 0, 0x08, 1]) + (5).to_bytes(4, "big") + b"\x01\x02")
+    with pytest.raises(ValueError, match="is truncated or corrupt: header says \\(5,\\)"):
+        read_idx(bad)
+    bad.write_bytes(b"PK\x03\x04 not idx")
+    with pytest.raises(ValueError, match="is not an IDX file of unsigned bytes"):
+        read_idx(bad)
+    with pytest.raises(ValueError, match="download=True needs a root folder"):
+        load_fashion_mnist(None, download=True)
+
+
+@pytest.mark.parametrize(("partition", "groups"), [("sc-dir", {0, 1, 2}), ("gl-dir", {None}), ("patho", {None}),
+                                                   ("domain", {0, 1, 2, 3})])
+def test_the_four_federations(tmp_path, no_debian, partition, groups) -> None:
+    _write(tmp_path / "fm", n_train=1800, n_test=600)
+    clients = fashion_mnist_federation(tmp_path / "fm", num_clients=12, partition=partition, per_client=40,
+                                       classes_per_client=3, seed=0)
+    assert len(clients) == 12 and {c.group for c in clients} == groups
+    assert all(len(c.train) + len(c.test) == 40 and 5 <= len(c.test) <= 15 for c in clients)
+    x, y = clients[0].train.tensors
+    assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32 and -1.0 <= float(x.min()) <= float(x.max()) <= 1
+    if partition == "sc-dir":  # a latent group's clients hold the labels of one class group, each its own
+        owner: dict[int, set[int]] = {}
+        for c in clients:
+            labels = set(c.train.tensors[1].tolist()) | set(c.test.tensors[1].tolist())
+            owner.setdefault(c.group, set()).update(fashion.SUPERCLASS_OF[v] for v in labels)
+        assert all(len(sup) == 1 for sup in owner.values()) and len(set.union(*owner.values())) == 3
+    if partition == "patho":
+        assert all(len(set(c.train.tensors[1].tolist())) <= 3 for c in clients)
+    again = fashion_mnist_federation(tmp_path / "fm", num_clients=12, partition=partition, per_client=40,
+                                     classes_per_client=3, seed=0)
+    assert torch.equal(again[3].train.tensors[0], clients[3].train.tensors[0])  # seeded
+
+
+def test_domain_transforms() -> None:
+    x = torch.linspace(-1, 1, 2 * 3 * 32 * 32).reshape(2, 3, 32, 32)
+    assert torch.equal(fashion._apply_domain(x, 1), torch.rot90(x, 1, dims=(-2, -1)))
+    assert torch.equal(fashion._apply_domain(x, 2), -x)
+    blurred = fashion._apply_domain(x, 3)
+    assert blurred.shape == x.shape and float((blurred - x).abs().max()) < 0.1  # a smooth ramp barely changes
+    spike = torch.zeros(1, 3, 9, 9)
+    spike[..., 4, 4] = 1.0
+    assert float(fashion._apply_domain(spike, 3)[0, 0, 4, 4]) == pytest.approx(36 / 256)
+    with pytest.raises(ValueError, match="needs num_clients divisible by 4"):
+        fashion_mnist_federation(num_clients=10, partition="domain")
+
+
+@pytest.mark.skipif(not DEBIAN_ROOT.is_dir(), reason="Fashion-MNIST is not installed here (CI installs Debian's "
+                    "dataset-fashion-mnist; apt-get install -y dataset-fashion-mnist)")
+def test_real_fashion_mnist_sc_dir_end_to_end(tmp_path) -> None:
+    from hilora_lightning.cli import main
+
+    images, labels = load_fashion_mnist(None, "all")
+    assert images.shape == (70000, 28, 28) and np.bincount(labels).tolist() == [7000] * 10
+    config = Path(__file__).resolve().parents[1] / "examples" / "configs" / "fmnist_sc_dir.yaml"
+    out = tmp_path / "run"
+    assert main(["run", str(config), "federation.rounds=3", "federation.root_rounds=[1,1]",
+                 "federation.cluster_rounds=[1,1]", "federation.local_steps=1", "federation.finetune_epochs=1",
+                 "federation.eval_every=3", f"out_dir={out}"]) == 0
+    import json
+
+    result = json.loads((out / "result.json").read_text())
+    assert len(result["records"]) == 3 and len(result["client_accuracy"]) == 30
+    assert result["generalization"] and result["num_clusters"] >= 2
