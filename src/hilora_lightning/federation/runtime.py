@@ -131,8 +131,9 @@ class ClientRuntime:
         The store changes only after the update is complete and finite: a failing update leaves it as it was.
         """
         model = self.model
-        slots = tuple(req.view) if not req.phases else tuple({s for p in req.phases for s in p.active})
-        self._load(req, store, slots if req.phases else (req.tier,), req.leaf_seed)
+        # the slots this update uses: a phase's active slots, or HiLoRA's stage tier (a fresh leaf if it has none)
+        slots = tuple({s for p in req.phases for s in p.active}) if req.phases else (req.tier,)
+        self._load(req, store, slots, req.leaf_seed)
         if not req.phases:
             fit_client(model, data.train, req.tier, req.seed, req.batch_size, req.epochs, req.steps,
                        self.trainer_kwargs, self.loader)
