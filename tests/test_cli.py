@@ -50,7 +50,8 @@ def test_cli_errors_are_reported_not_raised(tmp_path: Path, capsys) -> None:
     assert "overrides must look like key=value" in capsys.readouterr().err
     assert main(["run", str(CONFIG), "data.name=cifar10", f"out_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
-    assert "data: unknown data set 'cifar10': available ['digits', 'fashion-mnist', 'cifar100', 'domainnet', 'imagefolder']" in err
+    assert ("data: unknown data set 'cifar10': available ['digits', 'fashion-mnist', 'cifar100', 'domainnet', "
+            "'imagefolder']") in err
 
 
 @pytest.mark.parametrize("name", ["cifar100_gl_dir", "cifar100_sc_dir", "cifar100_patho", "domainnet",

@@ -39,7 +39,7 @@ from hilora_lightning.model import HiLoRAViT
 from hilora_lightning.state import import_tier
 from hilora_lightning.tiers import Tier
 
-__all__ = ["FORMATS", "check_metadata", "export_client_model", "file_metadata"]
+__all__ = ["FORMATS", "check_metadata", "client_copy", "export_client_model", "file_metadata"]
 
 FORMATS = ("timm", "peft", "tiers")
 
@@ -84,7 +84,7 @@ def _save(state: Mapping[str, Tensor], path: Path, meta: Mapping[str, str]) -> P
     return atomic_write(path, lambda fh: fh.write(data))
 
 
-def _loaded(model: HiLoRAViT, tiers: Mapping[Tier, State], head: State) -> HiLoRAViT:
+def client_copy(model: HiLoRAViT, tiers: Mapping[Tier, State], head: State) -> HiLoRAViT:
     """A copy of ``model`` holding the client's tiers and head (the caller's model is not touched)."""
     own = copy.deepcopy(model).cpu().eval()
     for tier, state in tiers.items():
@@ -96,7 +96,7 @@ def _loaded(model: HiLoRAViT, tiers: Mapping[Tier, State], head: State) -> HiLoR
 
 def _merged_backbone(model: HiLoRAViT, tiers: Mapping[Tier, State], head: State) -> torch.nn.Module:
     """A plain timm model (no adapter modules) whose weights hold the client's tiers merged in."""
-    own = _loaded(model, tiers, head)
+    own = client_copy(model, tiers, head)
     for layer in own.tiered_layers.values():
         layer.set_trainable([])  # nothing trains in a deployed model; merging needs frozen tiers
         layer.merge(list(tiers))
@@ -154,7 +154,7 @@ def export_client_model(model: HiLoRAViT, tiers: Mapping[Tier, State], head: Sta
 def _export_peft(model: HiLoRAViT, tiers: Mapping[Tier, State], head: State, out: Path,
                  meta: Mapping[str, str]) -> list[Path]:
     """One LoRA per adapted Linear: ``delta = B A`` with ``B`` the tiers' scaled ``B`` s stacked side by side."""
-    own = _loaded(model, tiers, head)
+    own = client_copy(model, tiers, head)
     weights: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     for path, layer in own.tiered_layers.items():

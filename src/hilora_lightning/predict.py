@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hilora_lightning.export import client_copy
 from hilora_lightning.model import HiLoRAViT
-from hilora_lightning.state import import_tier
 from hilora_lightning.tiers import Tier
 
 __all__ = ["IMAGE_SUFFIXES", "image_paths", "image_transform", "predict_images"]
@@ -67,10 +66,7 @@ def predict_images(model: HiLoRAViT, tiers: Mapping[Tier, Mapping[str, Tensor]],
 
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise ValueError(f"topk must be an int >= 1, got {topk!r}")
-    own = copy.deepcopy(model).cpu().eval()
-    for tier, state in tiers.items():
-        import_tier(own, tier, state)
-    own.head.load_state_dict(dict(head))
+    own = client_copy(model, tiers, head)
     k = min(topk, int(own.hparams["num_classes"]))
     out: list[dict[str, Any]] = []
     with own.using_tiers(list(tiers)):

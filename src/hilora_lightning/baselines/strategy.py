@@ -33,6 +33,7 @@ from hilora_lightning.federation.client import client_seed, state_bytes
 from hilora_lightning.federation.config import FederationConfig
 from hilora_lightning.federation.engine import Expected, Payload, RoundContext
 from hilora_lightning.federation.fingerprint import config_items, model_items
+from hilora_lightning.federation.local import head_state
 from hilora_lightning.federation.requests import EvalRequest, FitRequest, Phase
 from hilora_lightning.federation.result import FederatedResult, accuracy_summary
 from hilora_lightning.federation.server_state import ClientState, ServerState
@@ -66,7 +67,7 @@ class BaselineStrategy:
         model.reset_tier(R, config.seed)
         self.initial_global = export_tier(model, G)
         self.initial_row = export_tier(model, R)
-        self.initial_head = {k: v.detach().cpu().float().clone() for k, v in model.head.state_dict().items()}
+        self.initial_head = head_state(model)
         self.initial_gates = model.gate_state()
         self.upload_slot = P if method.rule == "others" else G
 

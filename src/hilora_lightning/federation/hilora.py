@@ -30,6 +30,7 @@ from hilora_lightning.federation.client import client_seed, state_bytes
 from hilora_lightning.federation.config import FederationConfig
 from hilora_lightning.federation.engine import Expected, Payload, RoundContext
 from hilora_lightning.federation.fingerprint import config_items, model_items
+from hilora_lightning.federation.local import head_state
 from hilora_lightning.federation.requests import EvalRequest, FitRequest
 from hilora_lightning.federation.result import FederatedResult, accuracy_summary
 from hilora_lightning.federation.server_state import ClientState, ServerState
@@ -66,7 +67,7 @@ class HiLoRAStrategy:
         self.recluster_policy = recluster_policy or self.default_recluster
         model.reset_tier(Tier.ROOT, config.seed)  # the shared-seed root: B = 0, A from the run's seed
         self.initial_root = export_tier(model, Tier.ROOT)
-        self.initial_head = {k: v.detach().cpu().float().clone() for k, v in model.head.state_dict().items()}
+        self.initial_head = head_state(model)
         self.head_shapes = {k: tuple(v.shape) for k, v in self.initial_head.items()}
         acfg = model.adapter_config
         if acfg.cluster.rank == acfg.root.rank:  # the probe starts as the root did in round 1

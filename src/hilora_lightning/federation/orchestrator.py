@@ -250,10 +250,12 @@ class FederatedOrchestrator:
             tiers[Tier.CLUSTER] = state.clusters[cluster]
         if cluster is not None and "leaf" in store:
             tiers[Tier.LEAF] = store["leaf"]
-        head = store.get("head") or self.strategy.head_for(state, client_id, Tier.CLUSTER if cluster is not None
-                                                            else Tier.ROOT)
-        if client_id in self.unseen and cluster is not None and "head" not in store:
-            head = state.cluster_heads[cluster]
+        if "head" in store:  # its personal (or fine-tuned) head
+            head = store["head"]
+        elif cluster is not None and self.config.head_policy == "tier":
+            head = state.cluster_heads[cluster]  # also an unseen client's routed cluster (not in the assignment)
+        else:
+            head = self.strategy.head_for(state, client_id, Tier.ROOT)
         return tiers, dict(head)
 
     def export_client(self, client_id: int, out_dir: str | Path, format: str = "timm") -> list[Path]:
