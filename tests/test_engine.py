@@ -107,7 +107,7 @@ def test_every_client_fit_gets_fresh_callbacks() -> None:
     assert made[0] is not shared and isinstance(made[0], Counter)
     assert fresh_callbacks(lambda: [shared])[0] is shared  # a factory's objects are used as made
     orch = FederatedOrchestrator(HiLoRAViT(lr=3e-3), digits_federation(3),
-                                 FederationConfig(rounds=2, root_rounds=(1, 1), cluster_rounds=(1, 1), **FAST),
+                                 FederationConfig(rounds=3, root_rounds=(1, 1), cluster_rounds=(1, 1), **FAST),
                                  trainer_kwargs={"callbacks": [shared], "enable_progress_bar": False},
                                  progress=False)
     orch.run()  # six client fits, each with its own Counter (the assertion inside would fail otherwise)
@@ -124,7 +124,7 @@ def test_loader_spec_validates() -> None:
 def test_baselines_leave_the_callers_model_alone_and_resume_mid_method(tmp_path) -> None:
     model = HiLoRAViT(lr=3e-3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = FederationConfig(rounds=3, root_rounds=(1, 1), cluster_rounds=(0, 0), **FAST)
+    cfg = FederationConfig(rounds=3, root_rounds=(1, 1), cluster_rounds=(1, 1), **FAST)
     straight = BaselineRunner(FedSALoRA(rounds=3), model, digits_federation(3), cfg, progress=False).run()
     assert model.hparams["gamma_c"] == 0.1 and model.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -89,7 +89,7 @@ def test_tier_files_and_the_backbone_check(run, tmp_path) -> None:
 
 def test_an_unseen_client_without_a_fine_tune_exports_its_routed_cluster_and_head(tmp_path) -> None:
     clients, unseen = split_unseen(digits_federation(5, num_groups=2), 0.2)
-    cfg = FederationConfig(rounds=2, root_rounds=(1, 1), cluster_rounds=(1, 1), local_steps=2, batch_size=16,
+    cfg = FederationConfig(rounds=3, root_rounds=(1, 1), cluster_rounds=(1, 1), local_steps=2, batch_size=16,
                            clustering=ClusteringConfig(k_min=2, k_max=2), finetune_epochs=0)
     orch = FederatedOrchestrator(HiLoRAViT(lr=3e-3), clients, cfg, unseen=unseen, progress=False)
     result = orch.run()

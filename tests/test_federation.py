@@ -419,3 +419,39 @@ def test_communication_bytes_count_each_frozen_tier_once() -> None:
     # starts from; round 5: nothing (frozen tiers and the personal head are on the client already)
     assert downs == [tier_b + head_b, tier_b + head_b, 2 * tier_b + head_b, tier_b + head_b, 0.0]
     assert ups == [tier_b + head_b, tier_b + head_b, tier_b + head_b, 0.0, 0.0]
+
+
+def _stage_lengths(cfg: FederationConfig, rho: float | None = None) -> list[int]:
+    """Rounds per stage (root, cluster, leaf) that ``stage_over`` gives over the whole budget."""
+    lengths, stage, in_stage = [0, 0, 0], 0, 0
+    for t in range(cfg.rounds):
+        lengths[stage] += 1
+        in_stage += 1
+        if stage < 2 and cfg.stage_over(stage == 0, in_stage, cfg.rounds - t - 1, rho):
+            stage, in_stage = stage + 1, 0
+    return lengths
+
+
+@pytest.mark.parametrize(("kwargs", "rho", "expected"), [
+    ({"rounds": 7, "root_rounds": (5, 5), "cluster_rounds": (1, 20)}, None, [5, 1, 1]),  # was 4/2/1
+    ({"rounds": 7, "root_rounds": (5, 5), "cluster_rounds": (0, 20)}, None, [5, 1, 1]),
+    ({"rounds": 12, "root_rounds": (2, 5), "cluster_rounds": (2, 5)}, None, [5, 5, 2]),
+    ({"rounds": 12, "root_rounds": (2, 5), "cluster_rounds": (2, 5)}, 0.0, [2, 2, 8]),  # converged at the minimums
+    ({"rounds": 9, "root_rounds": (2, 20), "cluster_rounds": (3, 20)}, None, [5, 3, 1]),  # budget keeps minimums
+])
+def test_every_stage_gets_its_minimum_and_the_leaf_a_round(kwargs, rho, expected) -> None:
+    cfg = FederationConfig(**kwargs)
+    assert _stage_lengths(cfg, rho) == expected
+    assert expected[0] >= cfg.root_rounds[0] and expected[1] >= max(cfg.cluster_rounds[0], 1) and expected[2] >= 1
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"rounds": 7, "root_rounds": (6, 6), "cluster_rounds": (1, 1)},
+     r"rounds=7 cannot fit the minimum stage lengths: root 6 \+ cluster 1 \+ leaf 1 = 8; raise rounds to >= 8"),
+    ({"rounds": 6, "root_rounds": (1, 1), "cluster_rounds": (0, 0)},
+     r"cluster_rounds=\(0, 0\): a stagewise run always trains the cluster stage .* e.g. cluster_rounds=\(1, 1\)"),
+])
+def test_schedules_that_cannot_run_as_written_fail_at_construction(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        FederationConfig(**kwargs)
+    FederationConfig(**kwargs, schedule="per_round")  # all stages every round: no stage lengths to fit

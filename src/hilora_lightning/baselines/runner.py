@@ -15,7 +15,7 @@ Example:
     >>> from hilora_lightning.data import digits_federation
     >>> from hilora_lightning.federation import FederationConfig
     >>> runner = BaselineRunner(FedIT(rounds=2), HiLoRAViT(), digits_federation(3),
-    ...                         FederationConfig(rounds=2, root_rounds=(1, 1), cluster_rounds=(0, 0),
+    ...                         FederationConfig(rounds=3, root_rounds=(1, 1), cluster_rounds=(1, 1),
     ...                                          local_steps=2), progress=False)
     >>> result = runner.run()  # doctest: +SKIP
 """

@@ -108,7 +108,10 @@ class FederationConfig:
         rounds: total communication rounds (the paper: 50), split over the stages.
         root_rounds: ``(min, max)`` rounds of the root stage; it ends early once ``rho_t <= tau_rel``.
         cluster_rounds: ``(min, max)`` rounds of the cluster stage (same rule, mean rho over clusters);
-            the leaf stage gets the rest of the budget.
+            the leaf stage gets the rest of the budget. A stagewise run always gives the cluster and
+            the leaf stage at least one round each, so ``rounds >= root_min + max(cluster_min, 1) + 1``
+            is required and every minimum is honoured (a stage is cut short only at its maximum, by
+            the rho rule past its minimum, or to keep the later stages' minimums).
         tau_rel: threshold of the relative-change rule ``rho_t``.
         schedule: ``"stagewise"`` (the paper) or ``"per_round"`` (all three stages in every round).
         fraction_fit: share of the clients selected per round, in (0, 1].
@@ -160,11 +163,21 @@ class FederationConfig:
         object.__setattr__(self, "cluster_rounds", _check_bounds("cluster_rounds", self.cluster_rounds))
         if self.root_rounds[0] < 1:
             raise ValueError(f"root_rounds[0] must be >= 1 (the root stage needs a round), got {self.root_rounds!r}")
-        if self.schedule == "stagewise" and self.root_rounds[0] + self.cluster_rounds[0] > self.rounds:
-            raise ValueError(
-                f"rounds={self.rounds} cannot fit the minimum stage lengths root {self.root_rounds[0]} + "
-                f"cluster {self.cluster_rounds[0]}; raise rounds or lower the minimums"
-            )
+        if self.schedule == "stagewise":
+            if self.cluster_rounds[1] < 1:
+                raise ValueError(
+                    f"cluster_rounds={self.cluster_rounds!r}: a stagewise run always trains the cluster stage "
+                    "(it starts when the root stage ends), so its maximum must be >= 1; give it at least one "
+                    "round, e.g. cluster_rounds=(1, 1)"
+                )
+            # the cluster and leaf stages each run at least one round once they start
+            need = self.root_rounds[0] + max(self.cluster_rounds[0], 1) + 1
+            if need > self.rounds:
+                raise ValueError(
+                    f"rounds={self.rounds} cannot fit the minimum stage lengths: root {self.root_rounds[0]} + "
+                    f"cluster {max(self.cluster_rounds[0], 1)} + leaf 1 = {need}; raise rounds to >= {need} "
+                    "or lower the minimums"
+                )
         if not isinstance(self.tau_rel, (int, float)) or not math.isfinite(self.tau_rel) or self.tau_rel < 0:
             raise ValueError(f"tau_rel must be a finite number >= 0, got {self.tau_rel!r}")
         if self.schedule not in SCHEDULES:
@@ -196,3 +209,20 @@ class FederationConfig:
         _check_int("probe_steps", self.probe_steps, 1)
         if self.route_by not in ("subspace", "loss"):
             raise ValueError(f"route_by must be 'subspace' or 'loss', got {self.route_by!r}")
+
+    def stage_over(self, root: bool, rounds_in_stage: int, rounds_left: int, rho: float | None) -> bool:
+        """Whether the root (``root=True``) or cluster stage ends after its ``rounds_in_stage``-th round.
+
+        It ends at its maximum, once ``rho <= tau_rel`` past its minimum, or when only the later stages'
+        minimums are left of the budget (``rounds_left``: rounds after this one). The construction
+        check (``rounds >= root_min + max(cluster_min, 1) + 1``) makes the last case never cut a minimum.
+
+        Example:
+            >>> cfg = FederationConfig(rounds=7, root_rounds=(5, 5), cluster_rounds=(1, 20))
+            >>> [cfg.stage_over(True, n, 7 - n, None) for n in (4, 5)]
+            [False, True]
+        """
+        lo, hi = self.root_rounds if root else self.cluster_rounds
+        reserve = max(self.cluster_rounds[0], 1) + 1 if root else 1
+        converged = rho is not None and math.isfinite(rho) and rho <= self.tau_rel
+        return rounds_in_stage >= hi or rounds_left <= reserve or (rounds_in_stage >= lo and converged)

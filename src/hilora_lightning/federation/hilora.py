@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -208,11 +207,7 @@ class HiLoRAStrategy:
         rank = self.model.adapter_config.tier(state.stage).rank
         if state.stage is Tier.CLUSTER and self.recluster_policy(state):
             transition.recluster(state, cfg, rank, {c: d.num_samples for c, d in ctx.clients.items()})
-        lo, hi = cfg.root_rounds if state.stage is Tier.ROOT else cfg.cluster_rounds
-        left = cfg.rounds - state.round - 1  # rounds after this one
-        reserve = (cfg.cluster_rounds[0] + 1) if state.stage is Tier.ROOT else 1
-        converged = rho is not None and math.isfinite(rho) and rho <= cfg.tau_rel
-        if state.rounds_in_stage >= hi or left <= reserve or (state.rounds_in_stage >= lo and converged):
+        if cfg.stage_over(state.stage is Tier.ROOT, state.rounds_in_stage, cfg.rounds - state.round - 1, rho):
             if state.stage is Tier.ROOT:
                 state.has_final[Tier.ROOT] = set()
                 self.form_clusters(state, ctx)
