@@ -112,13 +112,9 @@ def _merged_backbone(model: HiLoRAViT, tiers: Mapping[Tier, State], head: State)
 
 
 def _backbone_args(model: HiLoRAViT) -> tuple[str, dict[str, Any]]:
-    from hilora_lightning.backbone import EMBEDDED_ARCH, EMBEDDED_BACKBONE, EMBEDDED_VIT_KWARGS
+    from hilora_lightning.backbone import timm_args
 
-    name = str(model.hparams["backbone"])
-    kwargs = dict(model.hparams["backbone_kwargs"] or {})
-    if name == EMBEDDED_BACKBONE:
-        return EMBEDDED_ARCH, {**EMBEDDED_VIT_KWARGS, **kwargs}
-    return name, kwargs
+    return timm_args(str(model.hparams["backbone"]), **dict(model.hparams["backbone_kwargs"] or {}))
 
 
 def export_client_model(model: HiLoRAViT, tiers: Mapping[Tier, State], head: State, out_dir: str | Path,

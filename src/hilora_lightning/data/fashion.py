@@ -72,7 +72,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     if len(raw) - header != int(np.prod(dims)):
         raise ValueError(f"{str(path)!r} is truncated or corrupt: header says {dims} "
                          f"({int(np.prod(dims))} bytes), the file holds {len(raw) - header}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    return np.frombuffer(bytearray(raw), dtype=np.uint8, offset=header).reshape(dims)  # writable
 
 
 def _file(folder: Path, name: str) -> Path | None:
