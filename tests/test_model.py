@@ -63,6 +63,29 @@ def test_model_orthogonality_matches_hand_computation() -> None:
     assert model.orthogonality_loss().item() == 0.0
 
 
+@pytest.mark.parametrize("form", ["scaled", "energy"])
+def test_model_orthogonality_forms_match_hand_computation(form: str) -> None:
+    adapter = {"root": {"rank": 4, "alpha": 16}, "cluster": {"rank": 4, "alpha": 4}, "leaf": {"rank": 2, "alpha": 2}}
+    model = HiLoRAViT(**{**TINY, "adapter": adapter}, stage="leaf", gamma_c=0.3, gamma_l=0.7, ortho_form=form)
+    for layer in model.tiered_layers.values():
+        randomize_tiers(layer)
+    expected = torch.zeros((), dtype=torch.float64)
+    scale = {"root": 4.0, "cluster": 1.0, "leaf": 1.0}
+    for layer in model.tiered_layers.values():
+        for (_, ar, br), (_, ac, bc), (_, _, bl) in zip(*(layer.factors(t) for t in Tier)):
+            for gamma, a, b, s in ((0.3, ar, br, scale["root"]), (0.7, ac, bc, scale["cluster"])):
+                b64, a64, t = b.detach().double(), a.detach().double(), scale["leaf"] * bl.detach().double()
+                if form == "scaled":
+                    expected += gamma * ((s * b64).T @ t).pow(2).sum()
+                else:  # dense SVD of the frozen update, directions weighted by sigma / sigma_max
+                    u, sv, _ = torch.linalg.svd(s * b64 @ a64)
+                    w = (sv / sv.max())[: b.shape[1]]
+                    expected += gamma * (w[:, None] * (u[:, : b.shape[1]].T @ t)).pow(2).sum()
+    torch.testing.assert_close(model.orthogonality_loss().double(), expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match=r"ortho_form must be one of \('raw', 'scaled', 'energy'\), got 'x'"):
+        HiLoRAViT(**TINY, ortho_form="x")
+
+
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_two_batch_fit_trains_only_the_stage(tmp_path: Path, precision: str) -> None:
     model = HiLoRAViT(**TINY, stage="cluster", lr=1e-2)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hilora_lightning.orthogonality import pair_penalty, stage_penalty
+from hilora_lightning.orthogonality import effective_frozen, pair_penalty, stage_penalty
 
 
 def test_b_side_penalty_and_gradient_match_reference() -> None:
@@ -48,3 +48,45 @@ def test_stage_penalty_errors() -> None:
         pair_penalty(torch.zeros(2, 2), torch.zeros(2, 2), "C")
     with pytest.raises(ValueError, match=r"stage_penalty needs at least one trainable factor"):
         stage_penalty([], [])
+
+
+def _dense_svd(b: np.ndarray, a: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    u, s, vh = np.linalg.svd(scale * b @ a)
+    r = b.shape[1]
+    return u[:, :r], s[:r], vh[:r]
+
+
+@pytest.mark.parametrize("side", ["B", "A"])
+def test_effective_frozen_forms_match_a_dense_reference(side: str) -> None:
+    gen = np.random.default_rng(3)
+    b, a = gen.normal(size=(12, 4)), gen.normal(size=(4, 9))
+    a[2] = 0.0  # one direction of the frozen update has no singular value
+    train = gen.normal(size=(12, 3)) if side == "B" else gen.normal(size=(3, 9))
+    sf, st = 2.0, 0.5
+    tb, ta, tt = torch.tensor(b), torch.tensor(a), torch.tensor(train)
+    raw = pair_penalty(effective_frozen(tb, ta, sf, st, "raw", side), tt, side).item()
+    raw_ref = np.sum((b.T @ train) ** 2) if side == "B" else np.sum((a @ train.T) ** 2)
+    np.testing.assert_allclose(raw, raw_ref, rtol=1e-10)
+    scaled = pair_penalty(effective_frozen(tb, ta, sf, st, "scaled", side), tt, side).item()
+    np.testing.assert_allclose(scaled, (sf * st) ** 2 * raw_ref, rtol=1e-10)
+    u, s, vh = _dense_svd(b, a, sf)
+    w = s / s.max()
+    assert w[-1] < 1e-12  # the dead direction
+    energy_ref = (np.sum((w[:, None] * (u.T @ (st * train))) ** 2) if side == "B"
+                  else np.sum((w[:, None] * (vh @ (st * train).T)) ** 2))
+    energy = pair_penalty(effective_frozen(tb, ta, sf, st, "energy", side), tt, side).item()
+    np.testing.assert_allclose(energy, energy_ref, rtol=1e-8)
+
+
+def test_energy_form_ignores_an_orthonormal_completion_and_a_zero_update() -> None:
+    q = torch.linalg.qr(torch.randn(10, 4, dtype=torch.float64))[0]
+    a = torch.zeros(4, 6, dtype=torch.float64)
+    a[0, 0] = 1.0  # only q[:, 0] carries the frozen update; q[:, 1:] is an orthonormal completion
+    inside = q[:, 1:2]  # a trainable factor living in the completion
+    assert pair_penalty(effective_frozen(q, a, 2.0, 2.0, "raw"), inside).item() > 0.9
+    assert pair_penalty(effective_frozen(q, a, 2.0, 2.0, "energy"), inside).item() < 1e-12  # float64 rounding only
+    assert pair_penalty(effective_frozen(q, a, 2.0, 2.0, "energy"), q[:, :1]).item() == pytest.approx(4.0)
+    zero = effective_frozen(q, torch.zeros(4, 6, dtype=torch.float64), 2.0, 2.0, "energy")
+    assert torch.count_nonzero(zero) == 0  # a frozen tier that learned nothing constrains nothing
+    with pytest.raises(ValueError, match=r"orthogonality form must be one of \('raw', 'scaled', 'energy'\), got 'x'"):
+        effective_frozen(q, a, 1.0, 1.0, "x")

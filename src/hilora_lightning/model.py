@@ -43,7 +43,14 @@ from hilora_lightning.config import AdapterConfig
 from hilora_lightning.gates import TierGate
 from hilora_lightning.inject import inject_tiers
 from hilora_lightning.layer import TieredLoRALinear
-from hilora_lightning.orthogonality import ORTHO_SIDES, FrozenGroups, frozen_groups, grouped_penalty
+from hilora_lightning.orthogonality import (
+    ORTHO_FORMS,
+    ORTHO_SIDES,
+    FrozenGroups,
+    effective_frozen,
+    frozen_groups,
+    grouped_penalty,
+)
 from hilora_lightning.tiers import Tier, parse_tiers
 
 __all__ = ["HiLoRAViT"]
@@ -65,6 +72,9 @@ class HiLoRAViT(pl.LightningModule):
         gamma_c: weight of the penalty against the frozen root tier.
         gamma_l: weight of the penalty against the frozen cluster tier (leaf stage).
         ortho_side: ``"B"`` (column spaces, the paper) or ``"A"`` (row spaces, for ablations).
+        ortho_form: the frozen side of the penalty (:data:`~hilora_lightning.orthogonality.ORTHO_FORMS`):
+            ``"raw"`` factors (the printed formula), ``"scaled"`` by ``alpha / r`` (PAPER.md C7), or
+            ``"energy"`` (frozen directions weighted by their singular value, none without one).
         train_head: whether the classification head trains with the stage's tier.
         seed: seed of the tiers' initial ``A`` factors (equal seeds give equal shared tiers).
     """
@@ -83,6 +93,7 @@ class HiLoRAViT(pl.LightningModule):
         gamma_c: float = 0.1,
         gamma_l: float = 0.1,
         ortho_side: str = "B",
+        ortho_form: str = "raw",
         train_head: bool = True,
         seed: int = 0,
     ) -> None:
@@ -96,6 +107,8 @@ class HiLoRAViT(pl.LightningModule):
             raise ValueError(f"gamma_c and gamma_l must be >= 0, got {gamma_c!r} and {gamma_l!r}")
         if ortho_side not in ORTHO_SIDES:
             raise ValueError(f"ortho_side must be one of {ORTHO_SIDES}, got {ortho_side!r}")
+        if ortho_form not in ORTHO_FORMS:
+            raise ValueError(f"ortho_form must be one of {ORTHO_FORMS}, got {ortho_form!r}")
         # hparams hold plain types only, so a checkpoint can rebuild the module (load_from_checkpoint)
         self.save_hyperparameters(ignore=["adapter", "stage"])
         self.hparams["adapter"] = cfg.to_dict()
@@ -266,23 +279,25 @@ class HiLoRAViT(pl.LightningModule):
         The frozen tiers' side is cached for as long as their parameters stay unchanged.
         """
         hp = self.hparams
-        side = hp["ortho_side"]
+        side, form = hp["ortho_side"], hp.get("ortho_form", "raw")
         key = "lora_B" if side == "B" else "lora_A"
         layers = list(self.tiered_layers.values())
         above = self.stage.frozen_above()
         if not above or not layers:
             return torch.zeros((), device=self.device)
         trainable = [getattr(layer, key)[self.stage.value] for layer in layers]
-        frozen_params = [[getattr(layer, key)[t.value] for layer in layers] for t in above]
         gammas = {Tier.ROOT: float(hp["gamma_c"]), Tier.CLUSTER: float(hp["gamma_l"])}
         if not any(gammas[t] for t in above):  # ablations and baselines without the penalty
             return torch.zeros((), device=self.device)
+        frozen_params = [p for t in above for layer in layers for p in (layer.lora_A[t.value], layer.lora_B[t.value])]
         cache_key = (
-            self.stage, side, tuple(gammas[t] for t in above),
-            tuple((id(p), p._version, p.device) for ps in frozen_params for p in ps),
+            self.stage, side, form, tuple(gammas[t] for t in above),
+            tuple((id(p), p._version, p.device) for p in frozen_params),
         )
         if self._ortho_cache is None or self._ortho_cache[0] != cache_key:
-            pairs = [(gammas[t], ps) for t, ps in zip(above, frozen_params)]
+            pairs = [(gammas[t], [effective_frozen(layer.lora_B[t.value], layer.lora_A[t.value], layer.scaling[t],
+                                                   layer.scaling[self.stage], form, side) for layer in layers])
+                     for t in above]
             self._ortho_cache = (cache_key, frozen_groups(trainable, pairs, side))
         return grouped_penalty(trainable, self._ortho_cache[1], side)
 

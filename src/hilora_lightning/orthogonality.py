@@ -4,6 +4,15 @@ The paper penalizes overlap between the column spaces of the trainable tier's ``
 tiers' ``B`` (``gamma ||B_frozen^T B_train||_F^2``, frozen factors detached), summed over adapted
 layers. The A-side form (``||A_frozen A_train^T||_F^2``, row spaces) is offered for ablations.
 
+Three forms of the frozen side (:func:`effective_frozen`), named by ``ORTHO_FORMS``:
+
+* ``"raw"``: the factors as stored, ``||B_f^T B_t||^2`` (the formula as printed in the paper).
+* ``"scaled"``: the factors times their LoRA scale ``s = alpha / r``, ``||(s_f B_f)^T (s_t B_t)||^2``
+  (PAPER.md C7). At ``alpha = 16, r = 8`` it is 16x the raw penalty.
+* ``"energy"``: the frozen update ``s_f B_f A_f = U S V^T`` enters through ``U diag(S / S_max)``, so
+  each frozen direction is weighted by its share of the update and directions with no singular value
+  (the orthonormal completion that an aggregated ``B = U_r`` carries) are not penalized at all.
+
 Example:
     >>> import torch
     >>> from hilora_lightning.orthogonality import pair_penalty
@@ -21,9 +30,48 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["ORTHO_SIDES", "frozen_groups", "grouped_penalty", "pair_penalty", "stage_penalty"]
+__all__ = ["ORTHO_FORMS", "ORTHO_SIDES", "effective_frozen", "frozen_groups", "grouped_penalty", "pair_penalty",
+           "stage_penalty"]
 
 ORTHO_SIDES = ("B", "A")
+ORTHO_FORMS = ("raw", "scaled", "energy")
+
+
+def effective_frozen(b: Tensor, a: Tensor, frozen_scale: float, train_scale: float, form: str = "raw",
+                     side: str = "B") -> Tensor:
+    """The frozen tier's matrix ``F`` of one layer such that the penalty is ``||F^T T||^2`` (``B`` side,
+    ``T`` the trainable tier's raw ``B``) or ``||F T^T||^2`` (``A`` side) in the chosen ``form``.
+
+    Args:
+        b: the frozen ``B`` (``(..., rows, r)``); a: the frozen ``A`` (``(..., r, in)``).
+        frozen_scale, train_scale: the LoRA scales ``alpha / r`` of the frozen and the trainable tier.
+        form: one of :data:`ORTHO_FORMS`.
+        side: ``"B"`` (column spaces) or ``"A"`` (row spaces).
+
+    Example:
+        >>> import torch
+        >>> b = torch.eye(4)[:, :2]                       # orthonormal columns e1, e2
+        >>> a = torch.diag(torch.tensor([3.0, 0.0])) @ torch.eye(2, 4)  # only e1 carries the update
+        >>> effective_frozen(b, a, 2.0, 2.0, "energy").abs().sum(0).tolist()  # e2 is not penalized
+        [2.0, 0.0]
+    """
+    if side not in ORTHO_SIDES:
+        raise ValueError(f"orthogonality side must be one of {ORTHO_SIDES}, got {side!r}")
+    if form not in ORTHO_FORMS:
+        raise ValueError(f"orthogonality form must be one of {ORTHO_FORMS}, got {form!r}")
+    b, a = b.detach(), a.detach()
+    if form == "raw":
+        return b if side == "B" else a
+    if form == "scaled":
+        return (frozen_scale * train_scale) * (b if side == "B" else a)
+    work = torch.promote_types(b.dtype, torch.float32)  # half-precision factors are decomposed in float32
+    q_b, r_b = torch.linalg.qr(b.to(work))  # the update s_f B A = Q_b (s_f R_b R_a^T) Q_a^T: SVD of the core
+    q_a, r_a = torch.linalg.qr(a.to(work).transpose(-2, -1))
+    u, sv, vh = torch.linalg.svd(frozen_scale * r_b @ r_a.transpose(-2, -1))
+    weight = train_scale * sv / sv.amax(-1, keepdim=True).clamp_min(torch.finfo(sv.dtype).tiny)
+    if side == "B":
+        return ((q_b @ u) * weight.unsqueeze(-2)).to(b.dtype)
+    return (weight.unsqueeze(-1) * (vh @ q_a.transpose(-2, -1))).to(a.dtype)
 
 
 def pair_penalty(frozen: Tensor, trainable: Tensor, side: str = "B") -> Tensor:
