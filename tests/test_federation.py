@@ -16,6 +16,7 @@ from hilora_lightning.federation import (
     Payload,
 )
 from hilora_lightning.federation.checkpoint import load_checkpoint
+from hilora_lightning.federation import transition
 from hilora_lightning.strategy.aggregation import factor_pairs
 
 FAST = {"local_steps": 2, "batch_size": 16}
@@ -373,6 +374,35 @@ def test_unseen_clients_are_routed_to_their_groups_cluster(route_by: str) -> Non
     group_cluster = {everyone[c].group: j for c, j in orch.assignment.items()}
     assert result.routing == {6: group_cluster[0], 7: group_cluster[1]}
     assert set(result.generalization) == {"root", "zero_leaf", "finetuned"}
+
+
+def test_probe_root_routes_unseen_clients_by_a_root_slot_update() -> None:
+    everyone = digits_federation(6, num_groups=2)
+    cfg = FederationConfig(rounds=3, root_rounds=(1, 1), cluster_rounds=(1, 1), finetune_epochs=0, probe="root",
+                           probe_steps=3, clustering=ClusteringConfig(k_min=2, k_max=2), **FAST)
+    orch = FederatedOrchestrator(HiLoRAViT(lr=3e-3), everyone[:4], cfg, unseen=everyone[4:], progress=False)
+    seen: list = []
+    fit = orch.backend.fit
+
+    def recording(requests):
+        seen.extend(requests.values())
+        return fit(requests)
+
+    orch.backend.fit = recording  # type: ignore[method-assign]
+    result = orch.run()
+    probes = [r for r in seen if r.round == -1]
+    assert sorted(r.client_id for r in probes) == [4, 5] and {r.tier for r in probes} == {Tier.ROOT}
+    assert all(torch.equal(r.view[Tier.ROOT][k], orch.root[k]) for r in probes for k in orch.root)
+    assert set(result.routing) == {4, 5} and set(result.routing.values()) <= set(orch.clusters)
+
+
+def test_root_probe_trains_the_root_slot_from_the_final_root() -> None:
+    root = {"blocks.0.attn.qkv.lora_A": torch.ones(2, 4, 8), "blocks.0.attn.qkv.lora_B": torch.zeros(2, 8, 4)}
+    req = transition.root_probe_request(5, FederationConfig(probe_steps=7, seed=1), root, {})
+    assert (req.client_id, req.round, req.tier, set(req.view), req.steps) == (5, -1, Tier.ROOT, {Tier.ROOT}, 7)
+    assert req.view[Tier.ROOT] is root and not req.return_head and req.upload == "AB"
+    with pytest.raises(ValueError, match=r"probe must be 'cluster' or 'root', got 'leaf'"):
+        FederationConfig(probe="leaf")
 
 
 def test_reclustering_splits_a_given_single_cluster_and_keeps_ids_by_overlap() -> None:

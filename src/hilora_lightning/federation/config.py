@@ -134,6 +134,10 @@ class FederationConfig:
         route_by: how unseen clients pick a cluster: ``"subspace"`` (the paper: largest mean cos^2 of
             principal angles between the probe's and the cluster's subspaces) or ``"loss"`` (lowest
             training loss among the cluster adapters).
+        probe: the probe update behind ``route_by="subspace"`` (and behind clients that join at the
+            transition without root-stage features): ``"cluster"`` (the paper's reading: a fresh LoRA in
+            the cluster slot on the frozen root, from ``B = 0``, penalty on) or ``"root"`` (built like the
+            training clients' features: the root slot trained from the final root, no penalty).
     """
 
     rounds: int = 50
@@ -156,6 +160,7 @@ class FederationConfig:
     finetune_epochs: int = 5
     probe_steps: int = 20
     route_by: str = "subspace"
+    probe: str = "cluster"
 
     def __post_init__(self) -> None:
         _check_int("rounds", self.rounds, 1)
@@ -209,6 +214,8 @@ class FederationConfig:
         _check_int("probe_steps", self.probe_steps, 1)
         if self.route_by not in ("subspace", "loss"):
             raise ValueError(f"route_by must be 'subspace' or 'loss', got {self.route_by!r}")
+        if self.probe not in ("cluster", "root"):
+            raise ValueError(f"probe must be 'cluster' or 'root', got {self.probe!r}")
 
     def stage_over(self, root: bool, rounds_in_stage: int, rounds_left: int, rho: float | None) -> bool:
         """Whether the root (``root=True``) or cluster stage ends after its ``rounds_in_stage``-th round.

@@ -222,8 +222,7 @@ class HiLoRAStrategy:
         head = state.global_head if cfg.head_policy == "tier" else self.initial_head
 
         def probe(ids: Sequence[int]) -> dict[int, dict[str, Tensor]]:
-            requests = {c: transition.probe_request(c, cfg, state.root, self.probe_start, head) for c in ids}
-            return transition.route_by_probe(ctx.fit(requests, "transition probe"), self.probe_start, cfg, rank)
+            return self.probe_features(state, ctx, ids, head, "transition probe")
 
         groups = {c: d.group for c, d in ctx.clients.items()}
         found = transition.form_clusters(state, cfg, rank, groups, probe)
@@ -273,6 +272,16 @@ class HiLoRAStrategy:
         return FederatedResult(list(state.records), final, tierwise, dict(state.assignment), state.num_clusters,
                                state.clustering_ari, generalization, routing, state.elapsed)
 
+    def probe_features(self, state: ServerState, ctx: RoundContext, ids: Sequence[int], head: Mapping[str, Tensor],
+                       step: str) -> dict[int, dict[str, Tensor]]:
+        """LSAC features of a short probe update per client (``config.probe``: cluster or root slot)."""
+        cfg, rank = self.config, self.model.adapter_config.root.rank
+        if cfg.probe == "root":
+            requests = {c: transition.root_probe_request(c, cfg, state.root, head) for c in ids}
+            return transition.route_by_probe(ctx.fit(requests, step), state.root, cfg, rank)
+        requests = {c: transition.probe_request(c, cfg, state.root, self.probe_start, head) for c in ids}
+        return transition.route_by_probe(ctx.fit(requests, step), self.probe_start, cfg, rank)
+
     def route_unseen(self, state: ServerState, ctx: RoundContext, ids: Sequence[int]) -> dict[int, int]:
         """The cluster of each new client: by probe subspace (the paper) or by loss; failures join cluster 0."""
         cfg, rank = self.config, self.model.adapter_config.root.rank
@@ -284,8 +293,7 @@ class HiLoRAStrategy:
             routed = transition.route_by_loss(ids, state, heads, lambda r: ctx.scores(r, "unseen loss routing"))
         else:
             head = state.global_head if cfg.head_policy == "tier" else self.initial_head
-            requests = {c: transition.probe_request(c, cfg, state.root, self.probe_start, head) for c in ids}
-            features = transition.route_by_probe(ctx.fit(requests, "unseen probe"), self.probe_start, cfg, rank)
+            features = self.probe_features(state, ctx, ids, head, "unseen probe")
             routed = {c: transition.route_to_cluster(transition.client_subspaces(f, rank), state.cluster_centers)[0]
                       for c, f in features.items()}
         return {c: routed.get(c, 0) for c in ids}

@@ -39,8 +39,8 @@ from hilora_lightning.strategy.subspace import (
 )
 from hilora_lightning.tiers import Tier
 
-__all__ = ["cluster_centers", "client_subspaces", "form_clusters", "probe_request", "recluster", "route_by_loss",
-           "route_by_probe", "update_features"]
+__all__ = ["cluster_centers", "client_subspaces", "form_clusters", "probe_request", "recluster", "root_probe_request",
+           "route_by_loss", "route_by_probe", "update_features"]
 
 UPDATE_KEY = "__update__"
 
@@ -158,6 +158,17 @@ def probe_request(client_id: int, cfg: FederationConfig, root: Mapping[str, Tens
     (from ``B = 0``) dominate. Nothing of it stays on the client.
     """
     return FitRequest(client_id, -1, Tier.CLUSTER, {Tier.ROOT: root, Tier.CLUSTER: start}, head,
+                      client_seed(cfg.seed, -1, client_id, "probe"), 0, batch_size=cfg.batch_size, epochs=1,
+                      steps=cfg.probe_steps, upload="AB", return_head=False)
+
+
+def root_probe_request(client_id: int, cfg: FederationConfig, root: Mapping[str, Tensor],
+                       head: Mapping[str, Tensor]) -> FitRequest:
+    """A probe built like the training clients' root-stage features: the root slot trained from the
+    final root (the root stage has no penalty), its features folded against that root exactly as
+    :func:`update_features` folds a root-stage update. Nothing of it stays on the client.
+    """
+    return FitRequest(client_id, -1, Tier.ROOT, {Tier.ROOT: root}, head,
                       client_seed(cfg.seed, -1, client_id, "probe"), 0, batch_size=cfg.batch_size, epochs=1,
                       steps=cfg.probe_steps, upload="AB", return_head=False)
 
