@@ -9,7 +9,10 @@ bytes uploaded per client per round, and wall time.
 HiLoRA rows: ``hilora`` (the config as given), the paper's cumulative ablation
 (``hilora-kmeans-noortho``: k-means on cosine of flattened root updates with LSAC's K and no
 penalty; ``hilora-lsac-noortho``: LSAC, no penalty; ``hilora`` = + orthogonality), and two extras
-(``hilora-random``: random clusters; ``hilora-per-round``: all stages every round). The tier-wise
+(``hilora-random``: random clusters; ``hilora-per-round``: all stages every round), and the method
+study's options: the penalty on scaled factors (``hilora-scaled``) or energy-weighted
+(``hilora-energy``, see :mod:`hilora_lightning.orthogonality`), unseen clients routed by a root-slot
+probe (``hilora-root-probe``) or by loss (``hilora-loss-routing``). The tier-wise
 rows (``hilora: root only``, ``hilora: root+cluster``) come from the ``hilora`` run itself.
 
 Example:
@@ -17,7 +20,7 @@ Example:
     >>> parse_methods("fedit, hilora")
     ['fedit', 'hilora']
     >>> len(METHODS)
-    14
+    18
 """
 
 from __future__ import annotations
@@ -55,6 +58,10 @@ HILORA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "hilora": ({}, {}),
     "hilora-random": ({}, {"clustering.method": "random"}),
     "hilora-per-round": ({}, {"schedule": "per_round"}),
+    "hilora-scaled": ({"ortho_form": "scaled"}, {}),
+    "hilora-energy": ({"ortho_form": "energy"}, {}),
+    "hilora-root-probe": ({}, {"probe": "root"}),
+    "hilora-loss-routing": ({}, {"route_by": "loss"}),
 }
 
 #: Every method name ``compare`` knows, in table order.

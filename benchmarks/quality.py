@@ -1,0 +1,157 @@
+"""Can the method be ranked? HiLoRA against the baselines on a Fashion-MNIST federation.
+
+The setting is a config under ``examples/configs/`` (default: the SC-Dir analogue
+``fmnist_sc_dir.yaml``: 36 clients in 3 latent class groups, >= 150 test images each, 20% unseen),
+run by the same code as ``hilora-fl compare``. Figures, each a mean over the seeds:
+
+* ``hilora_minus_best_baseline_mean`` / ``_p10``: HiLoRA's mean (10th-percentile) personalized
+  accuracy minus the best baseline's in that column (target >= 0).
+* ``lsac_ari``: adjusted Rand index of LSAC's clusters against the latent groups (target >= 0.9).
+* ``unseen_routing_accuracy``: share of unseen clients routed to the cluster that holds most of their
+  latent group's training clients (target >= 0.9).
+* ``zero_leaf_minus_root``: unseen clients' accuracy with root + routed cluster minus root only
+  (target >= 0).
+* ``tier_gain_cluster`` / ``tier_gain_leaf``: training clients' mean accuracy gained by adding the
+  cluster tier to the root, and the leaf to root + cluster (targets > 0).
+
+``--quick`` runs HiLoRA, PF2LoRA, FedALT, FedSA-LoRA and Local-LoRA with one seed (about 20 minutes on
+2 cores); the full mode runs all 14 methods over seeds 0, 1, 2. Results go to ``--out`` as they finish
+and a rerun with the same arguments reads finished methods back, so a long run can be split or resumed.
+The data must be installed (``apt-get install -y dataset-fashion-mnist``, or ``data.root=...``).
+
+    python benchmarks/quality.py --quick [--json out.json]
+    python benchmarks/quality.py [--seeds 0,1,2] [--config examples/configs/fmnist_domain.yaml] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hilora_lightning.baselines import BASELINES
+from hilora_lightning.cli import load_config
+from hilora_lightning.compare import Comparison, SeedComparison, parse_methods, parse_seeds, run_comparison
+from hilora_lightning.experiment import build_clients
+from hilora_lightning.federation import FederatedResult
+from hilora_lightning.federation.result import format_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "examples" / "configs" / "fmnist_sc_dir.yaml"
+QUICK_METHODS = ("hilora", "pf2lora", "fedalt", "fedsa-lora", "local-lora")
+KEYS = ("hilora_minus_best_baseline_mean", "hilora_minus_best_baseline_p10", "lsac_ari", "unseen_routing_accuracy",
+        "zero_leaf_minus_root", "tier_gain_cluster", "tier_gain_leaf")
+
+
+def routing_accuracy(result: FederatedResult, train_groups: Mapping[int, int], unseen_groups: Mapping[int, int]
+                     ) -> float | None:
+    """Share of unseen clients routed to the cluster holding most training clients of their latent group.
+
+    Example:
+        >>> from hilora_lightning.federation import FederatedResult
+        >>> res = FederatedResult([], {}, {}, {0: 0, 1: 0, 2: 1}, 2, routing={7: 1, 8: 1})
+        >>> routing_accuracy(res, {0: 5, 1: 5, 2: 6}, {7: 6, 8: 5})
+        0.5
+    """
+    if not result.routing:
+        return None
+    home: dict[int, int] = {}
+    for group in set(train_groups.values()):
+        votes = Counter(result.assignment[c] for c, g in train_groups.items() if g == group and c in result.assignment)
+        if votes:
+            home[group] = min(votes, key=lambda k: (-votes[k], k))
+    hits = [home.get(unseen_groups[c]) == k for c, k in result.routing.items() if c in unseen_groups]
+    return float(np.mean(hits)) if hits else None
+
+
+def figures(comp: Comparison, train_groups: Mapping[int, int], unseen_groups: Mapping[int, int]) -> dict[str, float]:
+    """The headline figures of one seed's comparison (a key is missing where its run is)."""
+    rows = {row[0]: row for row in comp.rows()}
+    out: dict[str, float] = {}
+    hilora = comp.results.get("hilora")
+    baselines = [name for name in comp.results if name in BASELINES]
+    if hilora is not None and baselines:
+        for col, key in ((1, "mean"), (2, "p10")):
+            out[f"hilora_minus_best_baseline_{key}"] = rows["hilora"][col] - max(rows[b][col] for b in baselines)
+    if hilora is None:
+        return out
+    if hilora.clustering_ari is not None:
+        out["lsac_ari"] = hilora.clustering_ari
+    routed = routing_accuracy(hilora, train_groups, unseen_groups)
+    if routed is not None:
+        out["unseen_routing_accuracy"] = routed
+    gen = hilora.generalization
+    if "zero_leaf" in gen and "root" in gen:
+        out["zero_leaf_minus_root"] = gen["zero_leaf"]["mean"] - gen["root"]["mean"]
+    tiers = hilora.tierwise
+    if {"root", "root+cluster", "root+cluster+leaf"} <= set(tiers):
+        out["tier_gain_cluster"] = tiers["root+cluster"]["mean"] - tiers["root"]["mean"]
+        out["tier_gain_leaf"] = tiers["root+cluster+leaf"]["mean"] - tiers["root+cluster"]["mean"]
+    return out
+
+
+def summarize(per_seed: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
+    """Mean and standard deviation over the seeds of every figure, flat (``<key>``, ``<key>_std``)."""
+    out: dict[str, float] = {}
+    for key in KEYS:
+        values = [f[key] for f in per_seed.values() if key in f]
+        if values:
+            out[key], out[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
+    out["seeds"] = float(len(per_seed))
+    return out
+
+
+def _groups(cfg: Mapping[str, Any], seed: int) -> tuple[dict[int, int], dict[int, int]]:
+    clients, unseen = build_clients(cfg.get("data", {}), seed)
+    return ({c.client_id: c.group for c in clients if c.group is not None},
+            {c.client_id: c.group for c in unseen if c.group is not None})
+
+
+def run(config: Path, methods: Sequence[str], seeds: Sequence[int], out: Path, overrides: Sequence[str] = (),
+        progress: bool = True) -> tuple[Comparison | SeedComparison, dict[int, dict[str, float]]]:
+    """Run (or read back) the comparison and compute the figures per seed."""
+    cfg = load_config(config, overrides)
+    comp = run_comparison(cfg, methods, progress=progress, out_dir=out, resume=True, seeds=seeds)
+    runs = comp.runs if isinstance(comp, SeedComparison) else {seeds[0]: comp}
+    per_seed = {s: figures(c, *_groups(cfg, s)) for s, c in runs.items()}
+    return comp, per_seed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="HiLoRA and 4 baselines, one seed (~20 min)")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--methods", default=None, help="comma-separated (default: all, or the quick five)")
+    parser.add_argument("--seeds", default=None, help="comma-separated (default: 0 with --quick, else 0,1,2)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default runs/quality/<config>)")
+    parser.add_argument("--json", default=None, help="write the headline figures here")
+    parser.add_argument("overrides", nargs="*", help="config overrides like federation.rounds=20")
+    args = parser.parse_args(argv)
+    methods = parse_methods(args.methods or (",".join(QUICK_METHODS) if args.quick else "all"))
+    seeds = parse_seeds(args.seeds or ("0" if args.quick else "0,1,2"), 0)
+    out = args.out or ROOT / "runs" / "quality" / args.config.stem
+    comp, per_seed = run(args.config, methods, seeds, out, args.overrides)
+    print()
+    print(comp.table())
+    print()
+    names = [k for k in KEYS if any(k in f for f in per_seed.values())]
+    print(format_rows(["seed", *names], [[s, *[f.get(k, "-") for k in names]] for s, f in per_seed.items()]))
+    headline = summarize(per_seed)
+    headline.update({k: v for k, v in comp.headline().items() if not k.endswith("_seconds")})
+    print()
+    print(format_rows(["figure", "mean over seeds", "std"],
+                      [[k, headline[k], headline[f"{k}_std"]] for k in KEYS if k in headline]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(headline, indent=1, sort_keys=True))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
