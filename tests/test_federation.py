@@ -15,6 +15,7 @@ from hilora_lightning.federation import (
     FederationError,
     Payload,
 )
+from hilora_lightning.export import client_copy
 from hilora_lightning.federation.checkpoint import load_checkpoint
 from hilora_lightning.federation import transition
 from hilora_lightning.strategy.aggregation import factor_pairs
@@ -56,6 +57,16 @@ def test_three_stages_and_dense_reference_aggregation() -> None:
     assert [r.stage for r in result.records] == ["root", "root", "cluster", "leaf"]
     assert set(result.tierwise) == {"root", "root+cluster", "root+cluster+leaf"}
     assert result.assignment == {0: 0, 1: 0, 2: 1, 3: 1}
+    # the final-head table: every row on the client's own head; checked by hand for root only
+    assert result.tierwise_fixed_head["root+cluster+leaf"] == result.tierwise["root+cluster+leaf"]
+    by_hand = []
+    for cid, data in orch.clients.items():
+        tiers, head = orch.client_model(cid)
+        model = client_copy(orch.model, {Tier.ROOT: tiers[Tier.ROOT]}, head)
+        x, y = (torch.stack(v) for v in zip(*[data.test[i] for i in range(len(data.test))]))
+        with torch.no_grad():
+            by_hand.append((model(x).argmax(-1) == y).float().mean().item())
+    assert result.tierwise_fixed_head["root"]["mean"] == pytest.approx(np.mean(by_hand), abs=1e-6)
     cluster_payloads = [p for p in seen if p.round == 3]
     assert all(p.tier is Tier.CLUSTER for p in cluster_payloads)
     for j, members in ((0, [0, 1]), (1, [2, 3])):  # each cluster aggregates its members only

@@ -267,10 +267,18 @@ class HiLoRAStrategy:
                 continue
             final = ctx.scores(self.evaluation_requests(state, tiers), f"final {name}")
             tierwise[name] = accuracy_summary(list(final.values()))
+        fixed: dict[str, dict[str, float]] = {}
+        if state.stage is Tier.LEAF and state.assignment:  # every view with the client's final head
+            for name, tiers in TIER_VIEWS[:-1]:
+                scores = ctx.scores(self.evaluation_requests(state, tiers, head_level=Tier.LEAF),
+                                    f"final {name} (final head)")
+                fixed[name] = accuracy_summary(list(scores.values()))
+            fixed[TIER_VIEWS[-1][0]] = tierwise[TIER_VIEWS[-1][0]]
         generalization, routing = self.evaluate_unseen(state, ctx) if ctx.unseen and state.assignment else ({}, {})
         state.extra["routing"] = dict(routing)  # unseen client -> cluster, for exporting their models
         return FederatedResult(list(state.records), final, tierwise, dict(state.assignment), state.num_clusters,
-                               state.clustering_ari, generalization, routing, state.elapsed)
+                               state.clustering_ari, generalization, routing, state.elapsed,
+                               tierwise_fixed_head=fixed)
 
     def probe_features(self, state: ServerState, ctx: RoundContext, ids: Sequence[int], head: Mapping[str, Tensor],
                        step: str) -> dict[int, dict[str, Tensor]]:

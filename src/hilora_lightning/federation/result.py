@@ -96,6 +96,8 @@ class FederatedResult:
         generalization: unseen clients' ``{"root": summary, "zero_leaf": ..., "finetuned": ...}``.
         routing: unseen client id -> routed cluster id.
         seconds: wall time of the run.
+        tierwise_fixed_head: the tier-wise table with every row on the client's final (personal) head,
+            so each row differs from the one above only by a tier: the tier's own gain.
         failures: per final step (``"final root"``, ``"probe"``, ``"unseen finetune"``...), the clients
             that failed it and why (they are left out of that step's table).
     """
@@ -110,6 +112,7 @@ class FederatedResult:
     routing: dict[int, int] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
     failures: dict[str, dict[int, str]] = dataclasses.field(default_factory=dict)
+    tierwise_fixed_head: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -144,6 +147,13 @@ class FederatedResult:
                 [[k, v["mean"], v["p10"], v["min"], v["std"]] for k, v in self.tierwise.items()],
             )
         ]
+        if self.tierwise_fixed_head:
+            parts.append(
+                format_rows(
+                    ["on the final head", "mean acc", "p10 acc", "min acc", "std"],
+                    [[k, v["mean"], v["p10"], v["min"], v["std"]] for k, v in self.tierwise_fixed_head.items()],
+                )
+            )
         if self.generalization:
             parts.append(
                 format_rows(
