@@ -10,6 +10,7 @@ from hilora_lightning.strategy.aggregation import (
     product_space_aggregate,
     product_space_aggregate_states,
     relative_change,
+    subspace_change,
 )
 
 
@@ -105,6 +106,25 @@ def test_relative_change_matches_dense() -> None:
     assert relative_change(prev, prev) == pytest.approx(0.0, abs=1e-6)
     zero = {k: torch.zeros_like(v) if k.endswith("lora_B") else v for k, v in prev.items()}
     assert relative_change(zero, cur) == float("inf") and relative_change(zero, zero) == 0.0
+
+
+def test_subspace_change_matches_dense_and_ignores_growth() -> None:
+    gen = torch.Generator().manual_seed(3)
+    prev, cur = _state(gen), _state(gen)
+    prefixes = factor_pairs(prev)
+
+    def dense_cov(st: dict, p: str) -> np.ndarray:
+        m = (st[f"{p}.lora_B"].double() @ st[f"{p}.lora_A"].double()).numpy()
+        return m @ m.T
+
+    expected = np.mean([1 - np.sum(dense_cov(prev, p) * dense_cov(cur, p))
+                        / (np.linalg.norm(dense_cov(prev, p)) * np.linalg.norm(dense_cov(cur, p))) for p in prefixes])
+    assert subspace_change(prev, cur) == pytest.approx(expected, rel=1e-9)
+    grown = {k: 5 * v if k.endswith("lora_B") else v for k, v in prev.items()}
+    assert subspace_change(prev, grown) == pytest.approx(0.0, abs=1e-12)  # the relative change would be 4
+    assert relative_change(prev, grown) == pytest.approx(4.0, rel=1e-6)  # its eps=1e-12 denominator guard
+    zero = {k: torch.zeros_like(v) if k.endswith("lora_B") else v for k, v in prev.items()}
+    assert subspace_change(zero, cur) == float("inf") and subspace_change(zero, zero) == 0.0
 
 
 def test_factor_pairs_errors() -> None:

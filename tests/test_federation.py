@@ -18,7 +18,7 @@ from hilora_lightning.federation import (
 from hilora_lightning.export import client_copy
 from hilora_lightning.federation.checkpoint import load_checkpoint
 from hilora_lightning.federation import transition
-from hilora_lightning.strategy.aggregation import factor_pairs
+from hilora_lightning.strategy.aggregation import factor_pairs, subspace_change
 
 FAST = {"local_steps": 2, "batch_size": 16}
 
@@ -110,6 +110,22 @@ def test_root_stage_ends_on_the_rho_rule(tau: float, expected: list[str]) -> Non
     roots = [r for r in result.records if r.stage == "root"]
     assert roots[0].rho is None  # from the fresh (B = 0) root there is no relative change yet
     assert all(r.rho is not None and r.rho > 0 for r in roots[1:])
+
+
+def test_subspace_rho_rule_is_bounded_and_ends_the_stage_past_its_minimum() -> None:
+    snaps: list[dict] = []
+    cfg = _config(rounds=5, root_rounds=(2, 3), cluster_rounds=(1, 2), tau_rel=1.0, rho_rule="subspace",
+                  clustering=ClusteringConfig(method="given", assignment={0: 0, 1: 0, 2: 0, 3: 0}))
+    orch = _orch(config=cfg)
+    for _ in range(2):
+        orch.run(stop_after=len(snaps) + 1)
+        snaps.append({k: v.clone() for k, v in orch.root.items()})
+    result = orch.run()
+    assert [r.stage for r in result.records] == ["root", "root", "cluster", "cluster", "leaf"]  # 1.0 bounds it
+    assert result.records[1].rho == pytest.approx(subspace_change(*snaps), abs=1e-12)
+    assert 0.0 <= result.records[1].rho <= 1.0
+    with pytest.raises(ValueError, match=r"rho_rule must be 'relative' or 'subspace', got 'x'"):
+        FederationConfig(rho_rule="x")
 
 
 class Exploding(Dataset):

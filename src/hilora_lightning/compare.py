@@ -12,7 +12,8 @@ penalty; ``hilora-lsac-noortho``: LSAC, no penalty; ``hilora`` = + orthogonality
 (``hilora-random``: random clusters; ``hilora-per-round``: all stages every round), and the method
 study's options: the penalty on scaled factors (``hilora-scaled``) or energy-weighted
 (``hilora-energy``, see :mod:`hilora_lightning.orthogonality`), unseen clients routed by a root-slot
-probe (``hilora-root-probe``) or by loss (``hilora-loss-routing``). The tier-wise
+probe (``hilora-root-probe``) or by loss (``hilora-loss-routing``), stages ended by the subspace
+statistic at 0.05 (``hilora-subspace-rho``). The tier-wise
 rows (``hilora: root only``, ``hilora: root+cluster``) come from the ``hilora`` run itself.
 
 Example:
@@ -20,7 +21,7 @@ Example:
     >>> parse_methods("fedit, hilora")
     ['fedit', 'hilora']
     >>> len(METHODS)
-    18
+    19
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ HILORA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "hilora-energy": ({"ortho_form": "energy"}, {}),
     "hilora-root-probe": ({}, {"probe": "root"}),
     "hilora-loss-routing": ({}, {"route_by": "loss"}),
+    "hilora-subspace-rho": ({}, {"rho_rule": "subspace", "tau_rel": 0.05}),
 }
 
 #: Every method name ``compare`` knows, in table order.

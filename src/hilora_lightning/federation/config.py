@@ -112,7 +112,11 @@ class FederationConfig:
             the leaf stage at least one round each, so ``rounds >= root_min + max(cluster_min, 1) + 1``
             is required and every minimum is honoured (a stage is cut short only at its maximum, by
             the rho rule past its minimum, or to keep the later stages' minimums).
-        tau_rel: threshold of the relative-change rule ``rho_t``.
+        tau_rel: threshold of the stage rule's statistic ``rho_t``.
+        rho_rule: the statistic: ``"relative"`` (the paper: ``||dW_{t+1} - dW_t|| / ||dW_t||``, which
+            decays like ``1/t`` while a tier keeps growing) or ``"subspace"`` (how much the update's
+            energy-weighted directions moved, blind to growth:
+            :func:`~hilora_lightning.strategy.aggregation.subspace_change`).
         schedule: ``"stagewise"`` (the paper) or ``"per_round"`` (all three stages in every round).
         fraction_fit: share of the clients selected per round, in (0, 1].
         min_clients: fewest clients per round; a round with fewer successful clients fails.
@@ -144,6 +148,7 @@ class FederationConfig:
     root_rounds: tuple[int, int] = (5, 20)
     cluster_rounds: tuple[int, int] = (5, 20)
     tau_rel: float = 0.01
+    rho_rule: str = "relative"
     schedule: str = "stagewise"
     fraction_fit: float = 1.0
     min_clients: int = 1
@@ -214,6 +219,8 @@ class FederationConfig:
         _check_int("probe_steps", self.probe_steps, 1)
         if self.route_by not in ("subspace", "loss"):
             raise ValueError(f"route_by must be 'subspace' or 'loss', got {self.route_by!r}")
+        if self.rho_rule not in ("relative", "subspace"):
+            raise ValueError(f"rho_rule must be 'relative' or 'subspace', got {self.rho_rule!r}")
         if self.probe not in ("cluster", "root"):
             raise ValueError(f"probe must be 'cluster' or 'root', got {self.probe!r}")
 

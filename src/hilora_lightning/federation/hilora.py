@@ -35,7 +35,12 @@ from hilora_lightning.federation.result import FederatedResult, accuracy_summary
 from hilora_lightning.federation.server_state import ClientState, ServerState
 from hilora_lightning.model import HiLoRAViT
 from hilora_lightning.state import expected_shapes, export_tier
-from hilora_lightning.strategy.aggregation import fedavg_states, product_space_aggregate_states, relative_change
+from hilora_lightning.strategy.aggregation import (
+    fedavg_states,
+    product_space_aggregate_states,
+    relative_change,
+    subspace_change,
+)
 from hilora_lightning.tiers import Tier
 
 __all__ = ["TIER_VIEWS", "HiLoRAStrategy"]
@@ -181,7 +186,7 @@ class HiLoRAStrategy:
         share_head = cfg.head_policy == "tier"
         if tier is Tier.ROOT:
             new_root = self._aggregate_group(list(payloads.values()), tier)
-            rho = relative_change(state.root, new_root)
+            rho = self.stage_statistic(state.root, new_root)
             state.root = new_root
             if share_head:
                 state.global_head = fedavg_states([p.head for p in payloads.values()],  # type: ignore[misc]
@@ -191,12 +196,18 @@ class HiLoRAStrategy:
         for j in sorted(set(state.assignment[c] for c in payloads)):
             members = [p for c, p in payloads.items() if state.assignment[c] == j]
             new = self._aggregate_group(members, tier)
-            rhos.append(relative_change(state.clusters[j], new))
+            rhos.append(self.stage_statistic(state.clusters[j], new))
             state.clusters[j] = new
             if share_head:
                 state.cluster_heads[j] = fedavg_states([p.head for p in members],  # type: ignore[misc]
                                                        [p.num_samples for p in members])
         return float(np.mean(rhos)) if rhos else float("nan")
+
+    def stage_statistic(self, previous: Mapping[str, Tensor], current: Mapping[str, Tensor]) -> float:
+        """``rho_t`` of one aggregated adapter under ``config.rho_rule``."""
+        if self.config.rho_rule == "subspace":
+            return subspace_change(previous, current)
+        return relative_change(previous, current)
 
     def end_of_round(self, state: ServerState, t: int, rho: float | None, ctx: RoundContext) -> None:
         """Move the stage on: the rho rule within ``(min, max)`` rounds, a reserve for later stages."""

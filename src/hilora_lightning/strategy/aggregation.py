@@ -34,6 +34,7 @@ __all__ = [
     "product_space_aggregate",
     "product_space_aggregate_states",
     "relative_change",
+    "subspace_change",
     "select_side",
 ]
 
@@ -241,3 +242,37 @@ def relative_change(
     if float(prev_sq) == 0.0:  # the first aggregation of a fresh (B = 0) tier: no relative change yet
         return float("inf") if diff > 0 else 0.0
     return diff / (scaling * float(prev_sq.sqrt()) + eps)
+
+
+def subspace_change(previous: Mapping[str, Tensor], current: Mapping[str, Tensor]) -> float:
+    """A convergence statistic blind to growth: how much the *directions* of ``dW = B A`` moved.
+
+    Per adapted matrix, ``1 - <C_0, C_1>_F / (||C_0||_F ||C_1||_F)`` with ``C = dW dW^T`` (the update's
+    column covariance, each direction weighted by its energy), averaged over matrices. It is 0 when the
+    update only grew or shrank, 1 when the new directions are orthogonal to the old, and it ignores
+    directions without singular value. Computed in factored form: ``<C_0, C_1> = ||dW_0^T dW_1||_F^2 =
+    tr(G^T P_0 G P_1)`` with ``G = B_0^T B_1``, ``P = A A^T``. ``inf`` from an all-zero previous update.
+
+    Example:
+        >>> import torch
+        >>> b, a = torch.randn(6, 2), torch.randn(2, 5)
+        >>> prev = {"m.lora_B": b, "m.lora_A": a}
+        >>> round(subspace_change(prev, {"m.lora_B": 3 * b, "m.lora_A": a}), 9)  # grew, same directions
+        0.0
+    """
+    keys = _check_same_keys([previous, current])
+    changes = []
+    for prefix in factor_pairs(keys):
+        b0, a0 = previous[f"{prefix}.lora_B"].double(), previous[f"{prefix}.lora_A"].double()
+        b1, a1 = current[f"{prefix}.lora_B"].double(), current[f"{prefix}.lora_A"].double()
+        p0, p1 = a0 @ a0.mT, a1 @ a1.mT
+        g = b0.mT @ b1
+        cross = (g.mT @ p0 @ g @ p1).diagonal(dim1=-2, dim2=-1).sum(-1)
+        g0, g1 = b0.mT @ b0, b1.mT @ b1
+        n0 = (g0 @ p0 @ g0 @ p0).diagonal(dim1=-2, dim2=-1).sum(-1)
+        n1 = (g1 @ p1 @ g1 @ p1).diagonal(dim1=-2, dim2=-1).sum(-1)
+        if bool((n0 <= 0).all()):
+            return float("inf") if bool((n1 > 0).any()) else 0.0
+        changes.append((1 - cross / (n0 * n1).sqrt().clamp_min(1e-300)).clamp(0, 1).mean())
+    return float(torch.stack(changes).mean()) if changes else 0.0
+
