@@ -119,3 +119,32 @@ def test_real_fashion_mnist_sc_dir_end_to_end(tmp_path) -> None:
     result = json.loads((out / "result.json").read_text())
     assert len(result["records"]) == 3 and len(result["client_accuracy"]) == 30
     assert result["generalization"] and result["num_clusters"] >= 2
+
+
+def test_quality_benchmark_quick_mode_writes_its_headline_figures(tmp_path, no_debian) -> None:
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+    spec = importlib.util.spec_from_file_location("quality_benchmark", path)
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)  # type: ignore[union-attr]
+    _write(tmp_path / "fm", n_train=1200, n_test=300)
+    out = tmp_path / "figures.json"
+    args = ["--quick", "--out", str(tmp_path / "runs"), "--json", str(out), f"data.root={tmp_path / 'fm'}",
+            "data.num_clients=12", "data.per_client=60", "data.unseen_fraction=0.25", "federation.rounds=3", "federation.root_rounds=[1,1]",
+            "federation.cluster_rounds=[1,1]", "federation.local_steps=1", "federation.finetune_epochs=1",
+            "federation.eval_every=3", "federation.probe_steps=1", "federation.batch_size=8"]
+    assert quality.main(args) == 0
+    figures = json.loads(out.read_text())
+    assert set(quality.KEYS) <= set(figures)
+    assert all(isinstance(v, float) for v in figures.values())
+    runs = json.loads((tmp_path / "runs" / "hilora" / "result.json").read_text())["result"]
+    best = max(figures[f"{m}_mean"] for m in quality.QUICK_METHODS if m != "hilora")
+    assert figures["hilora_minus_best_baseline_mean"] == pytest.approx(figures["hilora_mean"] - best)
+    assert figures["lsac_ari"] == runs["clustering_ari"]
+    from hilora_lightning.federation import FederatedResult
+
+    # unseen 7 (group 6) went to cluster 1, where group 6 trains: a hit; unseen 8 (group 5) did not
+    hand = FederatedResult([], {}, {}, {0: 0, 1: 0, 2: 1}, 2, routing={7: 1, 8: 1})
+    assert quality.routing_accuracy(hand, {0: 5, 1: 5, 2: 6}, {7: 6, 8: 5}) == 0.5
