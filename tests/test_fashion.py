@@ -132,9 +132,10 @@ def test_quality_benchmark_quick_mode_writes_its_headline_figures(tmp_path, no_d
     _write(tmp_path / "fm", n_train=1200, n_test=300)
     out = tmp_path / "figures.json"
     args = ["--quick", "--out", str(tmp_path / "runs"), "--json", str(out), f"data.root={tmp_path / 'fm'}",
-            "data.num_clients=12", "data.per_client=60", "data.unseen_fraction=0.25", "federation.rounds=3", "federation.root_rounds=[1,1]",
-            "federation.cluster_rounds=[1,1]", "federation.local_steps=1", "federation.finetune_epochs=1",
-            "federation.eval_every=3", "federation.probe_steps=1", "federation.batch_size=8"]
+            "data.num_clients=12", "data.per_client=60", "data.unseen_fraction=0.25", "federation.rounds=3",
+            "federation.root_rounds=[1,1]", "federation.cluster_rounds=[1,1]", "federation.local_steps=1",
+            "federation.finetune_epochs=1", "federation.eval_every=3", "federation.probe_steps=1",
+            "federation.batch_size=8"]
     assert quality.main(args) == 0
     figures = json.loads(out.read_text())
     assert set(quality.KEYS) <= set(figures)

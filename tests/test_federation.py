@@ -7,6 +7,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from hilora_lightning import HiLoRAViT, Tier
 from hilora_lightning.data import digits_federation
+from hilora_lightning.export import client_copy
 from hilora_lightning.federation import (
     ClientData,
     ClusteringConfig,
@@ -14,10 +15,9 @@ from hilora_lightning.federation import (
     FederationConfig,
     FederationError,
     Payload,
+    transition,
 )
-from hilora_lightning.export import client_copy
 from hilora_lightning.federation.checkpoint import load_checkpoint
-from hilora_lightning.federation import transition
 from hilora_lightning.strategy.aggregation import factor_pairs, subspace_change
 
 FAST = {"local_steps": 2, "batch_size": 16}

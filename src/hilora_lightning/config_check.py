@@ -44,7 +44,8 @@ _DATA = {"name": "str", "num_clients": "int", "num_groups": "int", "unseen_fract
          "test_fraction": "float", "domains": "list[str]", "per_client": "int"}
 _MODEL = {"backbone": "str", "num_classes": "int", "stage": "str", "pretrained": "bool",
           "pretrained_file": "str | None", "backbone_kwargs": "dict | None", "lr": "float", "weight_decay": "float",
-          "gamma_c": "float", "gamma_l": "float", "ortho_side": "str", "ortho_form": "str", "train_head": "bool", "seed": "int"}
+          "gamma_c": "float", "gamma_l": "float", "ortho_side": "str", "ortho_form": "str", "train_head": "bool",
+          "seed": "int"}
 _LOADER = {"num_workers": "int", "pin_memory": "bool", "persistent_workers": "bool"}
 _LOGGER = {"name": "str", "save_dir": "str", "project": "str", "experiment_name": "str", "tracking_uri": "str"}
 _TOP = {"seed": "int", "out_dir": "str", "method": "str"}
