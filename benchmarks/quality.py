@@ -73,6 +73,32 @@ def routing_accuracy(result: FederatedResult, train_groups: Mapping[int, int], u
     return float(np.mean(hits)) if hits else None
 
 
+def method_figures(result: FederatedResult, train_groups: Mapping[int, int], unseen_groups: Mapping[int, int]
+                   ) -> dict[str, float]:
+    """One HiLoRA run's figures: clustering, routing, unseen gain, tier gains, rounds per stage."""
+    out: dict[str, float] = {}
+    if result.client_accuracy:
+        accs = list(result.client_accuracy.values())
+        out["mean"], out["p10"] = float(np.mean(accs)), float(np.percentile(accs, 10))
+    if result.clustering_ari is not None:
+        out["lsac_ari"] = result.clustering_ari
+    out["clusters"] = float(result.num_clusters)
+    routed = routing_accuracy(result, train_groups, unseen_groups)
+    if routed is not None:
+        out["unseen_routing_accuracy"] = routed
+    gen = result.generalization
+    if "zero_leaf" in gen and "root" in gen:
+        out["zero_leaf_minus_root"] = gen["zero_leaf"]["mean"] - gen["root"]["mean"]
+    views = ("root", "root+cluster", "root+cluster+leaf")
+    for tiers, suffix in ((result.tierwise_fixed_head, ""), (result.tierwise, "_tier_heads")):
+        if set(views) <= set(tiers):  # the headline gains hold the head fixed (the client's final head)
+            out[f"tier_gain_cluster{suffix}"] = tiers[views[1]]["mean"] - tiers[views[0]]["mean"]
+            out[f"tier_gain_leaf{suffix}"] = tiers[views[2]]["mean"] - tiers[views[1]]["mean"]
+    for stage in ("root", "cluster"):
+        out[f"{stage}_rounds"] = float(sum(r.stage == stage for r in result.records))
+    return out
+
+
 def figures(comp: Comparison, train_groups: Mapping[int, int], unseen_groups: Mapping[int, int]) -> dict[str, float]:
     """The headline figures of one seed's comparison (a key is missing where its run is)."""
     rows = {row[0]: row for row in comp.rows()}
@@ -82,22 +108,27 @@ def figures(comp: Comparison, train_groups: Mapping[int, int], unseen_groups: Ma
     if hilora is not None and baselines:
         for col, key in ((1, "mean"), (2, "p10")):
             out[f"hilora_minus_best_baseline_{key}"] = rows["hilora"][col] - max(rows[b][col] for b in baselines)
-    if hilora is None:
-        return out
-    if hilora.clustering_ari is not None:
-        out["lsac_ari"] = hilora.clustering_ari
-    routed = routing_accuracy(hilora, train_groups, unseen_groups)
-    if routed is not None:
-        out["unseen_routing_accuracy"] = routed
-    gen = hilora.generalization
-    if "zero_leaf" in gen and "root" in gen:
-        out["zero_leaf_minus_root"] = gen["zero_leaf"]["mean"] - gen["root"]["mean"]
-    views = ("root", "root+cluster", "root+cluster+leaf")
-    for tiers, suffix in ((hilora.tierwise_fixed_head, ""), (hilora.tierwise, "_tier_heads")):
-        if set(views) <= set(tiers):  # the headline gains hold the head fixed (the client's final head)
-            out[f"tier_gain_cluster{suffix}"] = tiers[views[1]]["mean"] - tiers[views[0]]["mean"]
-            out[f"tier_gain_leaf{suffix}"] = tiers[views[2]]["mean"] - tiers[views[1]]["mean"]
+    if hilora is not None:
+        out.update({k: v for k, v in method_figures(hilora, train_groups, unseen_groups).items() if k in KEYS})
     return out
+
+
+STUDY = ("mean", "p10", "lsac_ari", "clusters", "unseen_routing_accuracy", "zero_leaf_minus_root", "tier_gain_cluster",
+         "tier_gain_leaf", "root_rounds", "cluster_rounds")
+
+
+def study_table(runs: Mapping[int, Comparison], groups: Mapping[int, tuple[dict[int, int], dict[int, int]]]) -> str:
+    """Every HiLoRA variant's figures as ``mean ± std`` over the seeds (the method study)."""
+    names = [n for n in next(iter(runs.values())).results if n.startswith("hilora")]
+    rows = []
+    for name in names:
+        per_seed = [method_figures(comp.results[name], *groups[s]) for s, comp in runs.items() if name in comp.results]
+        cells = []
+        for key in STUDY:
+            vals = [f[key] for f in per_seed if key in f]
+            cells.append(f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if vals else "-")
+        rows.append([name, *cells])
+    return format_rows(["variant", *STUDY], rows)
 
 
 def summarize(per_seed: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
@@ -121,9 +152,15 @@ def run(config: Path, methods: Sequence[str], seeds: Sequence[int], out: Path, o
         progress: bool = True) -> tuple[Comparison | SeedComparison, dict[int, dict[str, float]]]:
     """Run (or read back) the comparison and compute the figures per seed."""
     cfg = load_config(config, overrides)
-    comp = run_comparison(cfg, methods, progress=progress, out_dir=out, resume=True, seeds=seeds)
+    # one seed writes to out/seed<s>/ too, so a quick run and a full run share finished methods
+    out_dir = out / f"seed{seeds[0]}" if len(seeds) == 1 else out
+    comp = run_comparison(cfg, methods, progress=progress, out_dir=out_dir, resume=True, seeds=seeds)
     runs = comp.runs if isinstance(comp, SeedComparison) else {seeds[0]: comp}
-    per_seed = {s: figures(c, *_groups(cfg, s)) for s, c in runs.items()}
+    groups = {s: _groups(cfg, s) for s in runs}
+    per_seed = {s: figures(c, *groups[s]) for s, c in runs.items()}
+    if progress:
+        print()
+        print(study_table(runs, groups))
     return comp, per_seed
 
 
