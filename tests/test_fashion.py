@@ -140,7 +140,7 @@ def test_quality_benchmark_quick_mode_writes_its_headline_figures(tmp_path, no_d
     figures = json.loads(out.read_text())
     assert set(quality.KEYS) <= set(figures)
     assert all(isinstance(v, float) for v in figures.values())
-    runs = json.loads((tmp_path / "runs" / "hilora" / "result.json").read_text())["result"]
+    runs = json.loads((tmp_path / "runs" / "seed0" / "hilora" / "result.json").read_text())["result"]
     best = max(figures[f"{m}_mean"] for m in quality.QUICK_METHODS if m != "hilora")
     assert figures["hilora_minus_best_baseline_mean"] == pytest.approx(figures["hilora_mean"] - best)
     assert figures["lsac_ari"] == runs["clustering_ari"]

@@ -344,7 +344,7 @@ def make_method(name: str, config: FederationConfig) -> Method:
 
     Example:
         >>> from hilora_lightning.federation.config import FederationConfig
-        >>> make_method("fedit", FederationConfig(rounds=10)).rounds
+        >>> make_method("fedit", FederationConfig(rounds=10, schedule="per_round")).rounds
         10
     """
     if name not in BASELINES:

@@ -13,7 +13,8 @@ Example:
     >>> from hilora_lightning.baselines import FedSALoRA
     >>> from hilora_lightning.baselines.strategy import BaselineStrategy
     >>> from hilora_lightning.federation.config import FederationConfig
-    >>> s = BaselineStrategy(FedSALoRA(rounds=10), HiLoRAViT(gamma_c=0, gamma_l=0), FederationConfig(rounds=10))
+    >>> config = FederationConfig(rounds=10, schedule="per_round")  # baselines have no stages
+    >>> s = BaselineStrategy(FedSALoRA(rounds=10), HiLoRAViT(gamma_c=0, gamma_l=0), config)
     >>> state = s.initial_state([0])
     >>> req = s.configure_fit(state, 1, [0], s.fit_phases(state)[0])[0]
     >>> req.upload, req.keep[0][1]
