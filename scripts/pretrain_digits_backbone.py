@@ -15,22 +15,11 @@ import time
 
 import timm
 import torch
-from torch.nn import functional as F
 
+from _pretrain import accuracy, train_epoch  # scripts/ is on sys.path when a script runs
 from hilora_lightning.backbone import EMBEDDED_ARCH, EMBEDDED_VIT_KWARGS, embedded_weights_path
 from hilora_lightning.data.digits import digits_split, load_digits_tensors, rotate
 from hilora_lightning.state import save_tier_file
-
-
-def _shift(x: torch.Tensor, gen: torch.Generator, max_px: int = 2) -> torch.Tensor:
-    dx, dy = (int(v) for v in torch.randint(-max_px, max_px + 1, (2,), generator=gen))
-    return torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
-
-
-@torch.no_grad()
-def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    return float((model(x).argmax(-1) == y).float().mean())
 
 
 def main() -> None:
@@ -53,21 +42,13 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     start = time.perf_counter()
     for epoch in range(args.epochs):
-        model.train()
-        perm = torch.randperm(len(xs), generator=gen)
-        for i in range(0, len(xs), args.batch_size):
-            b = perm[i : i + args.batch_size]
-            loss = F.cross_entropy(model(_shift(xs[b], gen)), ys[b], label_smoothing=0.0)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+        loss = train_epoch(model, xs, ys, args.batch_size, gen, opt, sched)
         if (epoch + 1) % 10 == 0:
-            acc = _accuracy(model, x[target], y[target])
+            acc = accuracy(model, x[target], y[target])
             print(f"epoch {epoch + 1:3d}  loss {loss.item():.3f}  held-out acc {acc:.3f}")
     print(f"trained in {time.perf_counter() - start:.1f}s")
     for k in range(4):
-        acc = _accuracy(model, rotate(x[target], k), y[target])
+        acc = accuracy(model, rotate(x[target], k), y[target])
         print(f"held-out digits rotated {90 * k:3d} deg: accuracy {acc:.3f}")
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
     print(f"parameters: {sum(v.numel() for v in state.values()) / 1e6:.2f}M -> {save_tier_file(state, args.out)}")

@@ -29,6 +29,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import ConcatDataset, DataLoader
 
+from _pretrain import accuracy, train_epoch  # scripts/ is on sys.path when a script runs
 from hilora_lightning.backbone import EMBEDDED_BACKBONES
 from hilora_lightning.data.fashion import fashion_mnist_federation, fashion_tensors, read_idx
 from hilora_lightning.model import HiLoRAViT
@@ -38,23 +39,11 @@ from hilora_lightning.tiers import Tier
 NAME = "hilora-mnist-vit"
 
 
-def _shift(x: torch.Tensor, gen: torch.Generator, max_px: int = 2) -> torch.Tensor:
-    dx, dy = (int(v) for v in torch.randint(-max_px, max_px + 1, (2,), generator=gen))
-    return torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
-
-
 def _mnist(folder: Path, split: str, img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     prefix = "train" if split == "train" else "t10k"
     images = read_idx(folder / f"{prefix}-images-idx3-ubyte")
     labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte")
     return fashion_tensors(images, img_size), torch.as_tensor(labels.astype("int64"))
-
-
-@torch.no_grad()
-def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
-    model.eval()
-    hits = sum(int((model(x[i : i + batch]).argmax(-1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
-    return hits / len(x)
 
 
 def pretrain(args: argparse.Namespace) -> None:
@@ -69,16 +58,8 @@ def pretrain(args: argparse.Namespace) -> None:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * per_epoch)
     start = time.perf_counter()
     for epoch in range(args.epochs):
-        model.train()
-        perm = torch.randperm(len(xs), generator=gen)
-        for i in range(0, len(xs), args.batch_size):
-            b = perm[i : i + args.batch_size]
-            loss = F.cross_entropy(model(_shift(xs[b], gen)), ys[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-        print(f"epoch {epoch + 1}  loss {loss.item():.3f}  MNIST test accuracy {_accuracy(model, xt, yt):.4f}"
+        loss = train_epoch(model, xs, ys, args.batch_size, gen, opt, sched)
+        print(f"epoch {epoch + 1}  loss {loss.item():.3f}  MNIST test accuracy {accuracy(model, xt, yt):.4f}"
               f"  ({time.perf_counter() - start:.0f}s)", flush=True)
     state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
     print(f"parameters: {sum(v.numel() for v in state.values()) / 1e6:.2f}M -> {save_tier_file(state, args.out)}")
@@ -107,7 +88,7 @@ def measure(backbone: str, steps: int, seed: int, root: str | None) -> tuple[flo
                 done += 1
                 if done == steps:
                     break
-        accs = [_accuracy(model, *c.test.tensors) for c in clients]
+        accs = [accuracy(model, *c.test.tensors) for c in clients]
         out.append(sum(accs) / len(accs))
     return out[0], out[1]
 
