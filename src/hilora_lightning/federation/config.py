@@ -180,8 +180,7 @@ class FederationConfig:
                     "(it starts when the root stage ends), so its maximum must be >= 1; give it at least one "
                     "round, e.g. cluster_rounds=(1, 1)"
                 )
-            # the cluster and leaf stages each run at least one round once they start
-            need = self.root_rounds[0] + max(self.cluster_rounds[0], 1) + 1
+            need = self.root_rounds[0] + self._after_root()
             if need > self.rounds:
                 raise ValueError(
                     f"rounds={self.rounds} cannot fit the minimum stage lengths: root {self.root_rounds[0]} + "
@@ -237,6 +236,10 @@ class FederationConfig:
             [False, True]
         """
         lo, hi = self.root_rounds if root else self.cluster_rounds
-        reserve = max(self.cluster_rounds[0], 1) + 1 if root else 1
+        reserve = self._after_root() if root else 1
         converged = rho is not None and math.isfinite(rho) and rho <= self.tau_rel
         return rounds_in_stage >= hi or rounds_left <= reserve or (rounds_in_stage >= lo and converged)
+
+    def _after_root(self) -> int:
+        """Rounds the later stages need at least: the cluster and leaf stages each run one once started."""
+        return max(self.cluster_rounds[0], 1) + 1

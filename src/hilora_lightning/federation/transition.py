@@ -157,9 +157,7 @@ def probe_request(client_id: int, cfg: FederationConfig, root: Mapping[str, Tens
     factors are comparable with the training clients' root-stage features, which the first rounds
     (from ``B = 0``) dominate. Nothing of it stays on the client.
     """
-    return FitRequest(client_id, -1, Tier.CLUSTER, {Tier.ROOT: root, Tier.CLUSTER: start}, head,
-                      client_seed(cfg.seed, -1, client_id, "probe"), 0, batch_size=cfg.batch_size, epochs=1,
-                      steps=cfg.probe_steps, upload="AB", return_head=False)
+    return _probe(client_id, cfg, Tier.CLUSTER, {Tier.ROOT: root, Tier.CLUSTER: start}, head)
 
 
 def root_probe_request(client_id: int, cfg: FederationConfig, root: Mapping[str, Tensor],
@@ -168,9 +166,14 @@ def root_probe_request(client_id: int, cfg: FederationConfig, root: Mapping[str,
     final root (the root stage has no penalty), its features folded against that root exactly as
     :func:`update_features` folds a root-stage update. Nothing of it stays on the client.
     """
-    return FitRequest(client_id, -1, Tier.ROOT, {Tier.ROOT: root}, head,
-                      client_seed(cfg.seed, -1, client_id, "probe"), 0, batch_size=cfg.batch_size, epochs=1,
-                      steps=cfg.probe_steps, upload="AB", return_head=False)
+    return _probe(client_id, cfg, Tier.ROOT, {Tier.ROOT: root}, head)
+
+
+def _probe(client_id: int, cfg: FederationConfig, slot: Tier, view: Mapping[Tier, Mapping[str, Tensor]],
+           head: Mapping[str, Tensor]) -> FitRequest:
+    """``cfg.probe_steps`` local steps of ``slot`` on ``view``, uploaded and forgotten by the client."""
+    return FitRequest(client_id, -1, slot, view, head, client_seed(cfg.seed, -1, client_id, "probe"), 0,
+                      batch_size=cfg.batch_size, epochs=1, steps=cfg.probe_steps, upload="AB", return_head=False)
 
 
 def route_by_probe(replies: Mapping[int, Any], start: Mapping[str, Tensor], cfg: FederationConfig, rank: int
