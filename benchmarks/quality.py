@@ -16,9 +16,14 @@ run by the same code as ``hilora-fl compare``. Figures, each a mean over the see
   the gain is the tier's own (targets > 0); ``..._tier_heads``: the same with each row on its tier's
   head (global, cluster, personal), as the paper's tier-wise table.
 
+With ``federation.clustering.study: true`` (the fmnist configs set it) HiLoRA's run also clusters its
+root stage with every LSAC feature (``B``, ``A``, ``delta``) and sigma rule, and the figures gain
+``lsac_study_<feature>_<sigma>[_k1]_{k,ari}`` and a table of them.
+
 ``--quick`` runs HiLoRA, PF2LoRA, FedALT, FedSA-LoRA and Local-LoRA with one seed (about 20 minutes on
-2 cores); the full mode runs all 14 methods over seeds 0, 1, 2. Results go to ``--out`` as they finish
-and a rerun with the same arguments reads finished methods back, so a long run can be split or resumed.
+2 cores); the full mode runs all 19 methods (9 baselines, HiLoRA and its 9 study variants) over seeds
+0, 1, 2. Results go to ``--out`` as they finish and a rerun with the same arguments reads finished
+methods back, so a long run can be split or resumed.
 The data must be installed (``apt-get install -y dataset-fashion-mnist``, or ``data.root=...``).
 
     python benchmarks/quality.py --quick [--json out.json]
@@ -40,7 +45,6 @@ import numpy as np
 from hilora_lightning.baselines import BASELINES
 from hilora_lightning.cli import load_config
 from hilora_lightning.compare import Comparison, SeedComparison, parse_methods, parse_seeds, run_comparison
-from hilora_lightning.experiment import build_clients
 from hilora_lightning.federation import FederatedResult
 from hilora_lightning.federation.result import format_rows
 
@@ -110,7 +114,41 @@ def figures(comp: Comparison, train_groups: Mapping[int, int], unseen_groups: Ma
             out[f"hilora_minus_best_baseline_{key}"] = rows["hilora"][col] - max(rows[b][col] for b in baselines)
     if hilora is not None:
         out.update({k: v for k, v in method_figures(hilora, train_groups, unseen_groups).items() if k in KEYS})
+        out.update(study_figures(hilora))
     return out
+
+
+def study_figures(result: FederatedResult) -> dict[str, float]:
+    """The LSAC study's K and ARI per feature and sigma rule, flat: ``lsac_study_<feature>_<sigma>[_k1]_{k,ari}``.
+
+    Example:
+        >>> from hilora_lightning.federation import FederatedResult
+        >>> res = FederatedResult([], {}, {}, {}, 3, lsac_study={"delta/local": {"k": 3.0, "ari": 1.0}})
+        >>> study_figures(res)
+        {'lsac_study_delta_local_k': 3.0, 'lsac_study_delta_local_ari': 1.0}
+    """
+    out: dict[str, float] = {}
+    for combo, row in result.lsac_study.items():
+        for name, value in row.items():
+            out[f"lsac_study_{combo.replace('/', '_')}_{name}"] = float(value)
+    return out
+
+
+def lsac_study_table(per_seed: Mapping[int, Mapping[str, float]]) -> str | None:
+    """LSAC with every feature and sigma rule on the same root stage: K and ARI as ``mean ± std``."""
+    combos = sorted({k[len("lsac_study_"):].rsplit("_", 1)[0] for f in per_seed.values() for k in f
+                     if k.startswith("lsac_study_")})
+    if not combos:
+        return None
+    rows = []
+    for combo in combos:
+        cells: list[Any] = [combo.replace("_", "/", 1).replace("_k1", "/k1")]
+        for stat in ("k", "ari"):
+            vals = [f[f"lsac_study_{combo}_{stat}"] for f in per_seed.values() if f"lsac_study_{combo}_{stat}" in f]
+            cells.append(f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if vals else "-")
+        cells.append(sum(f"lsac_study_{combo}_k" in f for f in per_seed.values()))
+        rows.append(cells)
+    return format_rows(["feature/sigma (same root stage)", "K", "ARI", "seeds"], rows)
 
 
 STUDY = ("mean", "p10", "lsac_ari", "clusters", "unseen_routing_accuracy", "zero_leaf_minus_root", "tier_gain_cluster",
@@ -134,18 +172,13 @@ def study_table(runs: Mapping[int, Comparison], groups: Mapping[int, tuple[dict[
 def summarize(per_seed: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
     """Mean and standard deviation over the seeds of every figure, flat (``<key>``, ``<key>_std``)."""
     out: dict[str, float] = {}
-    for key in KEYS:
+    study = sorted({k for f in per_seed.values() for k in f if k.startswith("lsac_study_")})
+    for key in (*KEYS, *study):
         values = [f[key] for f in per_seed.values() if key in f]
         if values:
             out[key], out[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
     out["seeds"] = float(len(per_seed))
     return out
-
-
-def _groups(cfg: Mapping[str, Any], seed: int) -> tuple[dict[int, int], dict[int, int]]:
-    clients, unseen = build_clients(cfg.get("data", {}), seed)
-    return ({c.client_id: c.group for c in clients if c.group is not None},
-            {c.client_id: c.group for c in unseen if c.group is not None})
 
 
 def run(config: Path, methods: Sequence[str], seeds: Sequence[int], out: Path, overrides: Sequence[str] = (),
@@ -156,11 +189,15 @@ def run(config: Path, methods: Sequence[str], seeds: Sequence[int], out: Path, o
     out_dir = out / f"seed{seeds[0]}" if len(seeds) == 1 else out
     comp = run_comparison(cfg, methods, progress=progress, out_dir=out_dir, resume=True, seeds=seeds)
     runs = comp.runs if isinstance(comp, SeedComparison) else {seeds[0]: comp}
-    groups = {s: _groups(cfg, s) for s in runs}
+    groups = {s: (c.groups, c.unseen_groups) for s, c in runs.items()}
     per_seed = {s: figures(c, *groups[s]) for s, c in runs.items()}
     if progress:
         print()
         print(study_table(runs, groups))
+        lsac = lsac_study_table(per_seed)
+        if lsac:
+            print()
+            print(lsac)
     return comp, per_seed
 
 

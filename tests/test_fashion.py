@@ -135,7 +135,7 @@ def test_quality_benchmark_quick_mode_writes_its_headline_figures(tmp_path, no_d
             "data.num_clients=12", "data.per_client=60", "data.unseen_fraction=0.25", "federation.rounds=3",
             "federation.root_rounds=[1,1]", "federation.cluster_rounds=[1,1]", "federation.local_steps=1",
             "federation.finetune_epochs=1", "federation.eval_every=3", "federation.probe_steps=1",
-            "federation.batch_size=8"]
+            "federation.batch_size=8", "federation.clustering.study=true"]
     assert quality.main(args) == 0
     figures = json.loads(out.read_text())
     assert set(quality.KEYS) <= set(figures)
@@ -144,6 +144,9 @@ def test_quality_benchmark_quick_mode_writes_its_headline_figures(tmp_path, no_d
     best = max(figures[f"{m}_mean"] for m in quality.QUICK_METHODS if m != "hilora")
     assert figures["hilora_minus_best_baseline_mean"] == pytest.approx(figures["hilora_mean"] - best)
     assert figures["lsac_ari"] == runs["clustering_ari"]
+    # the study's row for the run's own feature and sigma is the run's clustering
+    assert figures["lsac_study_B_median_ari"] == runs["clustering_ari"] == runs["lsac_study"]["B/median"]["ari"]
+    assert figures["lsac_study_delta_local_k1_k"] == runs["lsac_study"]["delta/local/k1"]["k"]
     from hilora_lightning.federation import FederatedResult
 
     # unseen 7 (group 6) went to cluster 1, where group 6 trains: a hit; unseen 8 (group 5) did not

@@ -377,6 +377,41 @@ def test_end_to_end_lsac_recovers_latent_groups(method: str) -> None:
     assert set(orch.cluster_centers) == set(orch.assignment.values())
 
 
+def test_lsac_study_clusters_every_feature_from_one_root_stage() -> None:
+    """The study's row for a feature is exactly what a run with that feature clusters (same root stage)."""
+    from hilora_lightning.federation.server_state import ServerState
+
+    clients = digits_federation(6, num_groups=2)
+
+    def orch(feature: str, study: bool) -> FederatedOrchestrator:
+        cfg = FederationConfig(rounds=4, root_rounds=(2, 2), cluster_rounds=(1, 1), local_steps=10, batch_size=16,
+                               clustering=ClusteringConfig(feature=feature, k_min=2, k_max=4, study=study))
+        return FederatedOrchestrator(HiLoRAViT(lr=3e-3), clients, cfg, progress=False)
+
+    studied = orch("B", True)
+    studied.run(stop_after=1)
+    kept = studied.client_states[0].study_features
+    assert kept is not None and sorted(kept) == ["A", "B", "delta"]
+    assert all(torch.equal(kept["B"][k], v) for k, v in studied.client_states[0].features.items())
+    back = ServerState.from_dict(studied.state.to_dict()).clients[0].study_features
+    assert back is not None and all(torch.equal(back[f][k], kept[f][k]) for f in kept for k in kept[f])
+    studied.run(stop_after=2)
+    study = studied.state.extra["lsac_study"]
+    assert sorted(study) == sorted(f"{f}/{s}{k}" for f in ("A", "B", "delta") for s in ("median", "local")
+                                   for k in ("", "/k1"))
+    assert study["B/median"] == {"k": float(studied.num_clusters), "ari": studied.clustering_ari}
+    assert all(cs.study_features is None for cs in studied.client_states.values())
+    plain = orch("B", False)  # the study only reports: the run itself is the same, bit for bit
+    plain.run(stop_after=2)
+    assert plain.assignment == studied.assignment
+    assert all(torch.equal(v, studied.state.root[k]) for k, v in plain.state.root.items())
+    other = orch("A", False)
+    other.run(stop_after=2)
+    assert study["A/median"] == {"k": float(other.num_clusters), "ari": other.clustering_ari}
+    assert "lsac_study" not in other.state.extra
+    assert studied.run().lsac_study == study  # carried into the result (and its JSON)
+
+
 def test_split_unseen_is_stratified_and_seeded() -> None:
     from hilora_lightning.federation import split_unseen
 

@@ -69,6 +69,30 @@ HILORA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 #: Every method name ``compare`` knows, in table order.
 METHODS: tuple[str, ...] = (*BASELINES, *HILORA_VARIANTS)
 
+#: options that only add reports to a result and never change training: left out of the stamp that
+#: decides whether a saved result is read back (``clustering.study`` re-clusters on the side)
+REPORT_ONLY = (("federation", "clustering", "study"),)
+
+
+def config_stamp(cfg: Mapping[str, Any]) -> str:
+    """The identity of a run's config for ``resume``: everything but ``compare``, ``out_dir`` and the
+    report-only options (:data:`REPORT_ONLY`).
+
+    Example:
+        >>> a = {"seed": 0, "federation": {"rounds": 4, "clustering": {"study": True}}}
+        >>> b = {"seed": 0, "federation": {"rounds": 4, "clustering": {}}, "out_dir": "x"}
+        >>> config_stamp(a) == config_stamp(b), config_stamp(a) == config_stamp({**b, "seed": 1})
+        (True, False)
+    """
+    def strip(node: Any, at: tuple[str, ...]) -> Any:
+        if not isinstance(node, Mapping):
+            return node
+        return {k: strip(v, (*at, str(k))) for k, v in node.items() if (*at, str(k)) not in REPORT_ONLY}
+
+    work = {k: strip(v, (str(k),)) for k, v in cfg.items() if k not in ("compare", "out_dir")}
+    return json.dumps(work, sort_keys=True, default=str)
+
+
 HEADER = ["method", "mean acc", "p10 acc", "unseen zero-leaf", "unseen fine-tuned", "up KiB/client/round", "wall s"]
 
 
@@ -110,10 +134,16 @@ def _variant_config(config: FederationConfig, changes: Mapping[str, Any]) -> Fed
 
 @dataclasses.dataclass
 class Comparison:
-    """Results of :func:`run_comparison`: one :class:`FederatedResult` and wall time per method."""
+    """Results of :func:`run_comparison`: one :class:`FederatedResult` and wall time per method.
+
+    ``groups`` / ``unseen_groups``: the training (unseen) clients' latent groups where the data has
+    them, to score clustering and routing against.
+    """
 
     results: dict[str, FederatedResult]
     seconds: dict[str, float]
+    groups: dict[int, int] = dataclasses.field(default_factory=dict)
+    unseen_groups: dict[int, int] = dataclasses.field(default_factory=dict)
 
     def rows(self) -> list[list[Any]]:
         """The table rows (``None`` where a column does not apply)."""
@@ -278,7 +308,7 @@ def _run_one(cfg: Mapping[str, Any], names: Sequence[str], progress: bool, out_d
              resume: bool) -> Comparison:
     seed = int(cfg.get("seed", 0))
     clients, unseen = build_clients(cfg.get("data", {}), seed)
-    stamp = json.dumps({k: v for k, v in cfg.items() if k not in ("compare", "out_dir")}, sort_keys=True, default=str)
+    stamp = config_stamp(cfg)
     results: dict[str, FederatedResult] = {}
     seconds: dict[str, float] = {}
     for i, name in enumerate(names, start=1):
@@ -305,7 +335,8 @@ def _run_one(cfg: Mapping[str, Any], names: Sequence[str], progress: bool, out_d
             tmp.write_text(json.dumps({"config": stamp, "wall_seconds": seconds[name],
                                        "result": results[name].to_dict()}, indent=1))
             tmp.replace(path)  # a killed run never leaves a half-written result behind
-    return Comparison(results, seconds)
+    return Comparison(results, seconds, {c.client_id: c.group for c in clients if c.group is not None},
+                      {c.client_id: c.group for c in unseen if c.group is not None})
 
 
 def _result_from_dict(data: Mapping[str, Any]) -> FederatedResult:

@@ -65,6 +65,10 @@ class ClusteringConfig:
             sometimes separates all four, not reliably yet (see the README).
         sigma: kernel width rule, ``"median"`` (paper) or ``"local"``.
         k: a fixed number of clusters for ``kmeans``/``random`` (default: what LSAC would choose).
+        study: also keep every feature (``B``, ``A``, ``delta``) through the root stage and, at the
+            transition, cluster with each under both sigma rules (and ``k_min = 1``), reporting K and
+            ARI per combination in ``FederatedResult.lsac_study``; the run itself uses ``feature`` and
+            ``sigma``. A controlled comparison: the root stage does not depend on the feature.
         recluster_every: re-run LSAC every this many cluster-stage rounds on the clients' cluster-tier
             features (``None``: cluster once, as the paper). New clusters keep the id of the old
             cluster they overlap most; split-off or new ones start from their members' product-space
@@ -80,6 +84,7 @@ class ClusteringConfig:
     sigma: str = "median"
     k: int | None = None
     recluster_every: int | None = None
+    study: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in CLUSTERINGS:
@@ -98,6 +103,8 @@ class ClusteringConfig:
             _check_int("clustering.k", self.k, 1)
         if self.recluster_every is not None:
             _check_int("clustering.recluster_every", self.recluster_every, 1)
+        if not isinstance(self.study, bool):
+            raise ValueError(f"clustering.study must be true or false, got {self.study!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -183,6 +183,9 @@ class HiLoRAStrategy:
             if track and before is not None:
                 cs = state.clients[cid]
                 cs.features = transition.update_features(cs.features, p.factors, before, cfg.clustering, rank)
+                if cfg.clustering.study and tier is Tier.ROOT:
+                    cs.study_features = transition.study_features(cs.study_features, p.factors, before,
+                                                                  cfg.clustering, rank)
         share_head = cfg.head_policy == "tier"
         if tier is Tier.ROOT:
             new_root = self._aggregate_group(list(payloads.values()), tier)
@@ -289,7 +292,7 @@ class HiLoRAStrategy:
         state.extra["routing"] = dict(routing)  # unseen client -> cluster, for exporting their models
         return FederatedResult(list(state.records), final, tierwise, dict(state.assignment), state.num_clusters,
                                state.clustering_ari, generalization, routing, state.elapsed,
-                               tierwise_fixed_head=fixed)
+                               tierwise_fixed_head=fixed, lsac_study=dict(state.extra.get("lsac_study", {})))
 
     def probe_features(self, state: ServerState, ctx: RoundContext, ids: Sequence[int], head: Mapping[str, Tensor],
                        step: str) -> dict[int, dict[str, Tensor]]:

@@ -98,6 +98,8 @@ class FederatedResult:
         seconds: wall time of the run.
         tierwise_fixed_head: the tier-wise table with every row on the client's final (personal) head,
             so each row differs from the one above only by a tier: the tier's own gain.
+        lsac_study: with ``clustering.study``, LSAC re-run at the transition with every feature and
+            kernel-width rule on the same root stage: ``{"<feature>/<sigma>[/k1]": {"k": K, "ari": ARI}}``.
         failures: per final step (``"final root"``, ``"probe"``, ``"unseen finetune"``...), the clients
             that failed it and why (they are left out of that step's table).
     """
@@ -113,6 +115,7 @@ class FederatedResult:
     seconds: float = 0.0
     failures: dict[str, dict[int, str]] = dataclasses.field(default_factory=dict)
     tierwise_fixed_head: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    lsac_study: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -42,10 +42,12 @@ class ClientState:
         features: the server's EMA of the client's LSAC feature per adapted matrix (root stage, and
             the cluster stage when re-clustering).
         rounds_trained: how many rounds the client took part in.
+        study_features: with ``clustering.study``, every LSAC feature's EMA (``{feature: per matrix}``).
     """
 
     features: dict[str, Tensor] | None = None
     rounds_trained: int = 0
+    study_features: dict[str, dict[str, Tensor]] | None = None
 
 
 def _copy(value: Any) -> Any:

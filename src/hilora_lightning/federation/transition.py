@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,11 +25,17 @@ import torch
 from torch import Tensor
 
 from hilora_lightning.federation.client import client_seed
-from hilora_lightning.federation.config import ClusteringConfig, FederationConfig
+from hilora_lightning.federation.config import FEATURES, ClusteringConfig, FederationConfig
 from hilora_lightning.federation.requests import EvalRequest, FitRequest
 from hilora_lightning.federation.server_state import ServerState
 from hilora_lightning.strategy.aggregation import factor_pairs, fedavg_states, product_space_aggregate_states
-from hilora_lightning.strategy.clustering import cluster_distances, kmeans_cosine, match_clusters, route_to_cluster
+from hilora_lightning.strategy.clustering import (
+    SIGMA_RULES,
+    cluster_distances,
+    kmeans_cosine,
+    match_clusters,
+    route_to_cluster,
+)
 from hilora_lightning.strategy.subspace import (
     delta_left_factor,
     ema_left_factor,
@@ -39,8 +46,8 @@ from hilora_lightning.strategy.subspace import (
 )
 from hilora_lightning.tiers import Tier
 
-__all__ = ["cluster_centers", "client_subspaces", "form_clusters", "probe_request", "recluster", "root_probe_request",
-           "route_by_loss", "route_by_probe", "update_features"]
+__all__ = ["cluster_centers", "client_subspaces", "form_clusters", "lsac_study", "probe_request", "recluster",
+           "root_probe_request", "route_by_loss", "route_by_probe", "study_features", "update_features"]
 
 UPDATE_KEY = "__update__"
 
@@ -72,6 +79,68 @@ def update_features(
             out[prefix] = ema_left_factor(prev.get(prefix), d, cfg.ema_decay, rank)
     if cfg.method == "kmeans":  # the baseline clusters flattened updates; keep only the last one
         out[UPDATE_KEY] = torch.cat([(factors[k] - root_before[k]).flatten() for k in factors]).float()
+    return out
+
+
+def study_features(
+    features: Mapping[str, Mapping[str, Tensor]] | None,
+    factors: Mapping[str, Tensor],
+    root_before: Mapping[str, Tensor],
+    cfg: ClusteringConfig,
+    rank: int,
+) -> dict[str, dict[str, Tensor]]:
+    """:func:`update_features` for every LSAC feature at once (``{feature: per-matrix EMA}``).
+
+    For ``clustering.study``: the root stage does not depend on the feature, so the server can keep
+    all three and cluster with each at the transition, a controlled comparison from one root stage.
+    """
+    prev = features or {}
+    return {f: update_features(prev.get(f), factors, root_before, dataclasses.replace(cfg, feature=f, method="lsac"),
+                               rank) for f in FEATURES}
+
+
+def lsac_study(
+    features: Mapping[int, Mapping[str, Mapping[str, Tensor]]],
+    rank: int,
+    k_min: int,
+    k_max: int,
+    seed: int,
+    groups: Mapping[int, int | None],
+) -> dict[str, dict[str, float]]:
+    """LSAC with every feature and kernel-width rule on the same clients' features.
+
+    Returns ``{"<feature>/<sigma>": {"k": K, "ari": ARI}}`` (``ari`` only when every client's latent
+    group is known); with ``k_min > 1`` also ``"<feature>/<sigma>/k1"``, the same with ``k_min = 1``.
+    Distances are computed once per feature.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> bases = [torch.linalg.qr(torch.randn(12, 2, generator=g))[0] for _ in range(2)]
+        >>> feats = {c: {f: {"m": bases[c % 2] + 0.01 * torch.randn(12, 2, generator=g)} for f in ("A", "B", "delta")}
+        ...          for c in range(8)}
+        >>> out = lsac_study(feats, rank=2, k_min=2, k_max=4, seed=0, groups={c: c % 2 for c in range(8)})
+        >>> out["B/median"]
+        {'k': 2.0, 'ari': 1.0}
+        >>> sorted(out)[:3]
+        ['A/local', 'A/local/k1', 'A/median']
+    """
+    from sklearn.metrics import adjusted_rand_score
+
+    ids = sorted(features)
+    known = [groups.get(c) for c in ids]
+    out: dict[str, dict[str, float]] = {}
+    for feature in FEATURES:
+        if len(ids) < 2 or any(feature not in features[c] for c in ids):
+            continue
+        distances = subspace_distances([client_subspaces(features[c][feature], rank) for c in ids])
+        for sigma in SIGMA_RULES:
+            for lo, suffix in ((k_min, ""), (1, "/k1")) if k_min > 1 else ((k_min, ""),):
+                res = cluster_distances(distances, lo, min(k_max, len(ids)), seed, sigma=sigma)
+                row = {"k": float(res.k)}
+                if all(g is not None for g in known):
+                    row["ari"] = float(adjusted_rand_score(known, res.labels))
+                out[f"{feature}/{sigma}{suffix}"] = row
     return out
 
 
@@ -117,6 +186,9 @@ def form_clusters(state: ServerState, cfg: FederationConfig, rank: int, groups: 
             found = cluster_distances(res.distances, seed=cfg.seed, k=min(k, len(seen)), sigma=ccfg.sigma).labels
         labels = {cid: int(lab) for cid, lab in zip(seen, found)}
         k = int(max(labels.values())) + 1
+    studied = {c: state.clients[c].study_features or {} for c in seen if state.clients[c].study_features}
+    if ccfg.study and studied:
+        state.extra["lsac_study"] = lsac_study(studied, rank, ccfg.k_min, ccfg.k_max, cfg.seed, groups)
     features = {c: state.clients[c].features or {} for c in labels if state.clients[c].features}
     centers = cluster_centers(features, labels, rank)
     unrouted = sorted(set(ids_all) - set(labels))  # never trained in the root stage: route by probe
@@ -128,7 +200,7 @@ def form_clusters(state: ServerState, cfg: FederationConfig, rank: int, groups: 
                 else largest
     state.assignment, state.num_clusters, state.cluster_centers = labels, k, centers
     for cs in state.clients.values():
-        cs.features = None  # served their purpose; the per-client state shrinks to its counters
+        cs.features = cs.study_features = None  # served their purpose; the per-client state shrinks to its counters
     known = [groups.get(c) for c in ids_all]
     if all(g is not None for g in known):
         from sklearn.metrics import adjusted_rand_score
