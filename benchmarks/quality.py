@@ -18,7 +18,8 @@ run by the same code as ``hilora-fl compare``. Figures, each a mean over the see
 
 With ``federation.clustering.study: true`` (the fmnist configs set it) HiLoRA's run also clusters its
 root stage with every LSAC feature (``B``, ``A``, ``delta``) and sigma rule, and the figures gain
-``lsac_study_<feature>_<sigma>[_k1]_{k,ari}`` and a table of them.
+``lsac_study_<feature>_<sigma>[_k1]_{k,ari}`` and a table of them. ``--lsac-only`` runs just that:
+HiLoRA's root stage per seed, then the study (about a third of a full run).
 
 ``--quick`` runs HiLoRA, PF2LoRA, FedALT, FedSA-LoRA and Local-LoRA with one seed (about 20 minutes on
 2 cores); the full mode runs all 19 methods (9 baselines, HiLoRA and its 9 study variants) over seeds
@@ -28,11 +29,13 @@ The data must be installed (``apt-get install -y dataset-fashion-mnist``, or ``d
 
     python benchmarks/quality.py --quick [--json out.json]
     python benchmarks/quality.py [--seeds 0,1,2] [--config examples/configs/fmnist_domain.yaml] [--out DIR]
+    python benchmarks/quality.py --lsac-only --config examples/configs/fmnist_domain.yaml [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections import Counter
@@ -45,8 +48,10 @@ import numpy as np
 from hilora_lightning.baselines import BASELINES
 from hilora_lightning.cli import load_config
 from hilora_lightning.compare import Comparison, SeedComparison, parse_methods, parse_seeds, run_comparison
-from hilora_lightning.federation import FederatedResult
+from hilora_lightning.experiment import build_clients, build_federation_config, build_model, validate_config
+from hilora_lightning.federation import FederatedOrchestrator, FederatedResult
 from hilora_lightning.federation.result import format_rows
+from hilora_lightning.tiers import Tier
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "examples" / "configs" / "fmnist_sc_dir.yaml"
@@ -114,21 +119,19 @@ def figures(comp: Comparison, train_groups: Mapping[int, int], unseen_groups: Ma
             out[f"hilora_minus_best_baseline_{key}"] = rows["hilora"][col] - max(rows[b][col] for b in baselines)
     if hilora is not None:
         out.update({k: v for k, v in method_figures(hilora, train_groups, unseen_groups).items() if k in KEYS})
-        out.update(study_figures(hilora))
+        out.update(study_figures(hilora.lsac_study))
     return out
 
 
-def study_figures(result: FederatedResult) -> dict[str, float]:
+def study_figures(study: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """The LSAC study's K and ARI per feature and sigma rule, flat: ``lsac_study_<feature>_<sigma>[_k1]_{k,ari}``.
 
     Example:
-        >>> from hilora_lightning.federation import FederatedResult
-        >>> res = FederatedResult([], {}, {}, {}, 3, lsac_study={"delta/local": {"k": 3.0, "ari": 1.0}})
-        >>> study_figures(res)
+        >>> study_figures({"delta/local": {"k": 3.0, "ari": 1.0}})
         {'lsac_study_delta_local_k': 3.0, 'lsac_study_delta_local_ari': 1.0}
     """
     out: dict[str, float] = {}
-    for combo, row in result.lsac_study.items():
+    for combo, row in study.items():
         for name, value in row.items():
             out[f"lsac_study_{combo.replace('/', '_')}_{name}"] = float(value)
     return out
@@ -201,6 +204,34 @@ def run(config: Path, methods: Sequence[str], seeds: Sequence[int], out: Path, o
     return comp, per_seed
 
 
+def lsac_only(config: Path, seeds: Sequence[int], overrides: Sequence[str] = (), progress: bool = True
+              ) -> dict[int, dict[str, float]]:
+    """HiLoRA's root stage alone per seed, then LSAC with every feature and sigma rule on it.
+
+    The root stage does not depend on the clustering feature, so this is the LSAC study at about a
+    third of a full run's cost (no cluster or leaf stage, no final evaluation).
+    """
+    cfg = load_config(config, overrides)
+    per_seed: dict[int, dict[str, float]] = {}
+    for seed in seeds:
+        run_cfg = dict(cfg, seed=seed)
+        validate_config(run_cfg)
+        fed = build_federation_config(run_cfg)
+        fed = dataclasses.replace(fed, clustering=dataclasses.replace(fed.clustering, study=True))
+        clients, _ = build_clients(run_cfg.get("data", {}), seed)
+        orch = FederatedOrchestrator(build_model(run_cfg), clients, fed, trainer_kwargs=dict(cfg.get("trainer", {})),
+                                     progress=progress)
+        for t in range(1, fed.root_rounds[1] + 1):  # round by round: stop as soon as the clusters are formed
+            orch.run(stop_after=t)
+            if orch.stage is not Tier.ROOT:
+                break
+        per_seed[seed] = study_figures(orch.state.extra.get("lsac_study", {}))
+        if progress:
+            print(f"seed {seed}: root stage of {t} rounds, K={orch.num_clusters}, ARI={orch.clustering_ari}",
+                  flush=True)
+    return per_seed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="HiLoRA and 4 baselines, one seed (~20 min)")
@@ -209,8 +240,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", default=None, help="comma-separated (default: 0 with --quick, else 0,1,2)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default runs/quality/<config>)")
     parser.add_argument("--json", default=None, help="write the headline figures here")
+    parser.add_argument("--lsac-only", action="store_true",
+                        help="HiLoRA's root stage only, then LSAC with every feature and sigma rule (no methods)")
     parser.add_argument("overrides", nargs="*", help="config overrides like federation.rounds=20")
     args = parser.parse_args(argv)
+    if args.lsac_only:
+        per_seed = lsac_only(args.config, parse_seeds(args.seeds or "0,1,2", 0), args.overrides)
+        print()
+        print(lsac_study_table(per_seed) or "no LSAC study (every client failed the root stage?)")
+        if args.json:
+            Path(args.json).write_text(json.dumps(summarize(per_seed), indent=1, sort_keys=True))
+            print(f"wrote {args.json}")
+        return 0
     methods = parse_methods(args.methods or (",".join(QUICK_METHODS) if args.quick else "all"))
     seeds = parse_seeds(args.seeds or ("0" if args.quick else "0,1,2"), 0)
     out = args.out or ROOT / "runs" / "quality" / args.config.stem

@@ -149,6 +149,12 @@ def test_quality_benchmark_quick_mode_writes_its_headline_figures(tmp_path, no_d
     assert figures["lsac_study_delta_local_k1_k"] == runs["lsac_study"]["delta/local/k1"]["k"]
     from hilora_lightning.federation import FederatedResult
 
+    # --lsac-only: the root stage alone gives the same study as the full run's (same seed and config)
+    study_json = tmp_path / "study.json"
+    assert quality.main(["--lsac-only", "--seeds", "0", "--json", str(study_json), *args[5:]]) == 0
+    study = json.loads(study_json.read_text())
+    assert {k: v for k, v in study.items() if k.startswith("lsac_study_") and not k.endswith("_std")} == \
+        {k: v for k, v in figures.items() if k.startswith("lsac_study_") and not k.endswith("_std")}
     # unseen 7 (group 6) went to cluster 1, where group 6 trains: a hit; unseen 8 (group 5) did not
     hand = FederatedResult([], {}, {}, {0: 0, 1: 0, 2: 1}, 2, routing={7: 1, 8: 1})
     assert quality.routing_accuracy(hand, {0: 5, 1: 5, 2: 6}, {7: 6, 8: 5}) == 0.5
