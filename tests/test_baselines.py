@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -205,6 +206,25 @@ def test_every_method_runs_two_rounds_end_to_end(comparison, name: str) -> None:
     assert {"zero_leaf", "finetuned"} <= set(res.generalization)
     if name != "local-lora":
         assert res.records[0].bytes_up_per_client > 0
+
+
+def test_oracle_variant_clusters_by_the_latent_groups(comparison) -> None:
+    import dataclasses
+
+    from hilora_lightning.compare import run_method
+    from hilora_lightning.experiment import build_clients
+
+    comp, _ = comparison
+    oracle = comp.results["hilora-oracle"]
+    assert oracle.clustering_ari == 1.0 and oracle.num_clusters == len(set(comp.groups.values())) == 2
+    for c, j in oracle.assignment.items():  # one cluster per latent group, numbered by group
+        assert j == comp.groups[c]
+    clients, unseen = build_clients(TINY["data"], 0)
+    no_groups = [dataclasses.replace(c, group=None) for c in clients]
+    ids = [c.client_id for c in clients]
+    with pytest.raises(ValueError, match="hilora-oracle clusters clients by their latent groups, but clients "
+                                         + re.escape(str(ids[:5])) + " have none"):
+        run_method("hilora-oracle", TINY, no_groups, unseen, progress=False)
 
 
 def test_comparison_table_and_resume(comparison, monkeypatch) -> None:

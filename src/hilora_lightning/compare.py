@@ -64,6 +64,8 @@ HILORA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "hilora-root-probe": ({}, {"probe": "root"}),
     "hilora-loss-routing": ({}, {"route_by": "loss"}),
     "hilora-subspace-rho": ({}, {"rho_rule": "subspace", "tau_rel": 0.05}),
+    # clusters = the data's latent groups (what LSAC should find): the bound LSAC is measured against
+    "hilora-oracle": ({}, {"clustering.method": "given"}),
 }
 
 #: Every method name ``compare`` knows, in table order.
@@ -122,14 +124,9 @@ def parse_seeds(value: str | int | Sequence[int] | None, default: int) -> list[i
 
 
 def _variant_config(config: FederationConfig, changes: Mapping[str, Any]) -> FederationConfig:
-    clustering = config.clustering
-    top: dict[str, Any] = {}
-    for key, value in changes.items():
-        if key.startswith("clustering."):
-            clustering = dataclasses.replace(clustering, **{key.split(".", 1)[1]: value})
-        else:
-            top[key] = value
-    return dataclasses.replace(config, clustering=clustering, **top)
+    nested = {k.split(".", 1)[1]: v for k, v in changes.items() if k.startswith("clustering.")}
+    top = {k: v for k, v in changes.items() if not k.startswith("clustering.")}
+    return dataclasses.replace(config, clustering=dataclasses.replace(config.clustering, **nested), **top)
 
 
 @dataclasses.dataclass
@@ -267,6 +264,12 @@ def run_method(name: str, cfg: Mapping[str, Any], clients: Sequence[Any], unseen
         model = build_model(cfg, gamma_c=0.0, gamma_l=0.0)
         return BaselineRunner(method, model, clients, config, unseen, trainer, progress=progress).run()
     model_over, fed_changes = HILORA_VARIANTS[name]
+    if fed_changes.get("clustering.method") == "given":  # the oracle: every training client's latent group
+        missing = [c.client_id for c in clients if c.group is None]
+        if missing:
+            raise ValueError(f"{name} clusters clients by their latent groups, but clients {missing[:5]} have none "
+                             "(this partition has no latent groups); run it on one that has (sc_dir, domain, digits)")
+        fed_changes = {**fed_changes, "clustering.assignment": {c.client_id: int(c.group) for c in clients}}
     orch = FederatedOrchestrator(build_model(cfg, **model_over), clients, _variant_config(config, fed_changes),
                                  unseen=unseen, trainer_kwargs=trainer, progress=progress)
     return orch.run()
