@@ -29,6 +29,7 @@ The data must be installed (``apt-get install -y dataset-fashion-mnist``, or ``d
 
     python benchmarks/quality.py --quick [--json out.json]
     python benchmarks/quality.py [--seeds 0,1,2] [--config examples/configs/fmnist_domain.yaml] [--out DIR]
+    python benchmarks/quality.py --report [--seeds ...] [--config ...] [--out DIR]   # tables of what finished
     python benchmarks/quality.py --lsac-only --config examples/configs/fmnist_domain.yaml [--json out.json]
 """
 
@@ -47,7 +48,14 @@ import numpy as np
 
 from hilora_lightning.baselines import BASELINES
 from hilora_lightning.cli import load_config
-from hilora_lightning.compare import Comparison, SeedComparison, parse_methods, parse_seeds, run_comparison
+from hilora_lightning.compare import (
+    Comparison,
+    SeedComparison,
+    config_stamp,
+    parse_methods,
+    parse_seeds,
+    run_comparison,
+)
 from hilora_lightning.experiment import build_clients, build_federation_config, build_model, validate_config
 from hilora_lightning.federation import FederatedOrchestrator, FederatedResult
 from hilora_lightning.federation.result import format_rows
@@ -204,6 +212,33 @@ def run(config: Path, methods: Sequence[str], seeds: Sequence[int], out: Path, o
     return comp, per_seed
 
 
+def finished(config: Path, methods: Sequence[str], seeds: Sequence[int], out: Path, overrides: Sequence[str] = ()
+             ) -> list[str]:
+    """The methods whose result for this config is saved under ``out`` in every seed (``--report``).
+
+    Raises ``SystemExit`` naming what is missing when nothing is finished in every seed.
+    """
+    cfg = load_config(config, overrides)
+    done, missing = [], []
+    for name in methods:
+        lacking = []
+        for seed in seeds:
+            path = (out / f"seed{seed}" / name / "result.json")
+            try:
+                ok = json.loads(path.read_text()).get("config") == config_stamp(dict(cfg, seed=seed))
+            except (OSError, ValueError):
+                ok = False
+            if not ok:
+                lacking.append(seed)
+        (missing.append(f"{name} (seeds {lacking})") if lacking else done.append(name))
+    if missing:
+        print(f"--report: not finished in every seed, left out: {', '.join(missing)}", flush=True)
+    if not done:
+        raise SystemExit(f"--report: no method has a saved result for this config in every seed {list(seeds)} "
+                         f"under {out}; run without --report first")
+    return done
+
+
 def lsac_only(config: Path, seeds: Sequence[int], overrides: Sequence[str] = (), progress: bool = True
               ) -> dict[int, dict[str, float]]:
     """HiLoRA's root stage alone per seed, then LSAC with every feature and sigma rule on it.
@@ -240,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", default=None, help="comma-separated (default: 0 with --quick, else 0,1,2)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default runs/quality/<config>)")
     parser.add_argument("--json", default=None, help="write the headline figures here")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: tables of the methods finished (same config) in every seed under --out")
     parser.add_argument("--lsac-only", action="store_true",
                         help="HiLoRA's root stage only, then LSAC with every feature and sigma rule (no methods)")
     parser.add_argument("overrides", nargs="*", help="config overrides like federation.rounds=20")
@@ -255,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     methods = parse_methods(args.methods or (",".join(QUICK_METHODS) if args.quick else "all"))
     seeds = parse_seeds(args.seeds or ("0" if args.quick else "0,1,2"), 0)
     out = args.out or ROOT / "runs" / "quality" / args.config.stem
+    if args.report:
+        methods = finished(args.config, methods, seeds, out, args.overrides)
     comp, per_seed = run(args.config, methods, seeds, out, args.overrides)
     print()
     print(comp.table())

@@ -121,7 +121,7 @@ def test_real_fashion_mnist_sc_dir_end_to_end(tmp_path) -> None:
     assert result["generalization"] and result["num_clusters"] >= 2
 
 
-def test_quality_benchmark_quick_mode_writes_its_headline_figures(tmp_path, no_debian) -> None:
+def test_quality_benchmark_quick_mode_writes_its_headline_figures(tmp_path, no_debian, monkeypatch, capsys) -> None:
     import importlib.util
     import json
 
@@ -147,8 +147,23 @@ def test_quality_benchmark_quick_mode_writes_its_headline_figures(tmp_path, no_d
     # the study's row for the run's own feature and sigma is the run's clustering
     assert figures["lsac_study_B_median_ari"] == runs["clustering_ari"] == runs["lsac_study"]["B/median"]["ari"]
     assert figures["lsac_study_delta_local_k1_k"] == runs["lsac_study"]["delta/local/k1"]["k"]
+    # --report runs nothing: the methods finished in every seed are read back, the others named
+    import hilora_lightning.compare as cmp
     from hilora_lightning.federation import FederatedResult
 
+    def boom(*a, **k):
+        raise AssertionError("--report must not run anything")
+
+    monkeypatch.setattr(cmp, "run_method", boom)
+    capsys.readouterr()
+    report = tmp_path / "report.json"
+    assert quality.main(["--report", "--methods", "hilora,fedit", "--seeds", "0", "--out", str(tmp_path / "runs"),
+                         "--json", str(report), *args[5:]]) == 0
+    assert "not finished in every seed, left out: fedit (seeds [0])" in capsys.readouterr().out
+    assert json.loads(report.read_text())["lsac_ari"] == figures["lsac_ari"]
+    with pytest.raises(SystemExit, match="no method has a saved result for this config in every seed"):
+        quality.main(["--report", "--methods", "hilora", "--seeds", "0,1", "--out", str(tmp_path / "runs"), *args[5:]])
+    monkeypatch.undo()
     # --lsac-only: the root stage alone gives the same study as the full run's (same seed and config)
     study_json = tmp_path / "study.json"
     assert quality.main(["--lsac-only", "--seeds", "0", "--json", str(study_json), *args[5:]]) == 0

@@ -46,6 +46,7 @@ __all__ = [
     "METHODS",
     "Comparison",
     "SeedComparison",
+    "config_stamp",
     "parse_methods",
     "parse_seeds",
     "run_comparison",
