@@ -22,7 +22,7 @@ root stage with every LSAC feature (``B``, ``A``, ``delta``) and sigma rule, and
 HiLoRA's root stage per seed, then the study (about a third of a full run).
 
 ``--quick`` runs HiLoRA, PF2LoRA, FedALT, FedSA-LoRA and Local-LoRA with one seed (about 20 minutes on
-2 cores); the full mode runs all 19 methods (9 baselines, HiLoRA and its 9 study variants) over seeds
+2 cores); the full mode runs all 20 methods (9 baselines, HiLoRA and its 10 study variants) over seeds
 0, 1, 2. Results go to ``--out`` as they finish and a rerun with the same arguments reads finished
 methods back, so a long run can be split or resumed.
 The data must be installed (``apt-get install -y dataset-fashion-mnist``, or ``data.root=...``).
