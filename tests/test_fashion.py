@@ -89,6 +89,17 @@ def test_the_four_federations(tmp_path, no_debian, partition, groups) -> None:
     assert torch.equal(again[3].train.tensors[0], clients[3].train.tensors[0])  # seeded
 
 
+def test_oracle_is_skipped_where_the_partition_has_no_latent_groups(tmp_path, no_debian, capsys) -> None:
+    from hilora_lightning.compare import run_comparison
+
+    _write(tmp_path / "fm", n_train=600, n_test=200)
+    cfg = {"seed": 0, "data": {"name": "fashion-mnist", "root": str(tmp_path / "fm"), "partition": "gl-dir",
+                               "num_clients": 4, "per_client": 40}}
+    comp = run_comparison(cfg, ["hilora-oracle"], progress=False)
+    assert comp.results == {} and comp.groups == {}
+    assert "[1/1] hilora-oracle: skipped, this partition has no latent groups" in capsys.readouterr().out
+
+
 def test_domain_transforms() -> None:
     x = torch.linspace(-1, 1, 2 * 3 * 32 * 32).reshape(2, 3, 32, 32)
     assert torch.equal(fashion._apply_domain(x, 1), torch.rot90(x, 1, dims=(-2, -1)))

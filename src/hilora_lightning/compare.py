@@ -255,6 +255,11 @@ def _by_round(records: Sequence[RoundRecord], rounds: Sequence[int]) -> list[flo
     return [acc.get(t) for t in rounds]
 
 
+def _needs_groups(name: str) -> bool:
+    """Whether ``name`` clusters by the data's latent groups (``hilora-oracle``)."""
+    return HILORA_VARIANTS.get(name, ({}, {}))[1].get("clustering.method") == "given"
+
+
 def run_method(name: str, cfg: Mapping[str, Any], clients: Sequence[Any], unseen: Sequence[Any],
                progress: bool = True) -> FederatedResult:
     """Build a fresh model for ``name`` from ``cfg`` and run it on the given clients."""
@@ -265,7 +270,7 @@ def run_method(name: str, cfg: Mapping[str, Any], clients: Sequence[Any], unseen
         model = build_model(cfg, gamma_c=0.0, gamma_l=0.0)
         return BaselineRunner(method, model, clients, config, unseen, trainer, progress=progress).run()
     model_over, fed_changes = HILORA_VARIANTS[name]
-    if fed_changes.get("clustering.method") == "given":  # the oracle: every training client's latent group
+    if _needs_groups(name):  # the oracle: every training client's latent group
         missing = [c.client_id for c in clients if c.group is None]
         if missing:
             raise ValueError(f"{name} clusters clients by their latent groups, but clients {missing[:5]} have none "
@@ -316,6 +321,10 @@ def _run_one(cfg: Mapping[str, Any], names: Sequence[str], progress: bool, out_d
     results: dict[str, FederatedResult] = {}
     seconds: dict[str, float] = {}
     for i, name in enumerate(names, start=1):
+        if _needs_groups(name) and any(c.group is None for c in clients):  # e.g. "all" on gl-dir or patho
+            print(f"[{i}/{len(names)}] {name}: skipped, this partition has no latent groups to give as clusters",
+                  flush=True)
+            continue
         path = Path(out_dir) / name / "result.json" if out_dir is not None else None
         if resume and path is not None and path.exists():
             try:
