@@ -13,7 +13,8 @@ penalty; ``hilora-lsac-noortho``: LSAC, no penalty; ``hilora`` = + orthogonality
 study's options: the penalty on scaled factors (``hilora-scaled``) or energy-weighted
 (``hilora-energy``, see :mod:`hilora_lightning.orthogonality`), unseen clients routed by a root-slot
 probe (``hilora-root-probe``) or by loss (``hilora-loss-routing``), stages ended by the subspace
-statistic at 0.05 (``hilora-subspace-rho``). The tier-wise
+statistic at 0.05 (``hilora-subspace-rho``), and the true latent groups as clusters (``hilora-oracle``,
+the bound LSAC is measured against; skipped where the partition has none). The tier-wise
 rows (``hilora: root only``, ``hilora: root+cluster``) come from the ``hilora`` run itself.
 
 Example:
@@ -21,7 +22,7 @@ Example:
     >>> parse_methods("fedit, hilora")
     ['fedit', 'hilora']
     >>> len(METHODS)
-    19
+    20
 """
 
 from __future__ import annotations
