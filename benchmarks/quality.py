@@ -51,10 +51,10 @@ from hilora_lightning.cli import load_config
 from hilora_lightning.compare import (
     Comparison,
     SeedComparison,
-    config_stamp,
     parse_methods,
     parse_seeds,
     run_comparison,
+    saved_result_state,
 )
 from hilora_lightning.experiment import build_clients, build_federation_config, build_model, validate_config
 from hilora_lightning.federation import FederatedOrchestrator, FederatedResult
@@ -221,16 +221,17 @@ def finished(config: Path, methods: Sequence[str], seeds: Sequence[int], out: Pa
     cfg = load_config(config, overrides)
     done, missing = [], []
     for name in methods:
-        lacking = []
+        lacking, stale = [], []
         for seed in seeds:
-            path = (out / f"seed{seed}" / name / "result.json")
-            try:
-                ok = json.loads(path.read_text()).get("config") == config_stamp(dict(cfg, seed=seed))
-            except (OSError, ValueError):
-                ok = False
-            if not ok:
+            state, why = saved_result_state(out / f"seed{seed}" / name / "result.json", name, dict(cfg, seed=seed))
+            if state == "stale":
+                stale.append(f"seed {seed}: run with other settings: {'; '.join(why[:2])}")
+            elif state != "current":
                 lacking.append(seed)
-        (missing.append(f"{name} (seeds {lacking})") if lacking else done.append(name))
+        if lacking or stale:
+            missing.append(f"{name} ({'; '.join([f'seeds {lacking}'] * bool(lacking) + stale[:1])})")
+        else:
+            done.append(name)
     if missing:
         print(f"--report: not finished in every seed, left out: {', '.join(missing)}", flush=True)
     if not done:

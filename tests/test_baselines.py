@@ -318,3 +318,69 @@ def test_compare_resume_reruns_a_corrupt_method_result(comparison, tmp_path, mon
     assert ran == ["fedit"]  # only the corrupt one ran again
     assert again.results["fedit"].client_accuracy == comp.results["fedit"].client_accuracy
     assert json.loads((copy / "fedit" / "result.json").read_text())["result"]["records"][1]["round"] == 2
+
+
+def test_compare_resume_reruns_a_result_saved_under_other_settings(comparison, tmp_path, monkeypatch, capsys) -> None:
+    """A changed library default (here: routing) re-runs the methods it changes, and only those."""
+    import shutil
+
+    import hilora_lightning.compare as cmp
+
+    _, out = comparison
+    copy = tmp_path / "compare"
+    shutil.copytree(out, copy)
+    for name in ("hilora", "fedit"):  # both saved when the default routed by probe subspaces
+        path = copy / name / "result.json"
+        saved = json.loads(path.read_text())
+        assert saved["settings"] == cmp.method_settings(name, TINY)
+        if "route_by" in saved["settings"]["federation"]:
+            saved["settings"]["federation"]["route_by"] = "subspace"
+        path.write_text(json.dumps(saved))
+    legacy = json.loads((copy / "fedsa-lora" / "result.json").read_text())
+    del legacy["settings"]  # saved before settings were recorded
+    (copy / "fedsa-lora" / "result.json").write_text(json.dumps(legacy))
+    ran: list[str] = []
+    monkeypatch.setattr(cmp, "run_method", lambda name, *a, **k: ran.append(name) or cmp.FederatedResult(
+        [], {0: 0.0}, {}, {}, 0))
+    run_comparison(TINY, ["fedit", "hilora", "hilora-probe-routing", "fedsa-lora"], progress=True, out_dir=copy,
+                   resume=True)
+    printed = capsys.readouterr().out
+    assert ran == ["hilora", "fedsa-lora"]  # fedit never routes: its settings leave routing out
+    assert "hilora: " + str(copy / "hilora" / "result.json") + " was run with other settings " \
+        "(federation.route_by: 'subspace' -> 'loss'); running the method again" in printed
+    assert "no settings saved (a result from before they were recorded)" in printed
+    assert json.loads((copy / "hilora" / "result.json").read_text())["settings"]["federation"]["route_by"] == "loss"
+
+
+def test_method_settings_resolve_defaults_and_variants() -> None:
+    from hilora_lightning.compare import HILORA_ONLY_FIELDS, HILORA_VARIANTS, method_settings
+    from hilora_lightning.federation import FederationConfig
+
+    hilora = method_settings("hilora", TINY)
+    assert hilora["federation"]["route_by"] == FederationConfig.route_by == "loss"
+    assert hilora["model"]["lr"] == 0.003 and hilora["model"]["gamma_c"] == 0.1  # given / library default
+    assert "study" not in hilora["federation"]["clustering"]  # report-only
+    for name, (model_over, fed_changes) in HILORA_VARIANTS.items():
+        s = method_settings(name, TINY)
+        assert {k: s["model"][k] for k in model_over} == model_over, name
+        for key, value in fed_changes.items():
+            node = s["federation"]
+            for part in key.split("."):
+                node = node[part]
+            assert node == value, (name, key)
+    assert method_settings("hilora-probe-routing", TINY)["federation"]["route_by"] == "subspace"
+    fedit = method_settings("fedit", TINY)
+    assert not set(HILORA_ONLY_FIELDS) & set(fedit["federation"]) and fedit["model"]["gamma_l"] == 0.0
+
+
+def test_baselines_never_read_the_fields_their_settings_leave_out() -> None:
+    """What keeps dropping HILORA_ONLY_FIELDS from a baseline's settings honest."""
+    from pathlib import Path
+
+    from hilora_lightning import baselines
+    from hilora_lightning.compare import HILORA_ONLY_FIELDS
+
+    for path in sorted(Path(baselines.__file__).parent.glob("*.py")):
+        code = path.read_text()
+        for field in HILORA_ONLY_FIELDS:
+            assert not re.search(rf"\.{field}\b", code), f"{path.name} reads .{field}"

@@ -174,6 +174,16 @@ def test_quality_benchmark_quick_mode_writes_its_headline_figures(tmp_path, no_d
     assert json.loads(report.read_text())["lsac_ari"] == figures["lsac_ari"]
     with pytest.raises(SystemExit, match="no method has a saved result for this config in every seed"):
         quality.main(["--report", "--methods", "hilora", "--seeds", "0,1", "--out", str(tmp_path / "runs"), *args[5:]])
+    # a result run under another library default is stale: named, never read back as this default's
+    saved_path = tmp_path / "runs" / "seed0" / "pf2lora" / "result.json"
+    saved = json.loads(saved_path.read_text())
+    saved["settings"]["model"]["ortho_form"] = "scaled"
+    saved_path.write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert quality.main(["--report", "--methods", "hilora,pf2lora", "--seeds", "0", "--out", str(tmp_path / "runs"),
+                         *args[5:]]) == 0
+    assert ("left out: pf2lora (seed 0: run with other settings: model.ortho_form: 'scaled' -> 'raw')"
+            in capsys.readouterr().out)
     monkeypatch.undo()
     # --lsac-only: the root stage alone gives the same study as the full run's (same seed and config)
     study_json = tmp_path / "study.json"

@@ -11,8 +11,9 @@ HiLoRA rows: ``hilora`` (the config as given), the paper's cumulative ablation
 penalty; ``hilora-lsac-noortho``: LSAC, no penalty; ``hilora`` = + orthogonality), and two extras
 (``hilora-random``: random clusters; ``hilora-per-round``: all stages every round), and the method
 study's options: the penalty on scaled factors (``hilora-scaled``) or energy-weighted
-(``hilora-energy``, see :mod:`hilora_lightning.orthogonality`), unseen clients routed by a root-slot
-probe (``hilora-root-probe``) or by loss (``hilora-loss-routing``), stages ended by the subspace
+(``hilora-energy``, see :mod:`hilora_lightning.orthogonality`), unseen clients routed by the paper's
+probe subspaces (``hilora-probe-routing``; ``hilora`` routes by loss, the default) or by a root-slot
+probe (``hilora-root-probe``), stages ended by the subspace
 statistic at 0.05 (``hilora-subspace-rho``), and the true latent groups as clusters (``hilora-oracle``,
 the bound LSAC is measured against; skipped where the partition has none). The tier-wise
 rows (``hilora: root only``, ``hilora: root+cluster``) come from the ``hilora`` run itself.
@@ -38,7 +39,13 @@ import numpy as np
 
 from hilora_lightning.baselines import BASELINES, BaselineRunner
 from hilora_lightning.baselines.methods import make_method
-from hilora_lightning.experiment import build_clients, build_federation_config, build_model, validate_config
+from hilora_lightning.experiment import (
+    build_clients,
+    build_federation_config,
+    build_model,
+    model_options,
+    validate_config,
+)
 from hilora_lightning.federation import FederatedOrchestrator, FederatedResult, FederationConfig
 from hilora_lightning.federation.result import RoundRecord, format_rows
 
@@ -48,10 +55,13 @@ __all__ = [
     "Comparison",
     "SeedComparison",
     "config_stamp",
+    "method_settings",
     "parse_methods",
     "parse_seeds",
     "run_comparison",
     "save_comparison",
+    "saved_result_state",
+    "settings_changes",
 ]
 
 #: HiLoRA runs of the comparison: (model overrides, federation-config changes).
@@ -63,8 +73,9 @@ HILORA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "hilora-per-round": ({}, {"schedule": "per_round"}),
     "hilora-scaled": ({"ortho_form": "scaled"}, {}),
     "hilora-energy": ({"ortho_form": "energy"}, {}),
-    "hilora-root-probe": ({}, {"probe": "root"}),
-    "hilora-loss-routing": ({}, {"route_by": "loss"}),
+    # unseen clients routed by the paper's probe subspaces (the default routes by loss, see FederationConfig)
+    "hilora-probe-routing": ({}, {"route_by": "subspace"}),
+    "hilora-root-probe": ({}, {"probe": "root", "route_by": "subspace"}),
     "hilora-subspace-rho": ({}, {"rho_rule": "subspace", "tau_rel": 0.05}),
     # clusters = the data's latent groups (what LSAC should find): the bound LSAC is measured against
     "hilora-oracle": ({}, {"clustering.method": "given"}),
@@ -261,22 +272,100 @@ def _needs_groups(name: str) -> bool:
     return HILORA_VARIANTS.get(name, ({}, {}))[1].get("clustering.method") == "given"
 
 
+#: FederationConfig fields only HiLoRA reads (routing and clustering): a baseline's settings leave them
+#: out, so changing one of their defaults does not invalidate the baselines' saved results
+HILORA_ONLY_FIELDS = ("route_by", "probe", "probe_steps", "clustering")
+
+
+def _method_changes(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model overrides and federation-config changes ``name`` runs with."""
+    if name in BASELINES:
+        return {"gamma_c": 0.0, "gamma_l": 0.0}, {}
+    model_over, fed_changes = HILORA_VARIANTS[name]
+    return dict(model_over), dict(fed_changes)
+
+
+def method_settings(name: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Every option ``name`` runs with on ``cfg``, library defaults resolved: the federation config
+    (less the report-only ``clustering.study``, and for baselines less :data:`HILORA_ONLY_FIELDS`)
+    and the model's options. Saved with each result; ``resume`` reads a result back only when these
+    still match, so a changed library default re-runs what it changes instead of mislabelling it.
+
+    Example:
+        >>> cfg = {"seed": 0, "federation": {"rounds": 4, "root_rounds": [1, 1], "cluster_rounds": [1, 1]}}
+        >>> s = method_settings("hilora-probe-routing", cfg)
+        >>> s["federation"]["route_by"], method_settings("hilora", cfg)["federation"]["route_by"]
+        ('subspace', 'loss')
+        >>> "route_by" in method_settings("fedit", cfg)["federation"], method_settings("fedit", cfg)["model"]["gamma_c"]
+        (False, 0.0)
+    """
+    model_over, fed_changes = _method_changes(name)
+    fed = dataclasses.asdict(build_federation_config(cfg))
+    for key, value in fed_changes.items():  # on the dict: the oracle's assignment comes from the data
+        *parents, leaf = key.split(".")
+        node = fed
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    fed["clustering"].pop("study", None)
+    if name in BASELINES:
+        fed = {k: v for k, v in fed.items() if k not in HILORA_ONLY_FIELDS}
+    settings = {"federation": fed, "model": model_options(cfg, **model_over)}
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+def settings_changes(saved: Mapping[str, Any] | None, current: Mapping[str, Any], at: str = "") -> list[str]:
+    """``"key: saved -> current"`` for every option that differs (``saved=None``: a result saved
+    before settings were recorded).
+
+    Example:
+        >>> settings_changes({"federation": {"route_by": "subspace"}}, {"federation": {"route_by": "loss"}})
+        ["federation.route_by: 'subspace' -> 'loss'"]
+    """
+    if saved is None:
+        return ["no settings saved (a result from before they were recorded)"]
+    out: list[str] = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<unset>"), current.get(key, "<unset>")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += settings_changes(a, b, f"{at}{key}.")
+        elif a != b:
+            out.append(f"{at}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def saved_result_state(path: Path, name: str, cfg: Mapping[str, Any]) -> tuple[str, list[str]]:
+    """Whether ``path`` holds ``name``'s result for ``cfg``: ``("current", [])``, ``("other-config",
+    [])`` (another config or seed), ``("stale", changes)`` (same config, other resolved settings, e.g.
+    a library default changed since), ``("missing", [])`` or ``("unreadable", [reason])``."""
+    if not path.exists():
+        return "missing", []
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("config") != config_stamp(cfg):
+            return "other-config", []
+        changes = settings_changes(saved.get("settings"), method_settings(name, cfg))
+        return ("stale", changes) if changes else ("current", [])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return "unreadable", [f"{type(exc).__name__}: {exc}"]
+
+
 def run_method(name: str, cfg: Mapping[str, Any], clients: Sequence[Any], unseen: Sequence[Any],
                progress: bool = True) -> FederatedResult:
     """Build a fresh model for ``name`` from ``cfg`` and run it on the given clients."""
     config = build_federation_config(cfg)
+    model_over, fed_changes = _method_changes(name)
     trainer = dict(cfg.get("trainer", {}))
     if name in BASELINES:
-        method = make_method(name, config)
-        model = build_model(cfg, gamma_c=0.0, gamma_l=0.0)
-        return BaselineRunner(method, model, clients, config, unseen, trainer, progress=progress).run()
-    model_over, fed_changes = HILORA_VARIANTS[name]
+        model = build_model(cfg, **model_over)
+        return BaselineRunner(make_method(name, config), model, clients, config, unseen, trainer,
+                              progress=progress).run()
     if _needs_groups(name):  # the oracle: every training client's latent group
         missing = [c.client_id for c in clients if c.group is None]
         if missing:
             raise ValueError(f"{name} clusters clients by their latent groups, but clients {missing[:5]} have none "
                              "(this partition has no latent groups); run it on one that has (sc_dir, domain, digits)")
-        fed_changes = {**fed_changes, "clustering.assignment": {c.client_id: int(c.group) for c in clients}}
+        fed_changes["clustering.assignment"] = {c.client_id: int(c.group) for c in clients}
     orch = FederatedOrchestrator(build_model(cfg, **model_over), clients, _variant_config(config, fed_changes),
                                  unseen=unseen, trainer_kwargs=trainer, progress=progress)
     return orch.run()
@@ -327,17 +416,24 @@ def _run_one(cfg: Mapping[str, Any], names: Sequence[str], progress: bool, out_d
                   flush=True)
             continue
         path = Path(out_dir) / name / "result.json" if out_dir is not None else None
-        if resume and path is not None and path.exists():
-            try:
-                saved = json.loads(path.read_text())
-                if saved.get("config") == stamp:
+        if resume and path is not None:
+            state, why = saved_result_state(path, name, cfg)
+            if state == "current":
+                try:
+                    saved = json.loads(path.read_text())
                     results[name], seconds[name] = _result_from_dict(saved["result"]), float(saved["wall_seconds"])
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    state, why = "unreadable", [f"{type(exc).__name__}: {exc}"]
+                else:
                     if progress:
                         print(f"[{i}/{len(names)}] {name}: read back from {path}", flush=True)
                     continue
-            except (ValueError, KeyError, TypeError) as exc:  # corrupt or from another version: run it again
-                print(f"[{i}/{len(names)}] {name}: {path} is unreadable ({type(exc).__name__}: {exc}); "
-                      "running the method again", flush=True)
+            if state == "stale":  # same config, but run under other defaults: its numbers mean something else
+                print(f"[{i}/{len(names)}] {name}: {path} was run with other settings ({'; '.join(why[:3])}"
+                      f"{'; ...' if len(why) > 3 else ''}); running the method again", flush=True)
+            elif state == "unreadable":  # corrupt or from another version: run it again
+                print(f"[{i}/{len(names)}] {name}: {path} is unreadable ({why[0]}); running the method again",
+                      flush=True)
         if progress:
             print(f"[{i}/{len(names)}] {name}", flush=True)
         start = time.perf_counter()
@@ -346,8 +442,8 @@ def _run_one(cfg: Mapping[str, Any], names: Sequence[str], progress: bool, out_d
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"config": stamp, "wall_seconds": seconds[name],
-                                       "result": results[name].to_dict()}, indent=1))
+            tmp.write_text(json.dumps({"config": stamp, "settings": method_settings(name, cfg),
+                                       "wall_seconds": seconds[name], "result": results[name].to_dict()}, indent=1))
             tmp.replace(path)  # a killed run never leaves a half-written result behind
     return Comparison(results, seconds, {c.client_id: c.group for c in clients if c.group is not None},
                       {c.client_id: c.group for c in unseen if c.group is not None})

@@ -40,6 +40,7 @@ __all__ = [
     "build_experiment",
     "build_federation_config",
     "build_model",
+    "model_options",
     "run_and_report",
     "run_experiment",
     "save_outputs",
@@ -181,6 +182,24 @@ def build_clients(data: Mapping[str, Any], seed: int) -> tuple[list[ClientData],
                 data["root"], clients_per_domain=int(data.get("clients_per_domain", 15)),
                 alpha=float(data.get("alpha", 0.6)), domains=tuple(data.get("domains", DOMAINNET_DOMAINS)), **common)
     return split_unseen(clients, float(data.get("unseen_fraction", 0.2)), seed=seed)
+
+
+def model_options(cfg: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
+    """Every :class:`HiLoRAViT` option ``build_model(cfg, **overrides)`` would use, the library's
+    defaults filled in and the adapter resolved (a plain, JSON-ready dict): what a saved result was
+    trained with, so a changed default is noticed (``compare``'s resume).
+
+    Example:
+        >>> opts = model_options({"model": {"gamma_c": 0.0}}, gamma_l=0.5)
+        >>> opts["gamma_c"], opts["gamma_l"], opts["ortho_form"], opts["adapter"]["root"]["rank"]
+        (0.0, 0.5, 'raw', 8)
+    """
+    model_cfg = dict(cfg.get("model", {}) or {})
+    adapter = AdapterConfig.from_dict(model_cfg.pop("adapter", {}) or {})
+    params = inspect.signature(HiLoRAViT.__init__).parameters
+    opts = {k: p.default for k, p in params.items() if k != "self" and p.default is not inspect.Parameter.empty}
+    opts.update({"seed": int(cfg.get("seed", 0)), **model_cfg, **overrides, "adapter": adapter.to_dict()})
+    return json.loads(json.dumps(opts, default=str))
 
 
 def build_model(cfg: Mapping[str, Any], **overrides: Any) -> HiLoRAViT:
