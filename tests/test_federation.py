@@ -441,7 +441,7 @@ def test_unseen_clients_are_routed_to_their_groups_cluster(route_by: str) -> Non
 def test_probe_root_routes_unseen_clients_by_a_root_slot_update() -> None:
     everyone = digits_federation(6, num_groups=2)
     cfg = FederationConfig(rounds=3, root_rounds=(1, 1), cluster_rounds=(1, 1), finetune_epochs=0, probe="root",
-                           probe_steps=3, clustering=ClusteringConfig(k_min=2, k_max=2), **FAST)
+                           route_by="subspace", probe_steps=3, clustering=ClusteringConfig(k_min=2, k_max=2), **FAST)
     orch = FederatedOrchestrator(HiLoRAViT(lr=3e-3), everyone[:4], cfg, unseen=everyone[4:], progress=False)
     seen: list = []
     fit = orch.backend.fit

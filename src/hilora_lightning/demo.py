@@ -4,7 +4,7 @@ Eight clients in four latent groups (each group sees its digits rotated by its o
 degrees) and two held-out unseen clients share the embedded pretrained ViT (upright digits). The
 federation runs the paper's stages: the root adapter is aggregated over all clients, LSAC clusters
 the clients from their LoRA subspaces, each cluster trains its adapter on the frozen root, then
-each client its private leaf. Unseen clients are routed to a cluster by a probe update. It prints
+each client its private leaf. Unseen clients are routed to the cluster whose adapter fits their data best. It prints
 the tier-wise table, the unseen-client table and the clusters found, and writes JSON/CSV results and
 PNG plots (accuracy per round, the LSAC similarity heatmap, the per-client spread).
 
@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--local-steps", type=int, default=20)
     parser.add_argument("--feature", default="B", choices=["A", "B", "delta"], help="LSAC feature")
-    parser.add_argument("--route-by", default="subspace", choices=["subspace", "loss"],
-                        help="how unseen clients pick a cluster")
+    parser.add_argument("--route-by", default="loss", choices=["loss", "subspace"],
+                        help="how unseen clients pick a cluster (subspace: the paper's probe)")
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="results are written here")
