@@ -412,6 +412,23 @@ def test_lsac_study_clusters_every_feature_from_one_root_stage() -> None:
     assert studied.run().lsac_study == study  # carried into the result (and its JSON)
 
 
+@pytest.mark.parametrize("method,feature", [("kmeans", "delta"), ("lsac", "A"), ("lsac", "B")])
+def test_a_feature_folded_by_the_study_is_the_one_update_features_computes(method: str, feature: str) -> None:
+    from hilora_lightning.federation import transition
+
+    g = torch.Generator().manual_seed(0)
+    before = {"m.lora_B": torch.randn(6, 2, generator=g), "m.lora_A": torch.randn(2, 5, generator=g)}
+    cfg = ClusteringConfig(method=method, feature=feature, k_min=2, k_max=3)
+    fresh, study = None, None
+    for _ in range(2):  # two rounds: the EMA carries over
+        factors = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in before.items()}
+        study = transition.study_features(study, factors, before, cfg, 2)
+        reused = transition.update_features(fresh, factors, before, cfg, 2, study[feature])
+        fresh = transition.update_features(fresh, factors, before, cfg, 2)
+        assert sorted(reused) == sorted(fresh) and all(torch.equal(reused[k], fresh[k]) for k in fresh)
+    assert (transition.UPDATE_KEY in fresh) == (method == "kmeans")
+
+
 def test_split_unseen_is_stratified_and_seeded() -> None:
     from hilora_lightning.federation import split_unseen
 

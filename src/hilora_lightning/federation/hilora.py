@@ -182,10 +182,13 @@ class HiLoRAStrategy:
             before = state.root if tier is Tier.ROOT else state.clusters.get(state.assignment.get(cid, -1))
             if track and before is not None:
                 cs = state.clients[cid]
-                cs.features = transition.update_features(cs.features, p.factors, before, cfg.clustering, rank)
-                if cfg.clustering.study and tier is Tier.ROOT:
+                folded = None
+                if cfg.clustering.study and tier is Tier.ROOT:  # every feature; the configured one is reused
                     cs.study_features = transition.study_features(cs.study_features, p.factors, before,
                                                                   cfg.clustering, rank)
+                    folded = cs.study_features[cfg.clustering.feature]
+                cs.features = transition.update_features(cs.features, p.factors, before, cfg.clustering, rank,
+                                                         folded)
         share_head = cfg.head_policy == "tier"
         if tier is Tier.ROOT:
             new_root = self._aggregate_group(list(payloads.values()), tier)

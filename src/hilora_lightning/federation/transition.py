@@ -58,17 +58,19 @@ def update_features(
     root_before: Mapping[str, Tensor],
     cfg: ClusteringConfig,
     rank: int,
+    folded: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Fold one local root update into a client's LSAC features (per adapted matrix).
 
     ``B``: EMA of the Frobenius-normalized local ``B`` (paper-literal: the column space, *where* the
     update writes). ``A``: the same for ``A^T`` (the row space, *what* the update reads). ``delta``: EMA
     of the covariance of the local change ``B_i A_i - B_r A_r`` in factored form. For the k-means
-    baseline it also keeps the last flattened factor update under ``"__update__"``.
+    baseline it also keeps the last flattened factor update under ``"__update__"``. ``folded``: this
+    update already folded into ``cfg.feature``'s EMA (by :func:`study_features`), used as is.
     """
     prev = dict(features or {})
-    out: dict[str, Tensor] = {}
-    for prefix in factor_pairs(factors):
+    out: dict[str, Tensor] = dict(folded or {})
+    for prefix in factor_pairs(factors) if folded is None else ():
         b, a = factors[f"{prefix}.lora_B"], factors[f"{prefix}.lora_A"]
         if cfg.feature == "B":
             out[prefix] = ema_normalized(prev.get(prefix), b, cfg.ema_decay)
@@ -125,10 +127,7 @@ def lsac_study(
         >>> sorted(out)[:3]
         ['A/local', 'A/local/k1', 'A/median']
     """
-    from sklearn.metrics import adjusted_rand_score
-
     ids = sorted(features)
-    known = [groups.get(c) for c in ids]
     out: dict[str, dict[str, float]] = {}
     for feature in FEATURES:
         if len(ids) < 2 or any(feature not in features[c] for c in ids):
@@ -138,8 +137,9 @@ def lsac_study(
             for lo, suffix in ((k_min, ""), (1, "/k1")) if k_min > 1 else ((k_min, ""),):
                 res = cluster_distances(distances, lo, min(k_max, len(ids)), seed, sigma=sigma)
                 row = {"k": float(res.k)}
-                if all(g is not None for g in known):
-                    row["ari"] = float(adjusted_rand_score(known, res.labels))
+                ari = _ari(groups, ids, res.labels)
+                if ari is not None:
+                    row["ari"] = ari
                 out[f"{feature}/{sigma}{suffix}"] = row
     return out
 
@@ -201,12 +201,21 @@ def form_clusters(state: ServerState, cfg: FederationConfig, rank: int, groups: 
     state.assignment, state.num_clusters, state.cluster_centers = labels, k, centers
     for cs in state.clients.values():
         cs.features = cs.study_features = None  # served their purpose; the per-client state shrinks to its counters
-    known = [groups.get(c) for c in ids_all]
-    if all(g is not None for g in known):
-        from sklearn.metrics import adjusted_rand_score
-
-        state.clustering_ari = float(adjusted_rand_score(known, [labels[c] for c in ids_all]))
+    ari = _ari(groups, ids_all, [labels[c] for c in ids_all])
+    if ari is not None:
+        state.clustering_ari = ari
     return found_res
+
+
+def _ari(groups: Mapping[int, int | None], ids: Sequence[int], labels: Sequence[int]) -> float | None:
+    """Adjusted Rand index of ``labels`` (one per id) against the latent groups; ``None`` unless every
+    id's group is known."""
+    known = [groups.get(c) for c in ids]
+    if any(g is None for g in known):
+        return None
+    from sklearn.metrics import adjusted_rand_score
+
+    return float(adjusted_rand_score(known, labels))
 
 
 def cluster_centers(features: Mapping[int, Mapping[str, Tensor]], labels: Mapping[int, int], rank: int
