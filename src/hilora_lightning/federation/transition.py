@@ -207,7 +207,7 @@ def form_clusters(state: ServerState, cfg: FederationConfig, rank: int, groups: 
     return found_res
 
 
-def _ari(groups: Mapping[int, int | None], ids: Sequence[int], labels: Sequence[int]) -> float | None:
+def _ari(groups: Mapping[int, int | None], ids: Sequence[int], labels: Sequence[int] | np.ndarray) -> float | None:
     """Adjusted Rand index of ``labels`` (one per id) against the latent groups; ``None`` unless every
     id's group is known."""
     known = [groups.get(c) for c in ids]
