@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 from pathlib import Path
 
 import numpy as np
@@ -132,17 +133,58 @@ def test_real_fashion_mnist_sc_dir_end_to_end(tmp_path) -> None:
     assert result["generalization"] and result["num_clusters"] >= 2
 
 
-def test_quality_benchmark_quick_mode_writes_its_headline_figures(tmp_path, no_debian, monkeypatch, capsys) -> None:
+def _quality():
     import importlib.util
-    import json
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
     spec = importlib.util.spec_from_file_location("quality_benchmark", path)
     quality = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quality)  # type: ignore[union-attr]
+    return quality
+
+
+def test_quality_benchmark_runs_methods_side_by_side_in_child_processes(tmp_path, capsys) -> None:
+    """--jobs 2: each (method, seed) in its own process; the parent reads them back; failures are named."""
+    import json
+
+    quality = _quality()
+    _write(tmp_path / "fm", n_train=600, n_test=200)
+    small = ["data.num_clients=6", "data.per_client=60", "data.unseen_fraction=0.2", "federation.rounds=3",
+             "federation.root_rounds=[1,1]", "federation.cluster_rounds=[1,1]", "federation.local_steps=1",
+             "federation.finetune_epochs=1", "federation.probe_steps=1", "federation.batch_size=8"]
+    runs = tmp_path / "runs"
+    args = ["--methods", "fedit,local-lora", "--seeds", "0,1", "--out", str(runs), "--jobs", "2",
+            f"data.root={tmp_path / 'fm'}", *small]
+    assert quality.main(args) == 0
+    printed = capsys.readouterr().out
+    assert len(re.findall(r"\] \S+, seed [01]: started \(\d+ thread\(s\); log ", printed)) == 4 and "[4/4]" in printed
+    for seed in (0, 1):
+        for name in ("fedit", "local-lora"):
+            assert json.loads((runs / f"seed{seed}" / name / "result.json").read_text())["settings"]
+            assert (runs / f"seed{seed}" / f"{name}.log").read_text()
+    table = printed[printed.index("method "):]  # read back by the parent: the mean ± std table of both
+    assert "fedit" in table and "local-lora" in table and " ± " in table
+    assert quality.pending_runs(quality.DEFAULT_CONFIG, ["fedit", "local-lora"], [0, 1], runs,
+                                [f"data.root={tmp_path / 'fm'}", *small]) == []
+    assert quality.main(args) == 0 and "started" not in capsys.readouterr().out  # all finished: nothing spawned
+    # a child that fails (here: a corrupt data file) is named with the end of its log; nothing is half-written
+    _write(tmp_path / "corrupt", n_train=600, n_test=200)
+    (tmp_path / "corrupt" / f"{FILES['train'][0]}.gz").write_bytes(gzip.compress(b"PK not idx"))
+    bad = ["--methods", "fedit,fedalt", "--seeds", "0", "--out", str(tmp_path / "bad"), "--jobs", "2",
+           f"data.root={tmp_path / 'corrupt'}", *small]
+    assert quality.main(bad) == 1
+    printed = capsys.readouterr().out
+    assert "2 run(s) failed; the others are saved under" in printed and "fedalt, seed 0: exit 1 after" in printed
+    assert "is not an IDX file of unsigned bytes" in printed and not list((tmp_path / "bad").rglob("result.json"))
+
+
+def test_quality_benchmark_quick_mode_writes_its_headline_figures(tmp_path, no_debian, monkeypatch, capsys) -> None:
+    import json
+
+    quality = _quality()
     _write(tmp_path / "fm", n_train=1200, n_test=300)
     out = tmp_path / "figures.json"
-    args = ["--quick", "--out", str(tmp_path / "runs"), "--json", str(out), f"data.root={tmp_path / 'fm'}",
+    args = ["--quick", "--out", str(tmp_path / "runs"), "--json", str(out), "--jobs=1", f"data.root={tmp_path / 'fm'}",
             "data.num_clients=12", "data.per_client=60", "data.unseen_fraction=0.25", "federation.rounds=3",
             "federation.root_rounds=[1,1]", "federation.cluster_rounds=[1,1]", "federation.local_steps=1",
             "federation.finetune_epochs=1", "federation.eval_every=3", "federation.probe_steps=1",
