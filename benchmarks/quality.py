@@ -256,10 +256,12 @@ def run_parallel(config: Path, methods: Sequence[str], seeds: Sequence[int], out
     """Run every pending ``(method, seed)`` in its own process of this script, ``jobs`` at a time.
 
     Small models on a CPU gain more from runs side by side than from threads inside one run, so each
-    child gets ``cores // jobs`` threads; a run started when fewer than ``jobs`` are left gets the
-    idle cores too. Each child writes its result as it would alone (atomically) and its output to
-    ``out/seed<s>/<method>.log``; the caller reads the results back. Returns one line per failed run
-    (with the end of its log); Ctrl-C stops the children, finished results stay.
+    child gets ``cores // jobs`` threads; a run started when fewer than ``jobs`` runs are left to
+    start gets the cores the others will leave (the last run gets them all, even while an earlier
+    one is finishing: a short overlap costs less than a core idle for a whole run). Each child
+    writes its result as it would alone (atomically) and its output to ``out/seed<s>/<method>.log``;
+    the caller reads the results back. Returns one line per failed run (with the end of its log);
+    Ctrl-C stops the children, finished results stay.
     """
     import os
     import subprocess
@@ -273,7 +275,7 @@ def run_parallel(config: Path, methods: Sequence[str], seeds: Sequence[int], out
         while todo or running:
             while todo and len(running) < jobs:
                 name, seed = todo.pop(0)
-                threads = max(1, cores // min(jobs, len(todo) + 1 + len(running)))
+                threads = child_threads(cores, jobs, len(todo) + 1)
                 log = out / f"seed{seed}" / f"{name}.log"
                 log.parent.mkdir(parents=True, exist_ok=True)
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--config", str(config), "--methods", name,
@@ -304,6 +306,17 @@ def run_parallel(config: Path, methods: Sequence[str], seeds: Sequence[int], out
             proc.wait()
             fh.close()
     return failures
+
+
+def child_threads(cores: int, jobs: int, to_start: int) -> int:
+    """Threads for a child started when ``to_start`` runs (itself included) are still to start.
+
+    >>> [child_threads(2, 2, n) for n in (5, 2, 1)]
+    [1, 1, 2]
+    >>> child_threads(16, 3, 2), child_threads(1, 4, 9)
+    (8, 1)
+    """
+    return max(1, cores // max(1, min(jobs, to_start)))
 
 
 def default_jobs() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import re
 from pathlib import Path
 
@@ -158,6 +159,9 @@ def test_quality_benchmark_runs_methods_side_by_side_in_child_processes(tmp_path
     assert quality.main(args) == 0
     printed = capsys.readouterr().out
     assert len(re.findall(r"\] \S+, seed [01]: started \(\d+ thread\(s\); log ", printed)) == 4 and "[4/4]" in printed
+    cores = os.cpu_count() or 1  # the last run to start gets every core; the first shares them with the second
+    assert re.search(rf"\[4/4\] \S+, seed 1: started \({cores} thread", printed)
+    assert re.search(rf"\[1/4\] \S+, seed 0: started \({max(1, cores // 2)} thread", printed)
     for seed in (0, 1):
         for name in ("fedit", "local-lora"):
             assert json.loads((runs / f"seed{seed}" / name / "result.json").read_text())["settings"]
