@@ -297,7 +297,8 @@ def test_comparison_over_two_seeds_end_to_end(tmp_path) -> None:
     assert comp.runs[0].results["fedit"].client_accuracy != comp.runs[1].results["fedit"].client_accuracy
 
 
-def test_compare_resume_reruns_a_corrupt_method_result(comparison, tmp_path, monkeypatch) -> None:
+def test_compare_resume_reruns_a_corrupt_method_result(comparison, tmp_path, monkeypatch, capsys) -> None:
+    """A truncated file, or one whose config and settings match but whose result is broken, runs again."""
     import shutil
 
     import hilora_lightning.compare as cmp
@@ -306,6 +307,9 @@ def test_compare_resume_reruns_a_corrupt_method_result(comparison, tmp_path, mon
     copy = tmp_path / "compare"
     shutil.copytree(out, copy)
     (copy / "fedit" / "result.json").write_text('{"config": "truncated')  # a kill mid-write of an old version
+    saved = json.loads((copy / "fedsa-lora" / "result.json").read_text())
+    del saved["result"]["records"]  # current config and settings, result from another version
+    (copy / "fedsa-lora" / "result.json").write_text(json.dumps(saved))
     ran: list[str] = []
     real = cmp.run_method
 
@@ -314,8 +318,11 @@ def test_compare_resume_reruns_a_corrupt_method_result(comparison, tmp_path, mon
         return real(name, *a, **k)
 
     monkeypatch.setattr(cmp, "run_method", counting)
-    again = run_comparison(TINY, ["fedit", "hilora"], progress=False, out_dir=copy, resume=True)
-    assert ran == ["fedit"]  # only the corrupt one ran again
+    again = run_comparison(TINY, ["fedit", "hilora", "fedsa-lora"], progress=False, out_dir=copy, resume=True)
+    assert ran == ["fedit", "fedsa-lora"]  # only the corrupt ones ran again
+    assert f"fedsa-lora: {copy / 'fedsa-lora' / 'result.json'} is unreadable (KeyError: 'records')" \
+        in capsys.readouterr().out
+    assert again.results["fedsa-lora"].client_accuracy == comp.results["fedsa-lora"].client_accuracy
     assert again.results["fedit"].client_accuracy == comp.results["fedit"].client_accuracy
     assert json.loads((copy / "fedit" / "result.json").read_text())["result"]["records"][1]["round"] == 2
 

@@ -338,16 +338,25 @@ def saved_result_state(path: Path, name: str, cfg: Mapping[str, Any]) -> tuple[s
     """Whether ``path`` holds ``name``'s result for ``cfg``: ``("current", [])``, ``("other-config",
     [])`` (another config or seed), ``("stale", changes)`` (same config, other resolved settings, e.g.
     a library default changed since), ``("missing", [])`` or ``("unreadable", [reason])``."""
+    state, why, _saved = _saved_result(path, name, cfg)
+    return state, why
+
+
+def _saved_result(path: Path, name: str, cfg: Mapping[str, Any]
+                  ) -> tuple[str, list[str], tuple[FederatedResult, float] | None]:
+    """:func:`saved_result_state` plus, when current, the result and its wall seconds (one read)."""
     if not path.exists():
-        return "missing", []
+        return "missing", [], None
     try:
         saved = json.loads(path.read_text())
         if saved.get("config") != config_stamp(cfg):
-            return "other-config", []
+            return "other-config", [], None
         changes = settings_changes(saved.get("settings"), method_settings(name, cfg))
-        return ("stale", changes) if changes else ("current", [])
+        if changes:
+            return "stale", changes, None
+        return "current", [], (_result_from_dict(saved["result"]), float(saved["wall_seconds"]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        return "unreadable", [f"{type(exc).__name__}: {exc}"]
+        return "unreadable", [f"{type(exc).__name__}: {exc}"], None
 
 
 def run_method(name: str, cfg: Mapping[str, Any], clients: Sequence[Any], unseen: Sequence[Any],
@@ -417,17 +426,12 @@ def _run_one(cfg: Mapping[str, Any], names: Sequence[str], progress: bool, out_d
             continue
         path = Path(out_dir) / name / "result.json" if out_dir is not None else None
         if resume and path is not None:
-            state, why = saved_result_state(path, name, cfg)
-            if state == "current":
-                try:
-                    saved = json.loads(path.read_text())
-                    results[name], seconds[name] = _result_from_dict(saved["result"]), float(saved["wall_seconds"])
-                except (OSError, ValueError, KeyError, TypeError) as exc:
-                    state, why = "unreadable", [f"{type(exc).__name__}: {exc}"]
-                else:
-                    if progress:
-                        print(f"[{i}/{len(names)}] {name}: read back from {path}", flush=True)
-                    continue
+            state, why, saved = _saved_result(path, name, cfg)
+            if saved is not None:
+                results[name], seconds[name] = saved
+                if progress:
+                    print(f"[{i}/{len(names)}] {name}: read back from {path}", flush=True)
+                continue
             if state == "stale":  # same config, but run under other defaults: its numbers mean something else
                 print(f"[{i}/{len(names)}] {name}: {path} was run with other settings ({'; '.join(why[:3])}"
                       f"{'; ...' if len(why) > 3 else ''}); running the method again", flush=True)
