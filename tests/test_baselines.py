@@ -170,6 +170,28 @@ def test_fedsa_keeps_b_local_and_uploads_about_half() -> None:
     assert all(b and all(k.endswith(".lora_B") for k in b) for b in local_b)
 
 
+def test_fdlora_unseen_client_fine_tunes_as_a_client_updates_then_fuses() -> None:
+    """An FDLoRA newcomer arrives with the global LoRA alone (1 / 0), then trains the global LoRA alone
+    and the personal one alone from the 0.5 / 0.5 weights its clients use, keeps both, and fuses."""
+    from hilora_lightning.baselines import FDLoRA
+
+    *clients, newcomer = digits_federation(4)
+    runner = _runner(FDLoRA(rounds=2), clients, unseen=[newcomer])
+    global_before = {k: v.clone() for k, v in runner.global_state.items()}
+    assert FDLoRA(rounds=2).unseen_phases() == FDLoRA(rounds=2).phases(1)
+    result = runner.run()
+    store = runner.client_store(newcomer.client_id)
+    kept = store["keep-root"]  # its own fine-tuned global LoRA: neither the server's nor uploaded
+    assert set(kept) == set(runner.global_state) and any(
+        not torch.equal(kept[k], runner.global_state[k]) for k in kept)
+    assert not any(torch.equal(runner.global_state[k], global_before[k]) for k in global_before if "lora_B" in k)
+    assert store["leaf"] and any(v.abs().sum() > 0 for k, v in store["leaf"].items() if k.endswith(".lora_B"))
+    weights = [v for k, v in store["gates"].items() if k.endswith(".weights")]
+    start = torch.tensor([0.5, 0.5])  # the fusion moved the weights from where the fine-tune started
+    assert weights and any(not torch.allclose(w, start) for w in weights)
+    assert {"zero_leaf", "finetuned"} <= set(result.generalization)
+
+
 def test_fedalt_needs_equal_cluster_and_leaf_ranks() -> None:
     model = HiLoRAViT(adapter={"cluster": {"rank": 4}, "leaf": {"rank": 8}})
     with pytest.raises(ValueError, match="needs cluster rank == leaf rank, got 4 and 8"):

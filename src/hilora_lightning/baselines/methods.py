@@ -152,7 +152,8 @@ class Method:
         return self.rule is not None
 
     def unseen_phases(self) -> list[Phase]:
-        """How an unseen client fine-tunes (each phase gets the whole fine-tuning budget's share)."""
+        """How an unseen client fine-tunes (each phase gets the whole fine-tuning budget; the slots
+        it trains stay on the client for its evaluation)."""
         personal = P in self.slots
         trained = (P,) if personal else (G,)
         return [Phase(self.eval_active, trained, gates=self.gate_mode is not None)]
@@ -219,8 +220,10 @@ class FDLoRA(Method):
     then FedAvg) and the personal LoRA alone (the other half). The two are fused by per-layer scalar
     weights (start 0.5 / 0.5). Our choices: the fusion weights are learned by gradient descent on the
     client's training data (the paper uses a gradient-free search) in a gates-only phase of a quarter
-    round's steps after the last round; an unseen client starts from the global LoRA alone (weights
-    1 / 0) and fuses after its fine-tune.
+    round's steps after the last round. An unseen client arrives with the global LoRA alone (weights
+    1 / 0); its fine-tune is a client's own update (the global LoRA alone, then the personal one, each
+    for the fine-tuning budget, neither uploaded) from the weights every client trains with, then the
+    fusion.
     """
 
     name = "fdlora"
@@ -237,7 +240,7 @@ class FDLoRA(Method):
         return [Phase((G,), (G,), 0.5), Phase((P,), (P,), 0.5)]
 
     def unseen_phases(self) -> list[Phase]:
-        return [Phase((P,), (P,))]
+        return self.phases(1)
 
 
 class FedDPAF(Method):

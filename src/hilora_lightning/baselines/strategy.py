@@ -230,16 +230,18 @@ class BaselineStrategy:
         arrive = {c: self._eval(state, c, views[c], gates) for c in ids}
         accs: dict[str, Any] = {"zero_leaf": list(ctx.scores(arrive, "unseen zero_leaf").values()), "finetuned": []}
         if cfg.finetune_epochs > 0:
-            personal = P in method.slots
+            phases = tuple(method.unseen_phases())
+            trained = [s for s in (G, R, P) if any(s in p.train for p in phases)]
             head = state.global_head if cfg.head_policy == "tier" else self.initial_head
+            # the fine-tune starts from the gates every client trains with (FDLoRA: 0.5 / 0.5, not the zero-shot 1 / 0)
             fits = {c: FitRequest(c, -2, self.upload_slot, views[c], head, client_seed(cfg.seed, -2, c, method.name),
                                   client_seed(cfg.seed, 0, c, "leaf"), batch_size=cfg.batch_size,
-                                  epochs=cfg.finetune_epochs, phases=tuple(method.unseen_phases()), phase_epochs=True,
-                                  upload="", keep=((P if personal else G, "AB"),), keep_head=True, return_head=False,
-                                  gates=method.gate_mode is not None, gate_init=gates) for c in ids}
+                                  epochs=cfg.finetune_epochs, phases=phases, phase_epochs=True, upload="",
+                                  keep=tuple((s, "AB") for s in trained), keep_head=True, return_head=False,
+                                  gates=method.gate_mode is not None, gate_init=self.initial_gates) for c in ids}
             done = [c for c, r in ctx.fit(fits, "unseen finetune").items() if not isinstance(r, Exception)]
             if method.fusion_share > 0:
-                ctx.fit({c: self._fusion(state, c, views[c], -2, gates) for c in done}, "unseen fusion")
+                ctx.fit({c: self._fusion(state, c, views[c], -2) for c in done}, "unseen fusion")
             tuned = {c: self._eval(state, c, views[c], gates) for c in done}
             accs["finetuned"] = list(ctx.scores(tuned, "unseen finetuned").values())
         return {k: accuracy_summary(v) for k, v in accs.items() if v}
