@@ -21,7 +21,7 @@ root stage with every LSAC feature (``B``, ``A``, ``delta``) and sigma rule, and
 ``lsac_study_<feature>_<sigma>[_k1]_{k,ari}`` and a table of them. ``--lsac-only`` runs just that:
 HiLoRA's root stage per seed, then the study (about a third of a full run).
 
-``--quick`` runs HiLoRA, PF2LoRA, FedALT, FedSA-LoRA and Local-LoRA with one seed (about 18 minutes on
+``--quick`` runs HiLoRA, PF2LoRA, FedALT, FedSA-LoRA and Local-LoRA with one seed (about 16 minutes on
 2 cores); the full mode runs all 20 methods (9 baselines, HiLoRA and its 10 study variants) over seeds
 0, 1, 2. Results go to ``--out`` as they finish and a rerun with the same arguments reads finished
 methods back, so a long run can be split or resumed. Without a CUDA device the runs go side by side,
@@ -358,7 +358,7 @@ def lsac_only(config: Path, seeds: Sequence[int], overrides: Sequence[str] = (),
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="HiLoRA and 4 baselines, one seed (~18 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="HiLoRA and 4 baselines, one seed (~16 min on 2 cores)")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--methods", default=None, help="comma-separated (default: all, or the quick five)")
     parser.add_argument("--seeds", default=None, help="comma-separated (default: 0 with --quick, else 0,1,2)")
