@@ -388,8 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or ROOT / "runs" / "quality" / args.config.stem
     if args.report:
         methods = finished(args.config, methods, seeds, out, args.overrides)
-    elif (args.jobs or default_jobs()) > 1 and len(methods) * len(seeds) > 1:
-        failures = run_parallel(args.config, methods, seeds, out, args.overrides, jobs=args.jobs or default_jobs())
+    elif (jobs := args.jobs or default_jobs()) > 1 and len(methods) * len(seeds) > 1:
+        failures = run_parallel(args.config, methods, seeds, out, args.overrides, jobs=jobs)
         if failures:
             print(f"{len(failures)} run(s) failed; the others are saved under {out} and a rerun reads them back:",
                   *failures, sep="\n")
