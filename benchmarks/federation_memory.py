@@ -30,6 +30,7 @@ def child(model_key: str, n: int) -> dict[str, float]:
     from hilora_lightning.federation import ClientData, FederatedOrchestrator, FederationConfig
     from hilora_lightning.federation.client import state_bytes
     from hilora_lightning.federation.local import head_state
+    from hilora_lightning.federation.plan import ClientStore
     from hilora_lightning.state import export_tier
 
     name, img = MODELS[model_key]
@@ -40,10 +41,10 @@ def child(model_key: str, n: int) -> dict[str, float]:
                                                                   cluster_rounds=(1, 1)), progress=False)
     for cid in orch.clients:  # each client's store holds its leaf and personal head, as after the leaf stage
         model.reset_tier(Tier.LEAF, cid)
-        store = orch.client_store(cid)
-        store["leaf"] = export_tier(model, Tier.LEAF)  # fresh copies, as a trained leaf would be
-        store["head"] = head_state(model)
-    per_client = state_bytes(orch.client_store(0)["leaf"]) + state_bytes(orch.client_store(0)["head"])
+        # fresh copies, as a trained leaf would be
+        orch.backend.stores[cid] = ClientStore(kept={Tier.LEAF: export_tier(model, Tier.LEAF)}, head=head_state(model))
+    store = orch.client_store(0)
+    per_client = state_bytes(store.kept[Tier.LEAF]) + state_bytes(store.head)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     return {"rss_bytes": float(rss), "state_bytes": float(per_client)}
 

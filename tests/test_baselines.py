@@ -143,7 +143,7 @@ def test_personal_state_never_leaves_the_client(name: str) -> None:
             assert p.factors and all(k.endswith(".lora_A") for k in p.factors)
         # the uploaded tensors are never the personal slot's values
         for cid in runner.clients:
-            personal = runner.client_store(cid).get("leaf")
+            personal = runner.client_store(cid).kept.get(P)
             if personal is not None and method.rule != "others":
                 assert not any(torch.equal(p.factors[k], personal[k]) for k in p.factors if k in personal)
     assert all(set(p.factors) and not any("tier_gate" in k for k in p.factors) for p in seen)
@@ -166,7 +166,7 @@ def test_fedsa_keeps_b_local_and_uploads_about_half() -> None:
     up_sa = fedsa.run().records[0].bytes_up_per_client
     up_it = fedit.run().records[0].bytes_up_per_client
     assert up_sa < up_it
-    local_b = [fedsa.client_store(c).get("keep-root") for c in fedsa.clients]
+    local_b = [fedsa.client_store(c).kept.get(G) for c in fedsa.clients]
     assert all(b and all(k.endswith(".lora_B") for k in b) for b in local_b)
 
 
@@ -181,12 +181,12 @@ def test_fdlora_unseen_client_fine_tunes_as_a_client_updates_then_fuses() -> Non
     assert FDLoRA(rounds=2).unseen_phases() == FDLoRA(rounds=2).phases(1)
     result = runner.run()
     store = runner.client_store(newcomer.client_id)
-    kept = store["keep-root"]  # its own fine-tuned global LoRA: neither the server's nor uploaded
+    kept = store.kept[G]  # its own fine-tuned global LoRA: neither the server's nor uploaded
     assert set(kept) == set(runner.global_state) and any(
         not torch.equal(kept[k], runner.global_state[k]) for k in kept)
     assert not any(torch.equal(runner.global_state[k], global_before[k]) for k in global_before if "lora_B" in k)
-    assert store["leaf"] and any(v.abs().sum() > 0 for k, v in store["leaf"].items() if k.endswith(".lora_B"))
-    weights = [v for k, v in store["gates"].items() if k.endswith(".weights")]
+    assert store.kept[P] and any(v.abs().sum() > 0 for k, v in store.kept[P].items() if k.endswith(".lora_B"))
+    weights = [v for k, v in (store.gates or {}).items() if k.endswith(".weights")]
     start = torch.tensor([0.5, 0.5])  # the fusion moved the weights from where the fine-tune started
     assert weights and any(not torch.allclose(w, start) for w in weights)
     assert {"zero_leaf", "finetuned"} <= set(result.generalization)

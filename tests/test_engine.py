@@ -44,7 +44,7 @@ def test_a_failed_per_round_round_commits_nothing_and_a_rerun_equals_a_clean_run
 
     def failing_cluster_half(requests):  # the root half succeeds, the cluster half loses a client
         replies = fit(requests)
-        if next(iter(requests.values())).tier is Tier.CLUSTER:
+        if next(iter(requests.values())).upload[0] is Tier.CLUSTER:
             replies[0] = RuntimeError("node lost")
         return replies
 
@@ -139,7 +139,7 @@ def test_baselines_leave_the_callers_model_alone_and_resume_mid_method(tmp_path)
 
 def test_pure_modules_import_without_lightning_or_timm() -> None:
     code = ("import sys; import hilora_lightning.strategy.aggregation, hilora_lightning.strategy.subspace, "
-            "hilora_lightning.federation.server_state, hilora_lightning.federation.requests, "
+            "hilora_lightning.federation.server_state, hilora_lightning.federation.plan, "
             "hilora_lightning.data.clients, hilora_lightning.federation.config; "
             "bad = sorted(m for m in ('lightning', 'timm', 'lightning.pytorch') if m in sys.modules); "
             "print(bad); sys.exit(1 if bad else 0)")
@@ -150,7 +150,7 @@ def test_pure_modules_import_without_lightning_or_timm() -> None:
 def test_a_leaf_stage_reply_carrying_factors_or_a_head_is_rejected() -> None:
     from hilora_lightning.errors import AdapterStateError
     from hilora_lightning.federation.engine import Expected, check_reply
-    from hilora_lightning.federation.requests import FitReply
+    from hilora_lightning.federation.plan import FitReply
 
     leaf = Expected(None, None)
     check_reply(FitReply(None, None, 3), leaf)  # what a leaf round sends back: nothing

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,8 @@ from hilora_lightning.federation import (
     transition,
 )
 from hilora_lightning.federation.checkpoint import load_checkpoint
+from hilora_lightning.federation.hilora import HiLoRAStrategy
+from hilora_lightning.federation.plan import Kind
 from hilora_lightning.strategy.aggregation import factor_pairs, subspace_change
 
 FAST = {"local_steps": 2, "batch_size": 16}
@@ -86,8 +90,8 @@ def test_no_leaf_or_personal_head_is_ever_uploaded() -> None:
     orch.run()
     assert seen and all(p.tier in (Tier.ROOT, Tier.CLUSTER) and p.head is None for p in seen)
     assert not [p for p in seen if p.round == 4]  # the leaf round uploads nothing
-    leaves = [t for c in orch.clients for t in orch.client_store(c).get("leaf", {}).values()]
-    heads = [t for c in orch.clients for t in orch.client_store(c).get("head", {}).values()]
+    leaves = [t for c in orch.clients for t in orch.client_store(c).kept.get(Tier.LEAF, {}).values()]
+    heads = [t for c in orch.clients for t in (orch.client_store(c).head or {}).values()]
     assert leaves and heads
     uploaded = [t for p in seen for t in p.factors.values()]
     assert not any(t.shape == u.shape and torch.equal(t, u) for t in leaves + heads for u in uploaded)
@@ -177,8 +181,8 @@ def _final_state(orch: FederatedOrchestrator) -> dict[str, torch.Tensor]:
     for j, st in orch.clusters.items():
         out.update({f"cluster{j}/{k}": v for k, v in st.items()})
     for cid in orch.clients:
-        out.update({f"leaf{cid}/{k}": v for k, v in orch.client_store(cid).get("leaf", {}).items()})
-        out.update({f"head{cid}/{k}": v for k, v in orch.client_store(cid).get("head", {}).items()})
+        out.update({f"leaf{cid}/{k}": v for k, v in orch.client_store(cid).kept.get(Tier.LEAF, {}).items()})
+        out.update({f"head{cid}/{k}": v for k, v in (orch.client_store(cid).head or {}).items()})
     return out
 
 
@@ -310,7 +314,7 @@ def test_per_round_schedule_trains_all_tiers_each_round_after_clustering() -> No
     orch.run()
     by_round = {r: sorted({p.tier.value for p in seen if p.round == r}) for r in (1, 2, 3)}
     assert by_round == {1: ["root"], 2: ["cluster", "root"], 3: ["cluster", "root"]}
-    assert all(orch.client_store(c).get("leaf") is not None for c in orch.clients)
+    assert all(Tier.LEAF in orch.client_store(c).kept for c in orch.clients)
 
 
 def test_fedavg_option_averages_factors() -> None:
@@ -414,7 +418,6 @@ def test_lsac_study_clusters_every_feature_from_one_root_stage() -> None:
 
 @pytest.mark.parametrize("method,feature", [("kmeans", "delta"), ("lsac", "A"), ("lsac", "B")])
 def test_a_feature_folded_by_the_study_is_the_one_update_features_computes(method: str, feature: str) -> None:
-    from hilora_lightning.federation import transition
 
     g = torch.Generator().manual_seed(0)
     before = {"m.lora_B": torch.randn(6, 2, generator=g), "m.lora_A": torch.randn(2, 5, generator=g)}
@@ -469,17 +472,20 @@ def test_probe_root_routes_unseen_clients_by_a_root_slot_update() -> None:
 
     orch.backend.fit = recording  # type: ignore[method-assign]
     result = orch.run()
-    probes = [r for r in seen if r.round == -1]
-    assert sorted(r.client_id for r in probes) == [4, 5] and {r.tier for r in probes} == {Tier.ROOT}
-    assert all(torch.equal(r.view[Tier.ROOT][k], orch.root[k]) for r in probes for k in orch.root)
+    probes = [r for r in seen if r.kind is Kind.PROBE]
+    assert sorted(r.client_id for r in probes) == [4, 5] and {r.upload for r in probes} == {(Tier.ROOT, "AB")}
+    assert all(torch.equal(r.slots[Tier.ROOT].sent[k], orch.root[k]) for r in probes for k in orch.root)
     assert set(result.routing) == {4, 5} and set(result.routing.values()) <= set(orch.clusters)
 
 
 def test_root_probe_trains_the_root_slot_from_the_final_root() -> None:
     root = {"blocks.0.attn.qkv.lora_A": torch.ones(2, 4, 8), "blocks.0.attn.qkv.lora_B": torch.zeros(2, 8, 4)}
-    req = transition.root_probe_request(5, FederationConfig(probe_steps=7, seed=1), root, {})
-    assert (req.client_id, req.round, req.tier, set(req.view), req.steps) == (5, -1, Tier.ROOT, {Tier.ROOT}, 7)
-    assert req.view[Tier.ROOT] is root and not req.return_head and req.upload == "AB"
+    strategy = HiLoRAStrategy(HiLoRAViT(), FederationConfig(probe="root", probe_steps=7, seed=1))
+    state = dataclasses.replace(strategy.initial_state([0]), root=root)
+    req = strategy.probe_plan(state, 5, {})
+    assert (req.kind, req.client_id, set(req.slots), req.budget.steps) == (Kind.PROBE, 5, {Tier.ROOT}, 7)
+    assert req.slots[Tier.ROOT].sent is root and not req.return_head and req.upload == (Tier.ROOT, "AB")
+    assert req.steps[0].active == req.steps[0].train == (Tier.ROOT,) and req.steps[0].penalty == ()
     with pytest.raises(ValueError, match=r"probe must be 'cluster' or 'root', got 'leaf'"):
         FederationConfig(probe="leaf")
 

@@ -11,7 +11,7 @@ pytest.importorskip("flwr")
 pytest.importorskip("ray")
 
 from hilora_lightning.experiment import build_experiment  # noqa: E402
-from hilora_lightning.federation.backend import FitRequest  # noqa: E402
+from hilora_lightning.federation.plan import HeadStart, Kind, LocalPlan, Start, Step  # noqa: E402
 from hilora_lightning.flower import FlowerBackend, RemoteData, run_simulation  # noqa: E402
 from hilora_lightning.flower.codec import from_record, to_record  # noqa: E402
 from hilora_lightning.tiers import Tier  # noqa: E402
@@ -102,8 +102,9 @@ def _reply(content=None, error=None):
 
 
 def test_malformed_or_failed_replies_are_rejected_with_reasons() -> None:
-    req = FitRequest(2, 5, Tier.ROOT, {}, {}, 0, 0)
-    with pytest.raises(TimeoutError, match="no reply from client 2 for round 5"):
+    req = LocalPlan(Kind.TRAIN, 2, 5, {Tier.ROOT: Start.server({})}, HeadStart(None),
+                    (Step((Tier.ROOT,), (Tier.ROOT,), seed=0),), upload=(Tier.ROOT, "AB"))
+    with pytest.raises(TimeoutError, match="no reply from client 2 for its train plan of round 5"):
         FlowerBackend._fit_reply(None, req)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="client error 1: boom"):
         FlowerBackend._fit_reply(_reply(error="boom"), req)  # type: ignore[arg-type]
@@ -170,26 +171,43 @@ def test_a_baseline_runs_on_flower_like_in_process() -> None:
         assert abs(result.client_accuracy[cid] - acc) <= 0.02
 
 
-def test_requests_survive_the_wire_format() -> None:
+def test_plans_and_stores_survive_the_wire_format() -> None:
+    """Every field of a plan comes back; a state the client holds (frozen, kept, fresh) never travels."""
+    from flwr.app import RecordDict
+
     from hilora_lightning.baselines import FDLoRA
-    from hilora_lightning.federation.requests import EvalRequest, Phase
-    from hilora_lightning.flower.messages import decode_eval, decode_fit, encode_eval, encode_fit
+    from hilora_lightning.federation.plan import Budget, ClientStore, Phase, ScorePlan
+    from hilora_lightning.flower.messages import decode_plan, encode_plan, load_store, save_store
 
     gates = {"blocks.0.attn.qkv.tier_gate.weights": torch.tensor([0.5, 0.5])}
     state = {"m.lora_A": torch.randn(2, 3), "m.lora_B": torch.randn(4, 2)}
-    req = FitRequest(5, 3, Tier.CLUSTER, {Tier.ROOT: state, Tier.CLUSTER: state, Tier.LEAF: None},
-                     {"w": torch.ones(2)}, 11, 12, own_head=True, cached=(Tier.ROOT,), final=(Tier.ROOT,),
-                     batch_size=8, epochs=2, steps=None, phases=tuple(FDLoRA(rounds=2).phases(1)) + (Phase(
-                         (Tier.ROOT,), (), 0.25, gates=True, head=False),), phase_epochs=True, upload="A",
-                     keep=((Tier.ROOT, "B"), (Tier.LEAF, "AB")), keep_head=True, return_head=False, gates=True,
-                     gate_init=gates)
-    back = decode_fit(encode_fit(req))
-    assert back.view[Tier.ROOT] is None  # cached on the client: not sent
-    assert torch.equal(back.view[Tier.CLUSTER]["m.lora_B"], state["m.lora_B"]) and back.view[Tier.LEAF] is None
-    for field in ("client_id", "round", "tier", "seed", "leaf_seed", "own_head", "cached", "final", "batch_size",
-                  "epochs", "steps", "phases", "phase_epochs", "upload", "keep", "keep_head", "return_head", "gates"):
-        assert getattr(back, field) == getattr(req, field), field
-    assert torch.equal(back.gate_init["blocks.0.attn.qkv.tier_gate.weights"], gates[next(iter(gates))])
-    ev = EvalRequest(5, (Tier.ROOT, Tier.CLUSTER), {Tier.ROOT: state}, {}, metric="loss", gates=True)
-    got = decode_eval(encode_eval(ev))
-    assert got.metric == "loss" and got.tiers == ev.tiers and got.head == {} and got.gates
+    steps = tuple(Step.of(p, seed=20 + i, whole=True) for i, p in enumerate(FDLoRA(rounds=2).phases(1)))
+    steps += (Step.of(Phase((Tier.ROOT,), (), 0.25, gates=True, head=False), seed=9),
+              Step((Tier.ROOT, Tier.CLUSTER), (Tier.CLUSTER,), 4, penalty=((Tier.ROOT, 0.1),)))
+    slots = {Tier.ROOT: Start.frozen(state), Tier.CLUSTER: Start.server(state, freeze=True), Tier.LEAF: Start.kept(12)}
+    plan = LocalPlan(Kind.FINETUNE, 5, 3, slots,
+                     HeadStart({"w": torch.ones(2)}, own=True), steps, Budget(8, 2, None), upload=(Tier.ROOT, "A"),
+                     keep=((Tier.ROOT, "B"), (Tier.LEAF, "AB")), keep_head=True, gates=gates)
+    content = encode_plan(plan)
+    assert sorted(k for k in content if k != "config") == ["gates", "head", "slot-cluster"]  # the frozen root stays
+    back = decode_plan(content)
+    assert isinstance(back, LocalPlan)
+    assert back.slots[Tier.ROOT] == Start.frozen() and back.slots[Tier.LEAF] == Start.kept(12)
+    assert back.slots[Tier.CLUSTER].freeze and torch.equal(back.slots[Tier.CLUSTER].sent["m.lora_B"], state["m.lora_B"])
+    for field in ("kind", "client_id", "round", "steps", "budget", "upload", "keep", "keep_head", "return_head"):
+        assert getattr(back, field) == getattr(plan, field), field
+    assert back.head.own and torch.equal(back.head.state["w"], torch.ones(2))
+    assert torch.equal(back.gates["blocks.0.attn.qkv.tier_gate.weights"], gates[next(iter(gates))])
+    score = ScorePlan(5, 4, (Tier.ROOT, Tier.CLUSTER), {Tier.ROOT: Start.server(state), Tier.CLUSTER: Start.fresh(3)},
+                      HeadStart(None), gates, metric="loss")
+    got = decode_plan(encode_plan(score))
+    assert isinstance(got, ScorePlan) and got.kind is Kind.SCORE
+    assert (got.metric, got.active, got.head, got.slots[Tier.CLUSTER]) == ("loss", score.active, HeadStart(None),
+                                                                           Start.fresh(3))
+    context_state = RecordDict()
+    store = ClientStore(kept={Tier.LEAF: state, Tier.ROOT: {"m.lora_B": state["m.lora_B"]}}, frozen={Tier.ROOT: state},
+                        head={"w": torch.ones(2)}, gates=gates)
+    save_store(context_state, store)
+    assert load_store(context_state) == store
+    save_store(context_state, ClientStore(head={"w": torch.zeros(2)}))  # entries it no longer holds are removed
+    assert load_store(context_state) == ClientStore(head={"w": torch.zeros(2)})

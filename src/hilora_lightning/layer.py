@@ -38,7 +38,7 @@ from hilora_lightning.errors import NonFiniteError
 from hilora_lightning.gates import TierGate
 from hilora_lightning.tiers import Tier, parse_tiers
 
-__all__ = ["TieredLoRALinear", "tier_seed"]
+__all__ = ["TieredLoRALinear", "fresh_lora_a", "tier_seed"]
 
 _PlanEntry = tuple[
     nn.Module | None, tuple[nn.Parameter, ...], tuple[nn.Parameter, ...], float | Tensor, Tensor | None
@@ -53,6 +53,25 @@ def tier_seed(seed: int, tier: Tier | str, path: str, segment: str = "") -> int:
     """
     key = f"{Tier.parse(tier).value}|{path}|{segment}".encode()
     return (int(seed) * 1_000_003 + zlib.crc32(key)) % (2**63 - 1)
+
+
+def fresh_lora_a(shape: tuple[int, ...], seed: int, tier: Tier | str, path: str, segment: str = "",
+                 init: str = "kaiming") -> Tensor:
+    """A fresh ``A`` factor (``rank x in_features``) of one layer segment, drawn from :func:`tier_seed`.
+
+    ``init="kaiming"``: ``kaiming_uniform_(a=sqrt(5))`` as ``nn.Linear`` and PEFT, ``U(+-1/sqrt(fan_in))``;
+    otherwise Gaussian ``N(0, 1) / rank``. The one rule behind :meth:`TieredLoRALinear.reset_tier` and
+    :meth:`~hilora_lightning.adapter_spec.AdapterSpec.fresh`.
+
+    Example:
+        >>> fresh_lora_a((2, 4), seed=0, tier="root", path="m").shape
+        torch.Size([2, 4])
+    """
+    gen = torch.Generator(device="cpu").manual_seed(tier_seed(seed, tier, path, segment))
+    if init == "kaiming":
+        bound = 1.0 / math.sqrt(shape[-1])
+        return torch.rand(shape, generator=gen, dtype=torch.float32) * (2 * bound) - bound
+    return torch.randn(shape, generator=gen, dtype=torch.float32) / shape[0]
 
 
 def _segment_rows(base: nn.Linear, segments: Sequence[str] | None) -> tuple[tuple[str, int, int], ...]:
@@ -167,13 +186,7 @@ class TieredLoRALinear(nn.Module):
         tcfg = self.config.tier(tier)
         a = self.lora_A[tier.value]
         for s, (name, _, _) in enumerate(self.segments):
-            gen = torch.Generator(device="cpu").manual_seed(tier_seed(seed, tier, self.path, name))
-            if tcfg.init == "kaiming":  # kaiming_uniform_(a=sqrt(5)) as nn.Linear / PEFT: U(+-1/sqrt(fan_in))
-                bound = 1.0 / math.sqrt(a.shape[-1])
-                val = torch.rand(a.shape[1:], generator=gen, dtype=torch.float32) * (2 * bound) - bound
-            else:
-                val = torch.randn(a.shape[1:], generator=gen, dtype=torch.float32) / tcfg.rank
-            a[s].copy_(val)
+            a[s].copy_(fresh_lora_a(tuple(a.shape[1:]), seed, tier, self.path, name, tcfg.init))
         self.lora_B[tier.value].zero_()
 
     def set_gate(self, gate: TierGate | None) -> None:

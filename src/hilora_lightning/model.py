@@ -130,6 +130,8 @@ class HiLoRAViT(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(**acc)  # type: ignore[arg-type]
         self.test_acc = MulticlassAccuracy(**acc)  # type: ignore[arg-type]
         self.stage: Tier = Tier.ROOT
+        #: ``(frozen tier, gamma)`` pairs of the penalty, set by :meth:`set_tiers`; ``None``: the stage's own
+        self.penalty: tuple[tuple[Tier, float], ...] | None = None
         self.set_stage(stage)
 
     # ---------------------------------------------------------------- construction
@@ -180,6 +182,7 @@ class HiLoRAViT(pl.LightningModule):
         stage = Tier.parse(stage)
         self.stage = stage
         self.hparams["stage"] = stage.value
+        self.penalty = None
         for layer in self.tiered_layers.values():
             layer.set_active([*stage.frozen_above(), stage])
             layer.set_trainable([stage])
@@ -187,13 +190,15 @@ class HiLoRAViT(pl.LightningModule):
             p.requires_grad_(bool(self.hparams["train_head"]))
 
     def set_tiers(
-        self, active: Iterable[Tier | str], trainable: Iterable[Tier | str], head: bool = True, gates: bool = False
+        self, active: Iterable[Tier | str], trainable: Iterable[Tier | str], head: bool = True, gates: bool = False,
+        penalty: Iterable[tuple[Tier, float]] | None = None,
     ) -> None:
-        """Free-form switches (dual-adapter baselines): which tiers contribute, which train, head, gates.
+        """Free-form switches (local plans, dual-adapter baselines): which tiers contribute, which train,
+        head, gates, and the orthogonality penalty.
 
-        :meth:`set_stage` is the cascade's special case. The stage is set to the deepest trainable tier,
-        so the orthogonality terms (when ``gamma_c``/``gamma_l`` are non-zero) still refer to the frozen
-        tiers above it.
+        :meth:`set_stage` is the cascade's special case. The stage is set to the deepest trainable tier.
+        ``penalty``: ``(frozen tier, gamma)`` pairs the trained tier is kept orthogonal to; ``None``: the
+        stage's frozen tiers above it with ``gamma_c`` / ``gamma_l``, as :meth:`set_stage` does.
         """
         active_t, train_t = parse_tiers(list(active)), parse_tiers(list(trainable))
         missing = [t.value for t in train_t if t not in active_t]
@@ -202,6 +207,7 @@ class HiLoRAViT(pl.LightningModule):
         if train_t:
             self.stage = train_t[-1]
             self.hparams["stage"] = self.stage.value
+        self.penalty = None if penalty is None else tuple((Tier.parse(t), float(g)) for t, g in penalty)
         for layer in self.tiered_layers.values():
             layer.set_active(active_t)
             layer.set_trainable(train_t)
@@ -282,11 +288,14 @@ class HiLoRAViT(pl.LightningModule):
         side, form = hp["ortho_side"], hp.get("ortho_form", "raw")
         key = "lora_B" if side == "B" else "lora_A"
         layers = list(self.tiered_layers.values())
-        above = self.stage.frozen_above()
+        if self.penalty is None:
+            above = self.stage.frozen_above()
+            gammas = {Tier.ROOT: float(hp["gamma_c"]), Tier.CLUSTER: float(hp["gamma_l"])}
+        else:  # a plan's own (frozen tier, gamma) pairs
+            above, gammas = tuple(t for t, _ in self.penalty), dict(self.penalty)
         if not above or not layers:
             return torch.zeros((), device=self.device)
         trainable = [getattr(layer, key)[self.stage.value] for layer in layers]
-        gammas = {Tier.ROOT: float(hp["gamma_c"]), Tier.CLUSTER: float(hp["gamma_l"])}
         if not any(gammas[t] for t in above):  # ablations and baselines without the penalty
             return torch.zeros((), device=self.device)
         frozen_params = [p for t in above for layer in layers for p in (layer.lora_A[t.value], layer.lora_B[t.value])]

@@ -34,7 +34,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from hilora_lightning.federation.config import FederationConfig
-from hilora_lightning.federation.requests import Phase
+from hilora_lightning.federation.plan import Phase
 from hilora_lightning.strategy.aggregation import fedavg_states, leave_one_out_states, product_space_aggregate_states
 from hilora_lightning.tiers import Tier
 

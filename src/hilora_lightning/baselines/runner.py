@@ -32,13 +32,13 @@ from torch import Tensor
 from hilora_lightning.baselines.methods import Method
 from hilora_lightning.baselines.strategy import BaselineStrategy
 from hilora_lightning.data.clients import ClientData
-from hilora_lightning.federation.backend import ClientBackend, InProcessBackend
+from hilora_lightning.federation.backend import ClientBackend, HoldsStores
 from hilora_lightning.federation.client import check_federation
 from hilora_lightning.federation.config import FederationConfig
 from hilora_lightning.federation.engine import Payload, in_process_runner
 from hilora_lightning.federation.local import LoaderSpec
+from hilora_lightning.federation.plan import ClientStore
 from hilora_lightning.federation.result import FederatedResult, RoundRecord
-from hilora_lightning.federation.runtime import Store
 from hilora_lightning.model import HiLoRAViT
 
 __all__ = ["BaselineRunner", "prepare_baseline_model"]
@@ -126,9 +126,9 @@ class BaselineRunner:
     def round(self) -> int:
         return self.runner.current.round
 
-    def client_store(self, client_id: int) -> Store:
+    def client_store(self, client_id: int) -> ClientStore:
         """What stays on client ``client_id`` (personal LoRA, local ``B``, gates, head): in process only."""
-        if not isinstance(self.backend, InProcessBackend):
+        if not isinstance(self.backend, HoldsStores):
             raise RuntimeError("client stores live on the clients with a remote backend")
         return self.backend.store(client_id)
 

@@ -16,8 +16,8 @@ Example:
     >>> config = FederationConfig(rounds=10, schedule="per_round")  # baselines have no stages
     >>> s = BaselineStrategy(FedSALoRA(rounds=10), HiLoRAViT(gamma_c=0, gamma_l=0), config)
     >>> state = s.initial_state([0])
-    >>> req = s.configure_fit(state, 1, [0], s.fit_phases(state)[0])[0]
-    >>> req.upload, req.keep[0][1]
+    >>> plan = s.configure_fit(state, 1, [0], s.fit_phases(state)[0])[0]
+    >>> plan.upload[1], plan.keep[0][1]
     ('A', 'B')
 """
 
@@ -29,17 +29,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hilora_lightning.adapter_spec import AdapterSpec
 from hilora_lightning.baselines.methods import Method, server_aggregate
 from hilora_lightning.federation.client import client_seed, state_bytes
 from hilora_lightning.federation.config import FederationConfig
-from hilora_lightning.federation.engine import Expected, Payload, RoundContext
-from hilora_lightning.federation.fingerprint import config_items, model_items
-from hilora_lightning.federation.local import head_state
-from hilora_lightning.federation.requests import EvalRequest, FitRequest, Phase
+from hilora_lightning.federation.engine import RoundContext
+from hilora_lightning.federation.fingerprint import config_items
+from hilora_lightning.federation.plan import Budget, HeadStart, Kind, LocalPlan, Phase, ScorePlan, Start, Step
+from hilora_lightning.federation.replies import Expected, Payload
 from hilora_lightning.federation.result import FederatedResult, accuracy_summary
 from hilora_lightning.federation.server_state import ClientState, ServerState
 from hilora_lightning.model import HiLoRAViT
-from hilora_lightning.state import expected_shapes, export_tier
 from hilora_lightning.strategy.aggregation import fedavg_states, select_side
 from hilora_lightning.tiers import Tier
 
@@ -55,31 +55,31 @@ class BaselineStrategy:
 
     Args:
         method: the baseline.
-        model: the server's model (shapes, shared-seed initial states; never trained). Its
-            orthogonality penalty must be off and its gates set as the method says (the
-            :class:`~hilora_lightning.baselines.BaselineRunner` prepares a copy).
+        model: the model's :class:`~hilora_lightning.adapter_spec.AdapterSpec`, or the model to take it
+            from (read once; the strategy keeps no model). Its orthogonality penalty must be off and its
+            gates set as the method says (the :class:`~hilora_lightning.baselines.BaselineRunner`
+            prepares a copy).
         config: the run's :class:`FederationConfig` (stage and clustering fields are HiLoRA's, ignored).
     """
 
-    def __init__(self, method: Method, model: HiLoRAViT, config: FederationConfig) -> None:
-        self.method, self.model, self.config = method, model, config
+    def __init__(self, method: Method, model: HiLoRAViT | AdapterSpec, config: FederationConfig) -> None:
+        self.method, self.config = method, config
+        self.spec = model if isinstance(model, AdapterSpec) else AdapterSpec.from_model(model)
         self.name = method.name
-        model.reset_tier(G, config.seed)  # the shared-seed global LoRA: B = 0, A from the run's seed
-        model.reset_tier(R, config.seed)
-        self.initial_global = export_tier(model, G)
-        self.initial_row = export_tier(model, R)
-        self.initial_head = head_state(model)
-        self.initial_gates = model.gate_state()
+        self.initial_global = self.spec.fresh(G, config.seed)  # the shared-seed global LoRA: B = 0, A from the seed
+        self.initial_row = self.spec.fresh(R, config.seed)
+        self.initial_head = dict(self.spec.head)
+        self.initial_gates = dict(self.spec.gates)
         self.upload_slot = P if method.rule == "others" else G
 
     # ------------------------------------------------------------------ identity and state
     def fingerprint(self) -> dict[str, str]:
-        return {"method": repr(self.method), **config_items(self.config), **model_items(self.model)}
+        return {"method": repr(self.method), **config_items(self.config), **self.spec.fingerprint}
 
     def initial_state(self, clients: Sequence[int]) -> ServerState:
         return ServerState(root=dict(self.initial_global), global_head=dict(self.initial_head),
                            clients={cid: ClientState() for cid in clients},
-                           extra={"latest": {}, "row": {}, "weights": {}})
+                           extra={"latest": {}, "row": {}, "weights": {}, "own_head": []})
 
     def fit_phases(self, state: ServerState) -> list[Tier]:
         return [self.upload_slot]
@@ -88,17 +88,33 @@ class BaselineStrategy:
         return "federated" if self.method.uploads(state.round + 1) else "local"
 
     # ------------------------------------------------------------------ requests
-    def _view(self, state: ServerState, cid: int, row: State | None = None) -> dict[Tier, State | None]:
-        """The slot states client ``cid`` starts from (``row`` overrides FedALT's rest-of-world)."""
+    def _view(self, state: ServerState, cid: int, row: State | None = None) -> dict[Tier, Start]:
+        """How client ``cid`` starts the method's slots (``row`` overrides FedALT's rest-of-world)."""
         slots = self.method.slots
-        view: dict[Tier, State | None] = {}
-        if G in slots:
-            view[G] = state.root  # FedSA-LoRA: the client's own B overlays it (kept in its store)
+        view: dict[Tier, Start] = {}
+        if G in slots:  # FedSA-LoRA: the client's own B overlays it (kept in its store)
+            view[G] = Start.server(state.root, overlay=True)
         if R in slots:
-            view[R] = row if row is not None else state.extra["row"].get(cid, self.initial_row)
-        if P in slots:
-            view[P] = None  # the client's own personal LoRA (fresh from its seed the first time)
+            view[R] = Start.server(row if row is not None else state.extra["row"].get(cid, self.initial_row),
+                                   overlay=True)
+        if P in slots:  # the client's own personal LoRA (fresh from its seed the first time)
+            view[P] = Start.kept(client_seed(self.config.seed, 0, cid, "leaf"))
         return view
+
+    def _steps(self, phases: Sequence[Phase], seed: int, cid: int, whole: bool = False) -> tuple[Step, ...]:
+        """The method's phases with their seeds (``whole``: each phase runs the whole budget)."""
+        return tuple(Step.of(p, client_seed(seed, i, cid, "phase"), whole) for i, p in enumerate(phases))
+
+    def _head(self, state: ServerState) -> State:
+        return state.global_head if self.config.head_policy == "tier" else self.initial_head
+
+    def _fallback_head(self, state: ServerState, cid: int) -> State | None:
+        """The head a client without its own starts from, sent only when it needs it: it holds none yet and
+        the server's differs from the initial head (which the client builds itself)."""
+        head = self._head(state)
+        if cid in state.extra.get("own_head", ()) or all(torch.equal(head[k], v) for k, v in self.initial_head.items()):
+            return None
+        return head
 
     def _keep(self) -> tuple[tuple[Tier, str], ...]:
         keep: list[tuple[Tier, str]] = []
@@ -108,21 +124,24 @@ class BaselineStrategy:
             keep.append((G, "B"))
         return tuple(keep)
 
-    def configure_fit(self, state: ServerState, t: int, selected: Sequence[int], phase: Tier) -> dict[int, FitRequest]:
+    def _gates(self) -> State | None:
+        return self.initial_gates if self.method.gate_mode is not None else None
+
+    def configure_fit(self, state: ServerState, t: int, selected: Sequence[int], phase: Tier) -> dict[int, LocalPlan]:
         cfg, method = self.config, self.method
         uploads = method.uploads(t)
         share_head = uploads and cfg.head_policy == "tier"
-        head = state.global_head if cfg.head_policy == "tier" else self.initial_head
-        upload = ("A" if method.rule == "A" else "AB") if uploads else ""
-        return {cid: FitRequest(
-            cid, t, self.upload_slot, self._view(state, cid), head, client_seed(cfg.seed, t, cid, method.name),
-            client_seed(cfg.seed, 0, cid, "leaf"), own_head=not share_head, send_head=share_head,
-            batch_size=cfg.batch_size, epochs=cfg.local_epochs, steps=cfg.local_steps,
-            phases=tuple(method.phases(t)), upload=upload, keep=self._keep(), keep_head=not share_head,
-            return_head=share_head, gates=method.gate_mode is not None, gate_init=self.initial_gates)
+        upload = (self.upload_slot, "A" if method.rule == "A" else "AB") if uploads else None
+        budget = Budget(cfg.batch_size, cfg.local_epochs, cfg.local_steps)
+        return {cid: LocalPlan(
+            Kind.TRAIN, cid, t, self._view(state, cid),
+            HeadStart(self._head(state), own=False) if share_head else HeadStart(self._fallback_head(state, cid),
+                                                                                 own=True),
+            self._steps(method.phases(t), client_seed(cfg.seed, t, cid, method.name), cid), budget, upload=upload,
+            keep=self._keep(), keep_head=not share_head, return_head=share_head, gates=self._gates())
             for cid in selected}
 
-    def download_bytes(self, state: ServerState, req: FitRequest) -> int:
+    def download_bytes(self, state: ServerState, req: LocalPlan) -> int:
         rule = self.method.rule
         down = 0
         if rule in ("fedavg", "product"):
@@ -130,15 +149,15 @@ class BaselineStrategy:
         elif rule == "A":
             down += state_bytes(select_side(state.root, "A"))
         elif rule == "others":
-            down += state_bytes(dict(req.view[R] or {}))
-        if req.send_head:
-            down += state_bytes(dict(req.head))
+            down += state_bytes(dict(req.slots[R].sent or {}))
+        if req.head.state is not None:
+            down += state_bytes(dict(req.head.state))
         return down
 
     def expected(self, state: ServerState, phase: Tier) -> Expected:
         if not self.method.uploads(state.round + 1):
             return Expected(None, None)
-        shapes = expected_shapes(self.model, self.upload_slot)
+        shapes = self.spec.shapes(self.upload_slot)
         if self.method.rule == "A":
             shapes = {k: v for k, v in shapes.items() if k.endswith(".lora_A")}
         head = self.head_shapes if self.config.head_policy == "tier" else None
@@ -152,6 +171,8 @@ class BaselineStrategy:
     # ------------------------------------------------------------------ server
     def aggregate_fit(self, state: ServerState, t: int, phase: Tier, payloads: Mapping[int, Payload],
                       ok: Sequence[int]) -> float | None:
+        if not (self.method.uploads(t) and self.config.head_policy == "tier"):  # these clients kept their head
+            state.extra["own_head"] = sorted({*state.extra.get("own_head", ()), *ok})
         if not self.method.uploads(t):
             return None
         ids = sorted(payloads)
@@ -160,7 +181,7 @@ class BaselineStrategy:
         weights.update({c: w for c, w in state.extra.get("weights", {}).items() if c not in weights})
         state.root, state.extra["latest"], row = server_aggregate(
             self.method.rule, {c: payloads[c].factors for c in ids}, weights, state.root, latest,
-            self.model.adapter_config.root.rank)
+            self.spec.rank(G))
         state.extra["weights"] = {c: weights[c] for c in set(state.extra["latest"]) | set(ids)}
         if self.method.rule == "others":
             state.extra["row"] = row
@@ -173,26 +194,22 @@ class BaselineStrategy:
         return None
 
     # ------------------------------------------------------------------ evaluation
-    def _eval(self, state: ServerState, cid: int, view: Mapping[Tier, State | None] | None = None,
-              gate_init: Mapping[str, Tensor] | None = None) -> EvalRequest:
-        head = state.global_head if self.config.head_policy == "tier" else self.initial_head
-        return EvalRequest(cid, tuple(self.method.eval_active), view or self._view(state, cid), head, own_head=True,
-                           round=state.round + 1, gates=self.method.gate_mode is not None,
-                           gate_init=gate_init or self.initial_gates)
+    def _eval(self, state: ServerState, cid: int, view: Mapping[Tier, Start] | None = None,
+              gate_init: Mapping[str, Tensor] | None = None) -> ScorePlan:
+        gates = (gate_init or self.initial_gates) if self.method.gate_mode is not None else None
+        return ScorePlan(cid, state.round + 1, tuple(self.method.eval_active), view or self._view(state, cid),
+                         HeadStart(self._head(state), own=True), gates)
 
-    def configure_evaluate(self, state: ServerState) -> dict[int, EvalRequest]:
+    def configure_evaluate(self, state: ServerState) -> dict[int, ScorePlan]:
         return {cid: self._eval(state, cid) for cid in sorted(state.clients)}
 
-    def _fusion(self, state: ServerState, cid: int, view: Mapping[Tier, State | None], seed_round: int,
-                gate_init: Mapping[str, Tensor] | None = None) -> FitRequest:
+    def _fusion(self, state: ServerState, cid: int, view: Mapping[Tier, Start], seed_round: int) -> LocalPlan:
         """FDLoRA's adaptive fusion: only the gates train on the client's data; the client keeps them."""
         cfg, method = self.config, self.method
-        head = state.global_head if cfg.head_policy == "tier" else self.initial_head
         phase = Phase(method.eval_active, (), method.fusion_share, gates=True, head=False)
-        return FitRequest(cid, seed_round, self.upload_slot, view, head, client_seed(cfg.seed, seed_round, cid,
-                          method.name), client_seed(cfg.seed, 0, cid, "leaf"), own_head=True,
-                          batch_size=cfg.batch_size, epochs=cfg.local_epochs, steps=cfg.local_steps, phases=(phase,),
-                          upload="", return_head=False, gates=True, gate_init=gate_init or self.initial_gates)
+        return LocalPlan(Kind.FUSE, cid, state.round + 1, view, HeadStart(self._head(state), own=True),
+                         self._steps((phase,), client_seed(cfg.seed, seed_round, cid, method.name), cid),
+                         Budget(cfg.batch_size, cfg.local_epochs, cfg.local_steps), gates=self.initial_gates)
 
     def newcomer_row(self, state: ServerState) -> State:
         """FedALT's rest-of-world for a new client: the mean of every client's latest individual LoRA."""
@@ -232,13 +249,11 @@ class BaselineStrategy:
         if cfg.finetune_epochs > 0:
             phases = tuple(method.unseen_phases())
             trained = [s for s in (G, R, P) if any(s in p.train for p in phases)]
-            head = state.global_head if cfg.head_policy == "tier" else self.initial_head
             # the fine-tune starts from the gates every client trains with (FDLoRA: 0.5 / 0.5, not the zero-shot 1 / 0)
-            fits = {c: FitRequest(c, -2, self.upload_slot, views[c], head, client_seed(cfg.seed, -2, c, method.name),
-                                  client_seed(cfg.seed, 0, c, "leaf"), batch_size=cfg.batch_size,
-                                  epochs=cfg.finetune_epochs, phases=phases, phase_epochs=True, upload="",
-                                  keep=tuple((s, "AB") for s in trained), keep_head=True, return_head=False,
-                                  gates=method.gate_mode is not None, gate_init=self.initial_gates) for c in ids}
+            fits = {c: LocalPlan(Kind.FINETUNE, c, state.round + 1, views[c], HeadStart(self._head(state)),
+                                 self._steps(phases, client_seed(cfg.seed, -2, c, method.name), c, whole=True),
+                                 Budget(cfg.batch_size, cfg.finetune_epochs), keep=tuple((s, "AB") for s in trained),
+                                 keep_head=True, gates=self._gates()) for c in ids}
             done = [c for c, r in ctx.fit(fits, "unseen finetune").items() if not isinstance(r, Exception)]
             if method.fusion_share > 0:
                 ctx.fit({c: self._fusion(state, c, views[c], -2) for c in done}, "unseen fusion")

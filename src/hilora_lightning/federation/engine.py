@@ -1,11 +1,12 @@
 """One round engine for HiLoRA and the baselines: a strategy in Flower's Message-API shape, one runner.
 
 A :class:`Strategy` decides and aggregates; it never trains. Per round it is asked, in Flower's
-order, for the fit requests of each fit phase (``configure_fit``), folds the validated replies in
+order, for the local plans of each fit phase (``configure_fit``), folds the validated replies in
 (``aggregate_fit``), moves its schedule on (``end_of_round``: HiLoRA's stage change and clustering),
 and names what to evaluate (``configure_evaluate``). The :class:`FederationRunner` owns the rest,
 once for every strategy: the loop, seeded client selection, ``min_clients``, reply validation
-against the model's expected shapes (heads included), records, evaluation cadence, atomic
+against the model's expected shapes (heads included, :mod:`~hilora_lightning.federation.replies`),
+records, evaluation cadence, atomic
 checkpoints with resume, and the round counter. A round works on a copy of the
 :class:`~hilora_lightning.federation.server_state.ServerState` and commits it once.
 
@@ -17,78 +18,37 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
-from torch import Tensor
-
 from hilora_lightning.data.clients import ClientData
-from hilora_lightning.errors import AdapterStateError, HiLoraError
-from hilora_lightning.federation.backend import ClientBackend
+from hilora_lightning.federation.backend import ClientBackend, ReportsProgress
 from hilora_lightning.federation.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from hilora_lightning.federation.client import select_clients, state_bytes
+from hilora_lightning.federation.client import select_clients
 from hilora_lightning.federation.fingerprint import client_items, differences
 from hilora_lightning.federation.loggers import RoundLogger
+from hilora_lightning.federation.plan import FitReply, LocalPlan, ScorePlan
 from hilora_lightning.federation.progress import RoundProgress
-from hilora_lightning.federation.requests import EvalRequest, FitReply, FitRequest
+from hilora_lightning.federation.replies import (
+    Expected,
+    FederationError,
+    Payload,
+    check_finite_state,
+    check_reply,
+    norm_outliers,
+    require_min_clients,
+)
 from hilora_lightning.federation.result import FederatedResult, RoundRecord, accuracy_summary
 from hilora_lightning.federation.server_state import ServerState
-from hilora_lightning.state import validate_tier_state
 from hilora_lightning.tiers import Tier
 
 __all__ = ["CHECKPOINT_VERSION", "Expected", "FederationError", "FederationRunner", "Payload", "RoundContext",
            "Strategy", "check_finite_state", "in_process_runner", "norm_outliers", "require_min_clients"]
 
 CHECKPOINT_VERSION = 3
-
-
-class FederationError(HiLoraError, RuntimeError):
-    """A round could not complete (too few clients succeeded); the last good state is kept."""
-
-
-def require_min_clients(t: int, ok: Sequence[int], selected: Sequence[int], min_clients: int,
-                        failed: Mapping[int, str], note: str = "") -> None:
-    """Fail round ``t`` (keeping the previous state) when fewer than ``min_clients`` clients succeeded."""
-    if len(ok) < min_clients:
-        raise FederationError(
-            f"round {t}: only {len(ok)} of {len(selected)} clients succeeded, fewer than "
-            f"min_clients={min_clients}; failures: {dict(failed)}. The state after round {t - 1} is kept{note}"
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class Payload:
-    """One client's upload: the trained shared slot's factors, maybe the head, and its sample count."""
-
-    client_id: int
-    round: int
-    tier: Tier
-    factors: dict[str, Tensor]
-    head: dict[str, Tensor] | None
-    num_samples: int
-
-    @property
-    def nbytes(self) -> int:
-        return state_bytes(self.factors) + state_bytes(self.head)
-
-
-@dataclasses.dataclass(frozen=True)
-class Expected:
-    """What a reply of one fit phase must hold: factor keys/shapes and head keys/shapes (``None``: nothing)."""
-
-    factors: Mapping[str, tuple[int, ...]] | None
-    head: Mapping[str, tuple[int, ...]] | None
-    max_norm: float | None = None
-    outlier_norm: float | None = None
-
-    @property
-    def allows_upload(self) -> bool:
-        return self.factors is not None or self.head is not None
 
 
 class RoundContext:
@@ -104,18 +64,18 @@ class RoundContext:
             if isinstance(value, Exception):
                 self.failures.setdefault(step, {})[cid] = f"{type(value).__name__}: {value}"
 
-    def fit(self, requests: Mapping[int, FitRequest], step: str = "fit") -> dict[int, FitReply | Exception]:
+    def fit(self, requests: Mapping[int, LocalPlan], step: str = "fit") -> dict[int, FitReply | Exception]:
         """Run fit requests (probes, fine-tunes) through the backend; failures are recorded under ``step``."""
         replies = self.backend.fit(requests) if requests else {}
         self._note(step, replies)
         return replies
 
-    def evaluate(self, requests: Mapping[int, EvalRequest], step: str = "evaluate") -> dict[int, float | Exception]:
+    def evaluate(self, requests: Mapping[int, ScorePlan], step: str = "evaluate") -> dict[int, float | Exception]:
         results = self.backend.evaluate(requests) if requests else {}
         self._note(step, results)
         return results
 
-    def scores(self, requests: Mapping[int, EvalRequest], step: str = "evaluate") -> dict[int, float]:
+    def scores(self, requests: Mapping[int, ScorePlan], step: str = "evaluate") -> dict[int, float]:
         """The scores of the clients that could be evaluated (a failing client is left out and recorded)."""
         return {cid: float(v) for cid, v in self.evaluate(requests, step).items() if not isinstance(v, Exception)}
 
@@ -134,9 +94,9 @@ class Strategy(Protocol):
     def stage_name(self, state: ServerState) -> str: ...
 
     def configure_fit(self, state: ServerState, t: int, selected: Sequence[int], phase: Tier
-                      ) -> dict[int, FitRequest]: ...
+                      ) -> dict[int, LocalPlan]: ...
 
-    def download_bytes(self, state: ServerState, request: FitRequest) -> int: ...
+    def download_bytes(self, state: ServerState, request: LocalPlan) -> int: ...
 
     def expected(self, state: ServerState, phase: Tier) -> Expected: ...
 
@@ -145,73 +105,9 @@ class Strategy(Protocol):
 
     def end_of_round(self, state: ServerState, t: int, rho: float | None, ctx: RoundContext) -> None: ...
 
-    def configure_evaluate(self, state: ServerState) -> dict[int, EvalRequest]: ...
+    def configure_evaluate(self, state: ServerState) -> dict[int, ScorePlan]: ...
 
     def finish(self, state: ServerState, ctx: RoundContext) -> FederatedResult: ...
-
-
-def check_reply(reply: FitReply, expected: Expected) -> None:
-    """Keys, shapes, dtypes, finiteness (and the norm bound) of a reply's factors and head, on receipt."""
-    if expected.factors is None and reply.factors is not None:
-        raise AdapterStateError("the reply carries factors, but this round's factors stay on the client")
-    if expected.head is None and reply.head is not None:
-        raise AdapterStateError("the reply carries a head, but this round's head stays on the client")
-    if expected.factors is not None:
-        if reply.factors is None:
-            raise AdapterStateError("the client replied without the trained factors")
-        validate_tier_state(reply.factors, expected.factors, expected.max_norm)
-    if expected.head is not None:
-        if reply.head is None:
-            raise AdapterStateError("the client replied without its head (the head policy shares it)")
-        got = {k: tuple(v.shape) for k, v in reply.head.items()}
-        if got != dict(expected.head):
-            raise AdapterStateError(f"head update has keys/shapes {sorted(got.items())}, expected "
-                                    f"{sorted(dict(expected.head).items())}")
-        if not all(torch.isfinite(v).all() for v in reply.head.values()):
-            raise AdapterStateError("head update holds NaN or Inf values")
-
-
-def _norm(state: Mapping[str, Tensor] | None) -> float:
-    if not state:
-        return 0.0
-    return float(torch.sqrt(sum((v.double() ** 2).sum() for v in state.values())))  # type: ignore[arg-type]
-
-
-def norm_outliers(payloads: Mapping[int, Payload], factor: float | None) -> dict[int, str]:
-    """Uploads whose factor norm or head norm exceeds ``factor`` times the round's median (needs 3 uploads).
-
-    Example:
-        >>> import torch
-        >>> up = {c: Payload(c, 1, Tier.ROOT, {"a": torch.ones(2) * s}, None, 1) for c, s in enumerate([1, 1.2, 1e3])}
-        >>> list(norm_outliers(up, 10.0))
-        [2]
-    """
-    if factor is None or len(payloads) < 3:
-        return {}
-    out: dict[int, str] = {}
-    for part in ("factors", "head"):
-        norms = {cid: _norm(getattr(p, part)) for cid, p in payloads.items() if getattr(p, part)}
-        if len(norms) < 3:
-            continue
-        median = float(torch.tensor(sorted(norms.values()), dtype=torch.float64).median())
-        for cid, n in sorted(norms.items()):
-            if n > factor * median and cid not in out:
-                out[cid] = (f"OutlierUpload: {part} norm {n:.4g} exceeds outlier_norm={factor:g} x the round's "
-                            f"median {median:.4g}; update rejected")
-    return out
-
-
-def check_finite_state(state: ServerState, t: int, payloads: Mapping[int, Payload]) -> None:
-    """Refuse to commit an aggregate holding NaN or Inf (finite uploads can still overflow together)."""
-    tensors = [*state.root.values(), *state.global_head.values()]
-    for group in (*state.clusters.values(), *state.cluster_heads.values()):
-        tensors.extend(group.values())
-    if all(bool(torch.isfinite(v).all()) for v in tensors):
-        return
-    largest = sorted(payloads, key=lambda c: -_norm(payloads[c].factors))[:3]
-    raise FederationError(f"round {t}: the aggregate holds NaN or Inf values (finite uploads overflowed); the "
-                          f"largest uploads came from clients {largest}. The state after round {t - 1} is kept; "
-                          "lower outlier_norm or set max_update_norm")
 
 
 class FederationRunner:
@@ -359,7 +255,7 @@ class FederationRunner:
         selected = self.select(t)
         if self.bar is not None:
             self.bar.start_round(t, strategy.stage_name(work), len(selected))
-            if hasattr(self.backend, "on_client"):
+            if isinstance(self.backend, ReportsProgress):
                 self.backend.on_client = lambda done: self.bar.client_done(done, len(selected)) if self.bar else None
         failed: dict[int, str] = {}
         up = down = 0
@@ -412,7 +308,7 @@ class FederationRunner:
                 summary["mean"], summary["p10"], summary["min"], summary["std"])
         return record
 
-    def evaluate(self, requests: Mapping[int, EvalRequest]) -> dict[int, float]:
+    def evaluate(self, requests: Mapping[int, ScorePlan]) -> dict[int, float]:
         """Scores of the clients that could be evaluated (a failing client is left out)."""
         return self.ctx.scores(requests)
 
@@ -427,13 +323,13 @@ def in_process_runner(strategy: Strategy, model: Any, clients: Sequence[ClientDa
     :class:`~hilora_lightning.baselines.BaselineRunner`: the default backend runs every client on
     ``model`` in this process; a given backend (Flower) runs them where it runs them.
     """
-    from hilora_lightning.federation.backend import InProcessBackend
+    from hilora_lightning.federation.backend import InProcessBackend, RunsHere
     from hilora_lightning.federation.local import trainer_precision
     from hilora_lightning.federation.runtime import ClientRuntime
 
     backend = backend or InProcessBackend()
     runtime = None
-    if isinstance(backend, InProcessBackend):
+    if isinstance(backend, RunsHere):
         runtime = ClientRuntime(model, trainer_kwargs, loader)
         backend.bind(runtime, [*clients, *unseen])
     runner = FederationRunner(strategy, {c.client_id: c for c in clients}, {c.client_id: c for c in unseen}, backend,

@@ -2,8 +2,8 @@
 
 :class:`HiLoRAStrategy` decides what every client does in a round and folds the replies in; the
 :class:`~hilora_lightning.federation.engine.FederationRunner` runs it (in process, or over Flower).
-The model it holds is the *server's* copy: it gives shapes and the shared-seed initial states and
-never trains.
+It sees the model only as an :class:`~hilora_lightning.adapter_spec.AdapterSpec` (shapes, ranks,
+the shared-seed fresh states, the initial head): it never holds or trains a model.
 
 Example:
     >>> from hilora_lightning import HiLoRAViT
@@ -24,17 +24,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hilora_lightning.adapter_spec import AdapterSpec
 from hilora_lightning.federation import transition
 from hilora_lightning.federation.client import client_seed, state_bytes
 from hilora_lightning.federation.config import FederationConfig
-from hilora_lightning.federation.engine import Expected, Payload, RoundContext
-from hilora_lightning.federation.fingerprint import config_items, model_items
-from hilora_lightning.federation.local import head_state
-from hilora_lightning.federation.requests import EvalRequest, FitRequest
+from hilora_lightning.federation.engine import RoundContext
+from hilora_lightning.federation.fingerprint import config_items
+from hilora_lightning.federation.plan import Budget, HeadStart, Kind, LocalPlan, ScorePlan, Start, Step
+from hilora_lightning.federation.replies import Expected, Payload
 from hilora_lightning.federation.result import FederatedResult, accuracy_summary
 from hilora_lightning.federation.server_state import ClientState, ServerState
 from hilora_lightning.model import HiLoRAViT
-from hilora_lightning.state import expected_shapes, export_tier
 from hilora_lightning.strategy.aggregation import (
     fedavg_states,
     product_space_aggregate_states,
@@ -55,7 +55,8 @@ class HiLoRAStrategy:
     """The paper's method: root, then cluster on the residual, then leaf; LSAC at the transition.
 
     Args:
-        model: the server's :class:`HiLoRAViT` (shapes, shared-seed initial states; never trained).
+        model: the model's :class:`~hilora_lightning.adapter_spec.AdapterSpec`, or a :class:`HiLoRAViT` to
+            take it from (read once; the strategy keeps no model).
         config: the run's :class:`FederationConfig`.
         groups: client id -> known latent group (only to score the clustering; never used by the method).
         recluster_policy: ``policy(state) -> bool`` after each cluster-stage round (default: every
@@ -64,26 +65,25 @@ class HiLoRAStrategy:
 
     name = "hilora"
 
-    def __init__(self, model: HiLoRAViT, config: FederationConfig, groups: Mapping[int, int | None] | None = None,
+    def __init__(self, model: HiLoRAViT | AdapterSpec, config: FederationConfig,
+                 groups: Mapping[int, int | None] | None = None,
                  recluster_policy: Callable[[ServerState], bool] | None = None) -> None:
-        self.model, self.config = model, config
+        self.spec = model if isinstance(model, AdapterSpec) else AdapterSpec.from_model(model)
+        self.config = config
         self.groups = dict(groups or {})
         self.recluster_policy = recluster_policy or self.default_recluster
-        model.reset_tier(Tier.ROOT, config.seed)  # the shared-seed root: B = 0, A from the run's seed
-        self.initial_root = export_tier(model, Tier.ROOT)
-        self.initial_head = head_state(model)
+        self.initial_root = self.spec.fresh(Tier.ROOT, config.seed)  # the shared-seed root: B = 0, A from the seed
+        self.initial_head = dict(self.spec.head)
         self.head_shapes = {k: tuple(v.shape) for k, v in self.initial_head.items()}
-        acfg = model.adapter_config
-        if acfg.cluster.rank == acfg.root.rank:  # the probe starts as the root did in round 1
+        if self.spec.rank(Tier.CLUSTER) == self.spec.rank(Tier.ROOT):  # the probe starts as the root did in round 1
             self.probe_start = self.initial_root
         else:
-            model.reset_tier(Tier.CLUSTER, config.seed)
-            self.probe_start = export_tier(model, Tier.CLUSTER)
+            self.probe_start = self.spec.fresh(Tier.CLUSTER, config.seed)
         self.last_clustering: tuple[list[int], Any] | None = None  # (client ids, ClusteringResult), for plots
 
     # ------------------------------------------------------------------ identity and state
     def fingerprint(self) -> dict[str, str]:
-        return {"method": "hilora", **config_items(self.config), **model_items(self.model)}
+        return {"method": "hilora", **config_items(self.config), **self.spec.fingerprint}
 
     def initial_state(self, clients: Sequence[int]) -> ServerState:
         return ServerState(root=dict(self.initial_root), global_head=dict(self.initial_head),
@@ -110,16 +110,35 @@ class HiLoRAStrategy:
             return state.global_head
         return state.cluster_heads[state.assignment[cid]]
 
-    def _view(self, state: ServerState, cid: int, tiers: Sequence[Tier]) -> dict[Tier, State | None]:
-        view: dict[Tier, State | None] = {Tier.ROOT: state.root}
-        if Tier.CLUSTER in tiers and state.assignment:
-            view[Tier.CLUSTER] = state.clusters[state.assignment[cid]]
-        if Tier.LEAF in tiers:
-            view[Tier.LEAF] = None  # the client's own (or a fresh one)
-        return view
+    def leaf_seed(self, cid: int) -> int:
+        """The seed of client ``cid``'s fresh leaf."""
+        return client_seed(self.config.seed, 0, cid, "leaf")
 
-    def configure_fit(self, state: ServerState, t: int, selected: Sequence[int], tier: Tier) -> dict[int, FitRequest]:
-        """What each selected client gets in round ``t`` at ``tier``.
+    def _slots(self, state: ServerState, cid: int, tiers: Sequence[Tier], freeze: Sequence[Tier] = ()
+               ) -> dict[Tier, Start]:
+        """How client ``cid`` starts ``tiers``: a shared tier it holds frozen is not sent again (in process
+        the server's copy rides along, never over the wire); the leaf is its own (or a fresh one)."""
+        out: dict[Tier, Start] = {}
+        for x in tiers:
+            if x is Tier.LEAF:
+                out[x] = Start.kept(self.leaf_seed(cid))
+                continue
+            if x is Tier.CLUSTER and not state.assignment:
+                raise RuntimeError(f"client {cid}: the cluster tier is asked for before the clusters exist "
+                                   f"(stage {state.stage.value}, round {state.round})")
+            shared = state.root if x is Tier.ROOT else state.clusters[state.assignment[cid]]
+            held = x in (Tier.ROOT, Tier.CLUSTER) and cid in state.has_final[x]
+            out[x] = Start.frozen(shared) if held else Start.server(shared, freeze=x in freeze)
+        return out
+
+    def stage_step(self, tier: Tier, seed: int) -> Step:
+        """A stage's local step: ``tier`` (and the head) train with the tiers above it active and frozen, kept
+        orthogonal to them with ``gamma_c`` (root) and ``gamma_l`` (cluster)."""
+        return Step((*tier.frozen_above(), tier), (tier,), seed, head=self.spec.train_head,
+                    penalty=self.spec.penalty(tier))
+
+    def configure_fit(self, state: ServerState, t: int, selected: Sequence[int], tier: Tier) -> dict[int, LocalPlan]:
+        """What each selected client does in round ``t`` at ``tier``.
 
         A client keeps each frozen tier once received (stagewise schedule), and, in the leaf stage,
         its own head after its first leaf round: those are not sent again (nor counted as downloaded).
@@ -127,35 +146,34 @@ class HiLoRAStrategy:
         cfg = self.config
         above = [x for x in (Tier.ROOT, Tier.CLUSTER) if x.position < tier.position]
         leaf = tier is Tier.LEAF
-        out: dict[int, FitRequest] = {}
+        budget = Budget(cfg.batch_size, cfg.local_epochs, cfg.local_steps)
+        out: dict[int, LocalPlan] = {}
         for cid in selected:
             has_own_head = leaf and cid in state.has_final[Tier.CLUSTER]
-            out[cid] = FitRequest(
-                cid, t, tier, self._view(state, cid, list(Tier)[: tier.position + 1]), self.head_for(state, cid, tier),
-                client_seed(cfg.seed, t, cid), client_seed(cfg.seed, 0, cid, "leaf"),
-                own_head=cfg.head_policy == "local" or leaf,
-                cached=tuple(x for x in above if cid in state.has_final[x]),
-                final=tuple(above) if cfg.schedule == "stagewise" else (),
-                send_head=cfg.head_policy == "tier" and not has_own_head,
-                batch_size=cfg.batch_size, epochs=cfg.local_epochs, steps=cfg.local_steps,
-                upload="" if leaf else "AB", keep=((Tier.LEAF, "AB"),) if leaf else (),
+            send_head = cfg.head_policy == "tier" and not has_own_head
+            out[cid] = LocalPlan(
+                Kind.TRAIN, cid, t, self._slots(state, cid, list(Tier)[: tier.position + 1],
+                                                above if cfg.schedule == "stagewise" else ()),
+                HeadStart(self.head_for(state, cid, tier) if send_head else None,
+                          own=cfg.head_policy == "local" or leaf),
+                (self.stage_step(tier, client_seed(cfg.seed, t, cid)),), budget,
+                upload=None if leaf else (tier, "AB"), keep=((Tier.LEAF, "AB"),) if leaf else (),
                 keep_head=leaf or cfg.head_policy == "local", return_head=cfg.head_policy == "tier" and not leaf)
         return out
 
-    def download_bytes(self, state: ServerState, req: FitRequest) -> int:
-        """Bytes a request moves to the client: the shared tiers it does not hold yet, and the head."""
-        total = state_bytes(dict(req.head)) if req.send_head else 0
-        for x in (Tier.ROOT, Tier.CLUSTER):
-            tier_state = req.view.get(x)
-            if tier_state is not None and x not in req.cached:
-                total += state_bytes(dict(tier_state))
+    def download_bytes(self, state: ServerState, plan: LocalPlan) -> int:
+        """Bytes a plan moves to the client: the shared tiers it does not hold yet, and the head."""
+        total = state_bytes(dict(plan.head.state)) if plan.head.state is not None else 0
+        for start in plan.slots.values():
+            if start.sent is not None:
+                total += state_bytes(dict(start.sent))
         return total
 
     def expected(self, state: ServerState, tier: Tier) -> Expected:
         if tier is Tier.LEAF:  # leaf and personal head never leave the client
             return Expected(None, None)
         head = self.head_shapes if self.config.head_policy == "tier" else None
-        return Expected(expected_shapes(self.model, tier), head, self.config.max_update_norm,
+        return Expected(self.spec.shapes(tier), head, self.config.max_update_norm,
                         self.config.outlier_norm)
 
     # ------------------------------------------------------------------ aggregation and stages
@@ -163,7 +181,7 @@ class HiLoRAStrategy:
         weights = [p.num_samples for p in payloads]
         states = [p.factors for p in payloads]
         if self.config.aggregation == "product":
-            return product_space_aggregate_states(states, weights, self.model.adapter_config.tier(tier).rank)
+            return product_space_aggregate_states(states, weights, self.spec.rank(tier))
         return fedavg_states(states, weights)
 
     def aggregate_fit(self, state: ServerState, t: int, tier: Tier, payloads: Mapping[int, Payload],
@@ -177,7 +195,7 @@ class HiLoRAStrategy:
         if tier is Tier.LEAF:
             return None
         track = tier is Tier.ROOT or cfg.clustering.recluster_every is not None
-        rank = self.model.adapter_config.tier(tier).rank
+        rank = self.spec.rank(tier)
         for cid, p in payloads.items():  # LSAC features: root stage, and cluster stage if re-clustering
             before = state.root if tier is Tier.ROOT else state.clusters.get(state.assignment.get(cid, -1))
             if track and before is not None:
@@ -221,7 +239,7 @@ class HiLoRAStrategy:
         state.rounds_in_stage += 1
         if state.stage is Tier.LEAF:
             return
-        rank = self.model.adapter_config.tier(state.stage).rank
+        rank = self.spec.rank(state.stage)
         if state.stage is Tier.CLUSTER and self.recluster_policy(state):
             transition.recluster(state, cfg, rank, {c: d.num_samples for c, d in ctx.clients.items()})
         if cfg.stage_over(state.stage is Tier.ROOT, state.rounds_in_stage, cfg.rounds - state.round - 1, rho):
@@ -235,7 +253,7 @@ class HiLoRAStrategy:
 
     def form_clusters(self, state: ServerState, ctx: RoundContext) -> None:
         """LSAC (or the configured method) at the end of the root stage; one fresh adapter per cluster."""
-        cfg, rank = self.config, self.model.adapter_config.root.rank
+        cfg, rank = self.config, self.spec.rank(Tier.ROOT)
         head = state.global_head if cfg.head_policy == "tier" else self.initial_head
 
         def probe(ids: Sequence[int]) -> dict[int, dict[str, Tensor]]:
@@ -249,13 +267,12 @@ class HiLoRAStrategy:
             state.extra["lsac"] = {"ids": list(ids), "labels": [int(v) for v in res.labels], "k": int(res.k),
                                    "distances": torch.as_tensor(res.distances, dtype=torch.float64)}
         for j in range(state.num_clusters):
-            self.model.reset_tier(Tier.CLUSTER, client_seed(cfg.seed, 0, j, "cluster"))
-            state.clusters[j] = export_tier(self.model, Tier.CLUSTER)
+            state.clusters[j] = self.spec.fresh(Tier.CLUSTER, client_seed(cfg.seed, 0, j, "cluster"))
             state.cluster_heads[j] = dict(state.global_head)
 
     # ------------------------------------------------------------------ evaluation
     def evaluation_requests(self, state: ServerState, tiers: list[Tier], head_level: Tier | None = None,
-                            ids: Sequence[int] | None = None) -> dict[int, EvalRequest]:
+                            ids: Sequence[int] | None = None) -> dict[int, ScorePlan]:
         """Every training client on its own test split with ``tiers`` active.
 
         The head is the one of the deepest active tier's level (root: global, cluster: the cluster's,
@@ -264,15 +281,13 @@ class HiLoRAStrategy:
         """
         level = head_level or tiers[-1]
         own_head = self.config.head_policy == "local" or (level is Tier.LEAF and bool(state.assignment))
-        out: dict[int, EvalRequest] = {}
+        out: dict[int, ScorePlan] = {}
         for cid in sorted(state.clients) if ids is None else ids:
-            cached = tuple(t for t in (Tier.ROOT, Tier.CLUSTER) if t in tiers and cid in state.has_final[t])
-            out[cid] = EvalRequest(cid, tuple(tiers), self._view(state, cid, tiers),
-                                   self.head_for(state, cid, level), own_head=own_head, cached=cached,
-                                   round=state.round + 1)
+            out[cid] = ScorePlan(cid, state.round + 1, tuple(tiers), self._slots(state, cid, tiers),
+                                 HeadStart(self.head_for(state, cid, level), own=own_head))
         return out
 
-    def configure_evaluate(self, state: ServerState) -> dict[int, EvalRequest]:
+    def configure_evaluate(self, state: ServerState) -> dict[int, ScorePlan]:
         return self.evaluation_requests(state, list(Tier)[: state.stage.position + 1])
 
     def finish(self, state: ServerState, ctx: RoundContext) -> FederatedResult:
@@ -300,16 +315,32 @@ class HiLoRAStrategy:
     def probe_features(self, state: ServerState, ctx: RoundContext, ids: Sequence[int], head: Mapping[str, Tensor],
                        step: str) -> dict[int, dict[str, Tensor]]:
         """LSAC features of a short probe update per client (``config.probe``: cluster or root slot)."""
-        cfg, rank = self.config, self.model.adapter_config.root.rank
-        if cfg.probe == "root":
-            requests = {c: transition.root_probe_request(c, cfg, state.root, head) for c in ids}
-            return transition.route_by_probe(ctx.fit(requests, step), state.root, cfg, rank)
-        requests = {c: transition.probe_request(c, cfg, state.root, self.probe_start, head) for c in ids}
-        return transition.route_by_probe(ctx.fit(requests, step), self.probe_start, cfg, rank)
+        cfg, rank = self.config, self.spec.rank(Tier.ROOT)
+        plans = {c: self.probe_plan(state, c, head) for c in ids}
+        start = state.root if cfg.probe == "root" else self.probe_start
+        return transition.route_by_probe(ctx.fit(plans, step), start, cfg, rank)
+
+    def probe_plan(self, state: ServerState, cid: int, head: Mapping[str, Tensor]) -> LocalPlan:
+        """``config.probe_steps`` local steps of a probe, uploaded and forgotten by the client.
+
+        ``probe="cluster"``: a fresh LoRA in the cluster slot on top of the frozen root, starting exactly
+        as the root did in round 1 (``B = 0``, the shared-seed ``A``), so its factors compare with the
+        training clients' root-stage features, which the first rounds (from ``B = 0``) dominate.
+        ``probe="root"``: the root slot trained from the final root (the root stage has no penalty),
+        folded against that root exactly as a root-stage update is.
+        """
+        cfg = self.config
+        slots = {Tier.ROOT: Start.server(state.root)}
+        slot = Tier.ROOT
+        if cfg.probe == "cluster":
+            slots[Tier.CLUSTER], slot = Start.server(self.probe_start), Tier.CLUSTER
+        return LocalPlan(Kind.PROBE, cid, state.round + 1, slots, HeadStart(head),
+                         (self.stage_step(slot, client_seed(cfg.seed, -1, cid, "probe")),),
+                         Budget(cfg.batch_size, 1, cfg.probe_steps), upload=(slot, "AB"))
 
     def route_unseen(self, state: ServerState, ctx: RoundContext, ids: Sequence[int]) -> dict[int, int]:
         """The cluster of each new client: by probe subspace (the paper) or by loss; failures join cluster 0."""
-        cfg, rank = self.config, self.model.adapter_config.root.rank
+        cfg, rank = self.config, self.spec.rank(Tier.ROOT)
         if state.num_clusters <= 1:
             return dict.fromkeys(ids, 0)
         if cfg.route_by == "loss":
@@ -332,24 +363,24 @@ class HiLoRAStrategy:
         tier_head = cfg.head_policy == "tier"
         root_head = state.global_head if tier_head else self.initial_head
         heads = {c: state.cluster_heads[routing[c]] if tier_head else self.initial_head for c in ids}
-        root_only = {c: EvalRequest(c, (Tier.ROOT,), {Tier.ROOT: state.root}, root_head) for c in ids}
-        views = {c: {Tier.ROOT: state.root, Tier.CLUSTER: state.clusters[routing[c]]} for c in ids}
-        zero_leaf = {c: EvalRequest(c, (Tier.ROOT, Tier.CLUSTER), views[c], heads[c]) for c in ids}
+        rnd = state.round + 1
+        root_only = {c: ScorePlan(c, rnd, (Tier.ROOT,), {Tier.ROOT: Start.server(state.root)}, HeadStart(root_head))
+                     for c in ids}
+        views = {c: {Tier.ROOT: Start.server(state.root), Tier.CLUSTER: Start.server(state.clusters[routing[c]])}
+                 for c in ids}
+        zero_leaf = {c: ScorePlan(c, rnd, (Tier.ROOT, Tier.CLUSTER), views[c], HeadStart(heads[c])) for c in ids}
         accs: dict[str, list[float]] = {"root": list(ctx.scores(root_only, "unseen root").values()),
                                         "zero_leaf": list(ctx.scores(zero_leaf, "unseen zero_leaf").values()),
                                         "finetuned": []}
         if cfg.finetune_epochs > 0:
-            fits = {}
-            for c in ids:
-                self.model.reset_tier(Tier.LEAF, client_seed(cfg.seed, 0, c, "leaf"))
-                fresh = export_tier(self.model, Tier.LEAF)  # a fresh leaf, whatever the client held before
-                fits[c] = FitRequest(c, -2, Tier.LEAF, {**views[c], Tier.LEAF: fresh}, heads[c],
-                                     client_seed(cfg.seed, -2, c, "finetune"), 0, batch_size=cfg.batch_size,
-                                     epochs=cfg.finetune_epochs, upload="", keep=((Tier.LEAF, "AB"),),
-                                     keep_head=True, return_head=False)
+            fits = {c: LocalPlan(  # a fresh leaf, whatever the client held before
+                Kind.FINETUNE, c, rnd, {**views[c], Tier.LEAF: Start.fresh(self.leaf_seed(c))}, HeadStart(heads[c]),
+                (self.stage_step(Tier.LEAF, client_seed(cfg.seed, -2, c, "finetune")),),
+                Budget(cfg.batch_size, cfg.finetune_epochs), keep=((Tier.LEAF, "AB"),), keep_head=True)
+                for c in ids}
             done = [c for c, r in ctx.fit(fits, "unseen finetune").items() if not isinstance(r, Exception)]
-            tuned = {c: EvalRequest(c, tuple(Tier), {**views[c], Tier.LEAF: None}, heads[c], own_head=True)
-                     for c in done}
+            tuned = {c: ScorePlan(c, rnd, tuple(Tier), {**views[c], Tier.LEAF: Start.kept(self.leaf_seed(c))},
+                                  HeadStart(heads[c], own=True)) for c in done}
             accs["finetuned"] = list(ctx.scores(tuned, "unseen finetuned").values())
         summary: dict[str, Any] = {k: accuracy_summary(v) for k, v in accs.items() if v}
         return summary, routing

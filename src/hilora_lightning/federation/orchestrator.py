@@ -30,14 +30,14 @@ import numpy as np
 from torch import Tensor
 
 from hilora_lightning.data.clients import ClientData
-from hilora_lightning.federation.backend import ClientBackend, InProcessBackend
+from hilora_lightning.federation.backend import ClientBackend, HoldsStores
 from hilora_lightning.federation.client import ClientState, check_federation
 from hilora_lightning.federation.config import FederationConfig
 from hilora_lightning.federation.engine import FederationError, Payload, in_process_runner, require_min_clients
 from hilora_lightning.federation.hilora import HiLoRAStrategy
 from hilora_lightning.federation.local import LoaderSpec
+from hilora_lightning.federation.plan import ClientStore
 from hilora_lightning.federation.result import FederatedResult, RoundRecord
-from hilora_lightning.federation.runtime import Store
 from hilora_lightning.federation.server_state import ServerState
 from hilora_lightning.model import HiLoRAViT
 from hilora_lightning.tiers import Tier
@@ -222,9 +222,9 @@ class FederatedOrchestrator:
                                     distances=saved["distances"].numpy())
         return list(saved["ids"]), res
 
-    def client_store(self, client_id: int) -> Store:
+    def client_store(self, client_id: int) -> ClientStore:
         """What stays on client ``client_id`` (its leaf, personal head...): in process only."""
-        if not isinstance(self.backend, InProcessBackend):
+        if not isinstance(self.backend, HoldsStores):
             raise RuntimeError("client stores live on the clients with a remote backend; ask the client")
         return self.backend.store(client_id)
 
@@ -248,10 +248,10 @@ class FederatedOrchestrator:
         tiers: dict[Tier, dict[str, Tensor]] = {Tier.ROOT: state.root}
         if cluster is not None:
             tiers[Tier.CLUSTER] = state.clusters[cluster]
-        if cluster is not None and "leaf" in store:
-            tiers[Tier.LEAF] = store["leaf"]
-        if "head" in store:  # its personal (or fine-tuned) head
-            head = store["head"]
+        if cluster is not None and Tier.LEAF in store.kept:
+            tiers[Tier.LEAF] = dict(store.kept[Tier.LEAF])
+        if store.head is not None:  # its personal (or fine-tuned) head
+            head = store.head
         elif cluster is not None and self.config.head_policy == "tier":
             head = state.cluster_heads[cluster]  # also an unseen client's routed cluster (not in the assignment)
         else:

@@ -24,9 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hilora_lightning.federation.client import client_seed
 from hilora_lightning.federation.config import FEATURES, ClusteringConfig, FederationConfig
-from hilora_lightning.federation.requests import EvalRequest, FitRequest
+from hilora_lightning.federation.plan import HeadStart, ScorePlan, Start
 from hilora_lightning.federation.server_state import ServerState
 from hilora_lightning.strategy.aggregation import factor_pairs, fedavg_states, product_space_aggregate_states
 from hilora_lightning.strategy.clustering import (
@@ -46,8 +45,8 @@ from hilora_lightning.strategy.subspace import (
 )
 from hilora_lightning.tiers import Tier
 
-__all__ = ["cluster_centers", "client_subspaces", "form_clusters", "lsac_study", "probe_request", "recluster",
-           "root_probe_request", "route_by_loss", "route_by_probe", "study_features", "update_features"]
+__all__ = ["cluster_centers", "client_subspaces", "form_clusters", "lsac_study", "recluster", "route_by_loss",
+           "route_by_probe", "study_features", "update_features"]
 
 UPDATE_KEY = "__update__"
 
@@ -230,33 +229,6 @@ def cluster_centers(features: Mapping[int, Mapping[str, Tensor]], labels: Mappin
     return centers
 
 
-def probe_request(client_id: int, cfg: FederationConfig, root: Mapping[str, Tensor], start: Mapping[str, Tensor],
-                  head: Mapping[str, Tensor]) -> FitRequest:
-    """A probe: a fresh LoRA trained briefly in the cluster slot on top of the frozen root.
-
-    The probe starts exactly as the root did in round 1 (``B = 0``, the shared-seed ``A``), so its
-    factors are comparable with the training clients' root-stage features, which the first rounds
-    (from ``B = 0``) dominate. Nothing of it stays on the client.
-    """
-    return _probe(client_id, cfg, Tier.CLUSTER, {Tier.ROOT: root, Tier.CLUSTER: start}, head)
-
-
-def root_probe_request(client_id: int, cfg: FederationConfig, root: Mapping[str, Tensor],
-                       head: Mapping[str, Tensor]) -> FitRequest:
-    """A probe built like the training clients' root-stage features: the root slot trained from the
-    final root (the root stage has no penalty), its features folded against that root exactly as
-    :func:`update_features` folds a root-stage update. Nothing of it stays on the client.
-    """
-    return _probe(client_id, cfg, Tier.ROOT, {Tier.ROOT: root}, head)
-
-
-def _probe(client_id: int, cfg: FederationConfig, slot: Tier, view: Mapping[Tier, Mapping[str, Tensor]],
-           head: Mapping[str, Tensor]) -> FitRequest:
-    """``cfg.probe_steps`` local steps of ``slot`` on ``view``, uploaded and forgotten by the client."""
-    return FitRequest(client_id, -1, slot, view, head, client_seed(cfg.seed, -1, client_id, "probe"), 0,
-                      batch_size=cfg.batch_size, epochs=1, steps=cfg.probe_steps, upload="AB", return_head=False)
-
-
 def route_by_probe(replies: Mapping[int, Any], start: Mapping[str, Tensor], cfg: FederationConfig, rank: int
                    ) -> dict[int, dict[str, Tensor]]:
     """LSAC features of the probes that came back (failed probes are left out)."""
@@ -269,9 +241,9 @@ def route_by_loss(client_ids: Sequence[int], state: ServerState, heads: Mapping[
     """Per client, the cluster whose adapter (on the frozen root, with its head) has the lowest training loss."""
     losses: dict[int, dict[int, float]] = {cid: {} for cid in client_ids}
     for j in sorted(state.clusters):
-        view = {Tier.ROOT: state.root, Tier.CLUSTER: state.clusters[j]}
-        requests = {cid: EvalRequest(cid, (Tier.ROOT, Tier.CLUSTER), view, heads[j], metric="loss")
-                    for cid in client_ids}
+        slots = {Tier.ROOT: Start.server(state.root), Tier.CLUSTER: Start.server(state.clusters[j])}
+        requests = {cid: ScorePlan(cid, state.round + 1, (Tier.ROOT, Tier.CLUSTER), slots, HeadStart(heads[j]),
+                                   metric="loss") for cid in client_ids}
         for cid, loss in evaluate(requests).items():
             losses[cid][j] = loss
     return {cid: min(sorted(ls), key=lambda j: ls[j]) for cid, ls in losses.items() if ls}

@@ -10,10 +10,10 @@ backend, with ``context.state`` as the client's store.
 Messages (all tensors float32, see :mod:`hilora_lightning.flower.messages`):
 
 * ``query``: replies with the client id, its sample counts, latent group and whether it is unseen.
-* ``train``: a fit request (HiLoRA's stage, a probe, an unseen client's fine-tune, or a baseline's
+* ``train``: a local plan (HiLoRA's stage, a probe, an unseen client's fine-tune, or a baseline's
   local update). The **leaf and a personal head stay in ``context.state``** and never appear in a
   reply; it replies with the uploaded ``factors``, the ``head`` when it is shared, and ``metrics``.
-* ``evaluate``: replies with ``score`` (accuracy, or the training loss for routing) and ``num_examples``.
+* ``evaluate``: a score plan; replies with ``score`` (accuracy, or the training loss for routing) and ``num_examples``.
 
 Example:
     >>> from hilora_lightning.flower import make_client_app
@@ -34,9 +34,10 @@ from hilora_lightning.baselines.methods import make_method
 from hilora_lightning.baselines.runner import prepare_baseline_model
 from hilora_lightning.data.clients import ClientData
 from hilora_lightning.experiment import build_clients, build_federation_config, build_model
+from hilora_lightning.federation.plan import LocalPlan, ScorePlan
 from hilora_lightning.federation.runtime import ClientRuntime
 from hilora_lightning.flower.codec import to_record
-from hilora_lightning.flower.messages import RecordStore, decode_eval, decode_fit
+from hilora_lightning.flower.messages import decode_plan, load_store, save_store
 from hilora_lightning.model import HiLoRAViT
 
 __all__ = ["config_from_run", "make_client_app"]
@@ -125,12 +126,15 @@ def make_client_app(
     def train(msg: Message, context: Context) -> Message:
         cfg, runtime = setup(context)
         _, client = _client(cfg, context)
-        req = decode_fit(msg.content)
+        req = decode_plan(msg.content)
+        if not isinstance(req, LocalPlan):
+            raise ValueError(f"a train message must carry a local plan, got a {req.kind.value} plan")
         if req.client_id != client.client_id:
             raise ValueError(f"this node serves client {client.client_id}, the request is for {req.client_id}")
         if fault is not None:
             fault(client.client_id, req.round, "train")
-        reply = runtime.fit(req, client, RecordStore(context.state))
+        reply, store = runtime.fit(req, client, load_store(context.state))
+        save_store(context.state, store)  # only after the plan succeeded
         content = RecordDict({"metrics": MetricRecord({"num_samples": reply.num_samples})})
         if reply.factors is not None:
             content["factors"] = to_record(reply.factors)
@@ -142,11 +146,13 @@ def make_client_app(
     def evaluate_(msg: Message, context: Context) -> Message:
         cfg, runtime = setup(context)
         _, client = _client(cfg, context)
-        req = decode_eval(msg.content)
+        req = decode_plan(msg.content)
+        if not isinstance(req, ScorePlan):
+            raise ValueError(f"an evaluate message must carry a score plan, got a {req.kind.value} plan")
         if fault is not None:
             fault(client.client_id, req.round, "evaluate")
         try:
-            score = runtime.evaluate(req, client, RecordStore(context.state))
+            score = runtime.evaluate(req, client, load_store(context.state))
         finally:
             runtime.release()
         split = client.train if req.metric == "loss" else client.test

@@ -1,131 +1,131 @@
-"""Fit and evaluation requests as Flower messages, and back: the wire format of both Flower apps.
+"""Local plans as Flower messages, and back: the wire format of both Flower apps.
 
-Tier states travel as ``ArrayRecord`` s (float32), everything else in one ``ConfigRecord``; frozen
-tiers the client holds (``cached``) and a head it does not need are left out, and a leaf is sent
-only when the server has one to give (an unseen client's fresh leaf), never taken back.
+A plan travels as it is: slot states the server sends (``Origin.SERVER``) and the head and gates it
+gives as ``ArrayRecord`` s (float32), everything else in one ``ConfigRecord``. A slot the client holds
+(frozen, kept, or fresh from a seed) carries no state: the in-process copy a ``FROZEN`` start may hold
+never leaves the server. The client store lives in ``context.state`` (:func:`load_store`,
+:func:`save_store`).
 
 Example:
-    >>> from hilora_lightning.federation.requests import FitRequest
-    >>> from hilora_lightning.flower.messages import decode_fit, encode_fit
+    >>> from hilora_lightning.federation.plan import HeadStart, Kind, LocalPlan, Start, Step
+    >>> from hilora_lightning.flower.messages import decode_plan, encode_plan
     >>> from hilora_lightning.tiers import Tier
-    >>> req = FitRequest(3, 2, Tier.ROOT, {Tier.ROOT: {}}, {}, seed=1, leaf_seed=2, send_head=False)
-    >>> decode_fit(encode_fit(req)) == req
+    >>> plan = LocalPlan(Kind.TRAIN, 3, 2, {Tier.ROOT: Start.server({})}, HeadStart(None),
+    ...                  (Step((Tier.ROOT,), (Tier.ROOT,), seed=1),), upload=(Tier.ROOT, "AB"))
+    >>> decode_plan(encode_plan(plan)) == plan
     True
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Mapping
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import Tensor
 
-from hilora_lightning.federation.requests import EvalRequest, FitRequest, Phase
+from hilora_lightning.federation.plan import (
+    Budget,
+    ClientStore,
+    HeadStart,
+    Kind,
+    LocalPlan,
+    Origin,
+    ScorePlan,
+    Start,
+    Step,
+)
 from hilora_lightning.flower.codec import from_record, to_record
 from hilora_lightning.tiers import Tier
 
-__all__ = ["RecordStore", "decode_eval", "decode_fit", "encode_eval", "encode_fit"]
+__all__ = ["decode_plan", "encode_plan", "load_store", "save_store"]
+
+_STORE = "store-"
 
 
 def _tiers(names: Any) -> tuple[Tier, ...]:
     return tuple(Tier.parse(str(t)) for t in (names or []))
 
 
-def _encode_view(content: RecordDict, view: Mapping[Tier, Mapping[str, Tensor] | None], cached: tuple[Tier, ...]
-                 ) -> list[str]:
-    for tier, state in view.items():
-        if state is not None and tier not in cached:
-            content[f"view-{tier.value}"] = to_record(state)
-    return [t.value for t in view]
+def _encode_common(content: RecordDict, plan: LocalPlan | ScorePlan) -> dict[str, Any]:
+    slots = {}
+    for slot, start in plan.slots.items():
+        if start.sent is not None:
+            content[f"slot-{slot.value}"] = to_record(start.sent)
+        slots[slot.value] = [start.origin.value, -1 if start.seed is None else start.seed, start.overlay, start.freeze]
+    if plan.head.state is not None:
+        content["head"] = to_record(plan.head.state)
+    if plan.gates is not None:
+        content["gates"] = to_record(plan.gates)
+    return {"kind": plan.kind.value, "client_id": plan.client_id, "round": plan.round, "slots": json.dumps(slots),
+            "own_head": plan.head.own}
 
 
-def _decode_view(content: RecordDict, names: Any) -> dict[Tier, dict[str, Tensor] | None]:
-    return {t: from_record(content[f"view-{t.value}"]) if f"view-{t.value}" in content else None
-            for t in _tiers(names)}
+def _decode_common(content: RecordDict, c: Any) -> dict[str, Any]:
+    slots: dict[Tier, Start] = {}
+    for name, (origin, seed, overlay, freeze) in json.loads(str(c["slots"])).items():
+        key = f"slot-{name}"
+        state = from_record(content[key]) if key in content else None
+        slots[Tier.parse(name)] = Start(Origin(origin), state, None if seed < 0 else int(seed), bool(overlay),
+                                        bool(freeze))
+    return {"client_id": int(c["client_id"]), "round": int(c["round"]), "slots": slots,
+            "head": HeadStart(from_record(content["head"]) if "head" in content else None, bool(c["own_head"])),
+            "gates": from_record(content["gates"]) if "gates" in content else None}
 
 
-def encode_fit(req: FitRequest) -> RecordDict:
-    """The message content of a fit request (the tiers the client holds and an unneeded head left out)."""
+def encode_plan(plan: LocalPlan | ScorePlan) -> RecordDict:
+    """The message content of a plan (only what travels: no state the client holds)."""
     content = RecordDict()
-    view = _encode_view(content, req.view, req.cached)
-    if req.send_head and req.head:
-        content["head"] = to_record(req.head)
-    if req.gate_init is not None:
-        content["gate-init"] = to_record(req.gate_init)
-    phases = [[[t.value for t in p.active], [t.value for t in p.train], p.share, p.gates, p.head] for p in req.phases]
-    content["config"] = ConfigRecord({
-        "client_id": req.client_id, "round": req.round, "tier": req.tier.value, "view": view, "seed": req.seed,
-        "leaf_seed": req.leaf_seed, "own_head": req.own_head, "cached": [t.value for t in req.cached],
-        "final": [t.value for t in req.final], "send_head": req.send_head, "batch_size": req.batch_size,
-        "epochs": req.epochs, "steps": -1 if req.steps is None else req.steps, "phases": json.dumps(phases),
-        "phase_epochs": req.phase_epochs, "upload": req.upload,
-        "keep": json.dumps([[t.value, side] for t, side in req.keep]), "keep_head": req.keep_head,
-        "return_head": req.return_head, "gates": req.gates})
+    config = _encode_common(content, plan)
+    if isinstance(plan, ScorePlan):
+        config.update(active=[t.value for t in plan.active], metric=plan.metric)
+    else:
+        steps = [[[t.value for t in s.active], [t.value for t in s.train], s.seed, s.head, s.gates,
+                  -1.0 if s.share is None else s.share, [[t.value, g] for t, g in s.penalty]] for s in plan.steps]
+        b = plan.budget
+        config.update(steps=json.dumps(steps), batch_size=b.batch_size, epochs=b.epochs,
+                      budget_steps=-1 if b.steps is None else b.steps,
+                      upload=json.dumps(None if plan.upload is None else [plan.upload[0].value, plan.upload[1]]),
+                      keep=json.dumps([[t.value, side] for t, side in plan.keep]), keep_head=plan.keep_head,
+                      return_head=plan.return_head)
+    content["config"] = ConfigRecord(config)
     return content
 
 
-def decode_fit(content: RecordDict) -> FitRequest:
-    """The fit request a message carries (raises ``ValueError``/``KeyError`` on a malformed one)."""
+def decode_plan(content: RecordDict) -> LocalPlan | ScorePlan:
+    """The plan a message carries (raises ``ValueError``/``KeyError`` on a malformed one)."""
     c = content["config"]
-    phases = tuple(Phase(_tiers(a), _tiers(t), float(s), bool(g), bool(h))
-                   for a, t, s, g, h in json.loads(str(c["phases"])))
-    steps = int(c["steps"])  # type: ignore[arg-type]
-    return FitRequest(
-        int(c["client_id"]), int(c["round"]), Tier.parse(str(c["tier"])),  # type: ignore[arg-type]
-        _decode_view(content, c["view"]), from_record(content["head"]) if "head" in content else {},
-        int(c["seed"]), int(c["leaf_seed"]), bool(c["own_head"]), _tiers(c["cached"]),  # type: ignore[arg-type]
-        _tiers(c["final"]), bool(c["send_head"]), int(c["batch_size"]), int(c["epochs"]),  # type: ignore[arg-type]
-        None if steps < 0 else steps, phases, bool(c["phase_epochs"]), str(c["upload"]),
-        tuple((Tier.parse(t), str(side)) for t, side in json.loads(str(c["keep"]))), bool(c["keep_head"]),
-        bool(c["return_head"]), bool(c["gates"]),
-        from_record(content["gate-init"]) if "gate-init" in content else None)
+    common = _decode_common(content, c)
+    kind = Kind(str(c["kind"]))
+    if kind is Kind.SCORE:
+        return ScorePlan(active=_tiers(c["active"]), metric=str(c["metric"]), **common)
+    steps = tuple(Step(_tiers(a), _tiers(t), int(seed), bool(h), bool(g), None if share < 0 else float(share),
+                       tuple((Tier.parse(x), float(gamma)) for x, gamma in pen))
+                  for a, t, seed, h, g, share, pen in json.loads(str(c["steps"])))
+    budget_steps = int(c["budget_steps"])  # type: ignore[arg-type]
+    upload = json.loads(str(c["upload"]))
+    return LocalPlan(kind, steps=steps,
+                     budget=Budget(int(c["batch_size"]), int(c["epochs"]),  # type: ignore[arg-type]
+                                   None if budget_steps < 0 else budget_steps),
+                     upload=None if upload is None else (Tier.parse(upload[0]), str(upload[1])),
+                     keep=tuple((Tier.parse(t), str(side)) for t, side in json.loads(str(c["keep"]))),
+                     keep_head=bool(c["keep_head"]), return_head=bool(c["return_head"]), **common)
 
 
-def encode_eval(req: EvalRequest) -> RecordDict:
-    """The message content of an evaluation request."""
-    content = RecordDict()
-    view = _encode_view(content, req.view, req.cached)
-    if req.head:
-        content["head"] = to_record(req.head)
-    if req.gate_init is not None:
-        content["gate-init"] = to_record(req.gate_init)
-    content["config"] = ConfigRecord({
-        "client_id": req.client_id, "tiers": [t.value for t in req.tiers], "view": view, "own_head": req.own_head,
-        "cached": [t.value for t in req.cached], "round": req.round, "gates": req.gates, "metric": req.metric})
-    return content
+def load_store(state: RecordDict) -> ClientStore:
+    """The client store kept in a SuperNode's ``context.state``."""
+    flat: dict[str, Mapping[str, Tensor]] = {}
+    for key in list(state.keys()):
+        if key.startswith(_STORE) and isinstance(state[key], ArrayRecord):
+            flat[key[len(_STORE):]] = from_record(state[key])
+    return ClientStore.from_dict(flat)
 
 
-def decode_eval(content: RecordDict) -> EvalRequest:
-    """The evaluation request a message carries."""
-    c = content["config"]
-    return EvalRequest(int(c["client_id"]), _tiers(c["tiers"]), _decode_view(content, c["view"]),  # type: ignore[arg-type]
-                       from_record(content["head"]) if "head" in content else {}, bool(c["own_head"]),
-                       _tiers(c["cached"]), int(c["round"]), bool(c["gates"]),  # type: ignore[arg-type]
-                       from_record(content["gate-init"]) if "gate-init" in content else None, str(c["metric"]))
-
-
-class RecordStore(MutableMapping[str, Any]):
-    """A client store over a SuperNode's ``context.state``: tier states kept as ``ArrayRecord`` s."""
-
-    def __init__(self, state: RecordDict) -> None:
-        self.state = state
-
-    def __getitem__(self, key: str) -> dict[str, Tensor]:
-        record = self.state[f"store-{key}"]
-        if not isinstance(record, ArrayRecord):
-            raise KeyError(key)
-        return from_record(record)
-
-    def __setitem__(self, key: str, value: Mapping[str, Tensor]) -> None:
-        self.state[f"store-{key}"] = to_record(value)
-
-    def __delitem__(self, key: str) -> None:
-        del self.state[f"store-{key}"]
-
-    def __iter__(self) -> Iterator[str]:
-        return (k[len("store-"):] for k in list(self.state.keys()) if k.startswith("store-"))
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
+def save_store(state: RecordDict, store: ClientStore) -> None:
+    """Replace the client store in ``context.state`` by ``store``."""
+    flat = store.to_dict()
+    for key in [k for k in state.keys() if k.startswith(_STORE) and k[len(_STORE):] not in flat]:
+        del state[key]
+    for key, value in flat.items():
+        state[_STORE + key] = to_record(value)

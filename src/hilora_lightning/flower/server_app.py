@@ -32,11 +32,11 @@ from torch.utils.data import Dataset
 from hilora_lightning.data.clients import ClientData
 from hilora_lightning.experiment import build_federation_config, build_runner, validate_config
 from hilora_lightning.federation.checkpoint import load_checkpoint
-from hilora_lightning.federation.requests import EvalRequest, FitReply, FitRequest
+from hilora_lightning.federation.plan import FitReply, LocalPlan, ScorePlan
 from hilora_lightning.federation.result import FederatedResult
 from hilora_lightning.flower.client_app import config_from_run
 from hilora_lightning.flower.codec import from_record
-from hilora_lightning.flower.messages import encode_eval, encode_fit
+from hilora_lightning.flower.messages import encode_plan
 
 __all__ = ["FlowerBackend", "RemoteData", "make_server_app", "run_federation"]
 
@@ -84,8 +84,9 @@ class FlowerBackend:
                 replies[cid] = reply
         return replies
 
-    def fit(self, requests: Mapping[int, FitRequest]) -> dict[int, FitReply | Exception]:
-        messages = {cid: Message(encode_fit(req), self.nodes[cid], MessageType.TRAIN, group_id=str(req.round))
+    def fit(self, requests: Mapping[int, LocalPlan]) -> dict[int, FitReply | Exception]:
+        messages = {cid: Message(encode_plan(req), self.nodes[cid], MessageType.TRAIN,
+                                 group_id=f"{req.kind.value}-{req.round}")
                     for cid, req in requests.items() if cid in self.nodes}
         replies = self._exchange(messages)
         out: dict[int, FitReply | Exception] = {}
@@ -99,9 +100,10 @@ class FlowerBackend:
         return out
 
     @staticmethod
-    def _fit_reply(reply: Message | None, req: FitRequest) -> FitReply:
+    def _fit_reply(reply: Message | None, req: LocalPlan) -> FitReply:
         if reply is None:
-            raise TimeoutError(f"no reply from client {req.client_id} for round {req.round}")
+            raise TimeoutError(f"no reply from client {req.client_id} for its {req.kind.value} plan of round "
+                               f"{req.round}")
         if reply.has_error():
             raise RuntimeError(f"client error {reply.error.code}: {reply.error.reason}")
         content = reply.content
@@ -114,8 +116,8 @@ class FlowerBackend:
         num = content["metrics"].get("num_samples", 0)  # type: ignore[union-attr]
         return FitReply(factors, head, int(num))  # type: ignore[arg-type]
 
-    def evaluate(self, requests: Mapping[int, EvalRequest]) -> dict[int, float | Exception]:
-        messages = {cid: Message(encode_eval(req), self.nodes[cid], MessageType.EVALUATE, group_id=f"eval-{req.round}")
+    def evaluate(self, requests: Mapping[int, ScorePlan]) -> dict[int, float | Exception]:
+        messages = {cid: Message(encode_plan(req), self.nodes[cid], MessageType.EVALUATE, group_id=f"eval-{req.round}")
                     for cid, req in requests.items() if cid in self.nodes}
         out: dict[int, float | Exception] = {cid: RuntimeError("no reply") for cid in requests}
         for cid, reply in self._exchange(messages).items():
