@@ -160,3 +160,55 @@ def test_a_failing_plan_changes_no_store_and_a_non_finite_update_is_refused() ->
     reply = backend.fit({client.client_id: plan})[client.client_id]
     assert isinstance(reply, AdapterStateError) and "holds NaN or Inf values after training" in str(reply)
     assert backend.store(client.client_id) == ClientStore(kept=kept)
+
+
+def test_the_adapter_spec_makes_the_states_the_model_makes_and_strategies_keep_no_model() -> None:
+    """Fresh states from the spec equal reset_tier's bitwise (ranks and inits differing per tier); the shapes
+    are what import_tier accepts; neither strategy holds a module."""
+    from hilora_lightning import AdapterConfig, TierConfig
+    from hilora_lightning.adapter_spec import AdapterSpec
+    from hilora_lightning.baselines import FedSALoRA
+    from hilora_lightning.baselines.strategy import BaselineStrategy
+    from hilora_lightning.federation import FederationConfig
+    from hilora_lightning.federation.hilora import HiLoRAStrategy
+    from hilora_lightning.state import expected_shapes
+
+    adapter = AdapterConfig(targets="all_linear", root=TierConfig(rank=4, alpha=8),
+                            cluster=TierConfig(rank=2, alpha=2, init="gaussian"), leaf=TierConfig(rank=3, alpha=3))
+    model = HiLoRAViT(adapter=adapter)
+    spec = AdapterSpec.from_model(model)
+    for tier in Tier:
+        model.reset_tier(tier, 42)
+        made = export_tier(model, tier)
+        fresh = spec.fresh(tier, 42)
+        assert fresh.keys() == made.keys() and all(torch.equal(fresh[k], made[k]) for k in made)
+        assert spec.shapes(tier) == expected_shapes(model, tier)
+    assert (spec.rank(R), spec.rank(C), spec.rank(L)) == (4, 2, 3)
+    assert spec.penalty(L) == ((R, 0.1), (C, 0.1)) and spec.penalty(R) == ()
+    config = FederationConfig(rounds=10, schedule="per_round")
+    for strategy in (HiLoRAStrategy(model, config), HiLoRAStrategy(spec, config),
+                     BaselineStrategy(FedSALoRA(rounds=10), HiLoRAViT(gamma_c=0, gamma_l=0), config)):
+        assert not [k for k, v in vars(strategy).items() if isinstance(v, torch.nn.Module)]
+    a, b = HiLoRAStrategy(model, config), HiLoRAStrategy(spec, config)
+    assert a.fingerprint() == b.fingerprint()
+    assert all(torch.equal(a.initial_root[k], v) for k, v in b.initial_root.items())
+
+
+def test_a_baseline_sends_its_global_head_to_a_client_that_holds_none_and_only_then() -> None:
+    """FedDPA-F's first local round: a client without a personal head starts from the global head, which
+    must travel (over Flower nothing else would give it); a client holding its own head is sent nothing."""
+    from hilora_lightning.baselines import FedDPAF
+    from hilora_lightning.baselines.strategy import BaselineStrategy
+    from hilora_lightning.federation import FederationConfig
+
+    strategy = BaselineStrategy(FedDPAF(rounds=3, local_rounds=1), HiLoRAViT(gamma_c=0, gamma_l=0),
+                                FederationConfig(rounds=3, schedule="per_round", local_steps=2))
+    state = strategy.initial_state([0, 1])
+    assert strategy.configure_fit(state, 1, [0], L)[0].head == HeadStart(state.global_head)  # a federated round
+    assert strategy.configure_fit(state, 3, [0], L)[0].head == HeadStart(None, own=True)  # nothing aggregated yet
+    state.global_head = {k: v + 1 for k, v in state.global_head.items()}
+    state.extra["own_head"] = [1]
+    plans = strategy.configure_fit(state, 3, [0, 1], L)
+    assert plans[0].head.own and all(torch.equal(plans[0].head.state[k], v) for k, v in state.global_head.items())
+    assert plans[1].head == HeadStart(None, own=True)
+    assert strategy.download_bytes(state, plans[0]) > strategy.download_bytes(state, plans[1])
