@@ -212,3 +212,11 @@ def test_a_baseline_sends_its_global_head_to_a_client_that_holds_none_and_only_t
     assert plans[0].head.own and all(torch.equal(plans[0].head.state[k], v) for k, v in state.global_head.items())
     assert plans[1].head == HeadStart(None, own=True)
     assert strategy.download_bytes(state, plans[0]) > strategy.download_bytes(state, plans[1])
+    assert strategy.configure_fit(state, 1, [0], L)[0].slots[L] == Start.kept(0)  # idle: the model's initial factors
+    assert strategy.configure_fit(state, 3, [0], L)[0].slots[L] == Start.kept(_leaf_seed(strategy, 0))  # it trains
+
+
+def _leaf_seed(strategy, cid: int) -> int:
+    from hilora_lightning.federation.client import client_seed
+
+    return client_seed(strategy.config.seed, 0, cid, "leaf")

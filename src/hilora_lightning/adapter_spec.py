@@ -59,6 +59,7 @@ class AdapterSpec:
         gammas: the penalty weights against a frozen root (``Tier.ROOT``: ``gamma_c``) and cluster (``gamma_l``).
         train_head: whether the head trains with a stage's tier.
         fingerprint: the model's hyper-parameters and backbone hash (resume checks).
+        init_seed: the seed of the model's own initial factors (``HiLoRAViT(seed=...)``).
     """
 
     layouts: Mapping[Tier, tuple[FactorLayout, ...]]
@@ -69,6 +70,7 @@ class AdapterSpec:
     gammas: Mapping[Tier, float]
     train_head: bool
     fingerprint: Mapping[str, str]
+    init_seed: int = 0
 
     @classmethod
     def from_model(cls, model: Any) -> AdapterSpec:
@@ -90,7 +92,7 @@ class AdapterSpec:
         return cls(layouts, {t: acfg.tier(t).rank for t in Tier}, {t: acfg.tier(t).init for t in Tier},
                    head_state(model), model.gate_state(),
                    {Tier.ROOT: float(hp["gamma_c"]), Tier.CLUSTER: float(hp["gamma_l"])}, bool(hp["train_head"]),
-                   model_items(model))
+                   model_items(model), int(hp.get("seed", 0)))
 
     def rank(self, tier: Tier) -> int:
         """The LoRA rank of ``tier``."""

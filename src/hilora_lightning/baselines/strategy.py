@@ -88,8 +88,15 @@ class BaselineStrategy:
         return "federated" if self.method.uploads(state.round + 1) else "local"
 
     # ------------------------------------------------------------------ requests
-    def _view(self, state: ServerState, cid: int, row: State | None = None) -> dict[Tier, Start]:
-        """How client ``cid`` starts the method's slots (``row`` overrides FedALT's rest-of-world)."""
+    def _view(self, state: ServerState, cid: int, row: State | None = None, phases: Sequence[Phase] | None = None
+              ) -> dict[Tier, Start]:
+        """How client ``cid`` starts the method's slots (``row`` overrides FedALT's rest-of-world).
+
+        A personal slot the client has not trained yet starts fresh from its leaf seed, except in an update
+        whose ``phases`` leave it inactive (FedDPA-F's global rounds): there it starts from the model's own
+        initial factors, as it did before plans made starts explicit (the measured FedDPA-F figures rest on
+        this; every client then shares that initial ``A``, harmless for a slot that is never aggregated).
+        """
         slots = self.method.slots
         view: dict[Tier, Start] = {}
         if G in slots:  # FedSA-LoRA: the client's own B overlays it (kept in its store)
@@ -98,7 +105,8 @@ class BaselineStrategy:
             view[R] = Start.server(row if row is not None else state.extra["row"].get(cid, self.initial_row),
                                    overlay=True)
         if P in slots:  # the client's own personal LoRA (fresh from its seed the first time)
-            view[P] = Start.kept(client_seed(self.config.seed, 0, cid, "leaf"))
+            idle = phases is not None and not any(P in p.active for p in phases)
+            view[P] = Start.kept(self.spec.init_seed if idle else client_seed(self.config.seed, 0, cid, "leaf"))
         return view
 
     def _steps(self, phases: Sequence[Phase], seed: int, cid: int, whole: bool = False) -> tuple[Step, ...]:
@@ -133,11 +141,12 @@ class BaselineStrategy:
         share_head = uploads and cfg.head_policy == "tier"
         upload = (self.upload_slot, "A" if method.rule == "A" else "AB") if uploads else None
         budget = Budget(cfg.batch_size, cfg.local_epochs, cfg.local_steps)
+        phases = method.phases(t)
         return {cid: LocalPlan(
-            Kind.TRAIN, cid, t, self._view(state, cid),
+            Kind.TRAIN, cid, t, self._view(state, cid, phases=phases),
             HeadStart(self._head(state), own=False) if share_head else HeadStart(self._fallback_head(state, cid),
                                                                                  own=True),
-            self._steps(method.phases(t), client_seed(cfg.seed, t, cid, method.name), cid), budget, upload=upload,
+            self._steps(phases, client_seed(cfg.seed, t, cid, method.name), cid), budget, upload=upload,
             keep=self._keep(), keep_head=not share_head, return_head=share_head, gates=self._gates())
             for cid in selected}
 
