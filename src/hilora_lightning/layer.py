@@ -140,6 +140,8 @@ class TieredLoRALinear(nn.Module):
         self._merged: tuple[Tier, ...] = ()
         self._weight_backup: Tensor | None = None
         self.tier_gate: TierGate | None = None
+        #: set for a batched pass (:class:`~hilora_lightning.batched_lora.StackedDelta`): replaces the forward
+        self.batched: Any = None
 
     @property
     def active(self) -> tuple[Tier, ...]:
@@ -263,6 +265,8 @@ class TieredLoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
+        if self.batched is not None:  # a batched pass: every client's own factors on its segment of x
+            return self.batched(self, x)  # type: ignore[no-any-return]
         out = self.base_layer(x)
         plan = self._plan
         if plan is None:

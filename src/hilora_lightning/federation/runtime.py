@@ -33,13 +33,13 @@ from torch import Tensor
 from hilora_lightning.data.clients import ClientData
 from hilora_lightning.errors import AdapterStateError
 from hilora_lightning.federation.local import LoaderSpec, eval_device, evaluate, fit_current, head_state, load_view
-from hilora_lightning.federation.plan import ClientStore, FitReply, LocalPlan, Origin, ScorePlan, Start, State
+from hilora_lightning.federation.plan import ClientStore, FitReply, LocalPlan, Origin, ScorePlan, State
 from hilora_lightning.model import HiLoRAViT
 from hilora_lightning.state import export_tier
 from hilora_lightning.strategy.aggregation import select_side
 from hilora_lightning.tiers import Tier
 
-__all__ = ["ClientRuntime", "side_of"]
+__all__ = ["ClientRuntime", "finish_plan", "resolve_head", "resolve_slots", "side_of"]
 
 
 def side_of(state: Mapping[str, Tensor], side: str) -> State:
@@ -74,33 +74,12 @@ class ClientRuntime:
         self.initial_gates = model.gate_state()
 
     # ------------------------------------------------------------------ loading
-    def _resolve(self, client_id: int, slot: Tier, start: Start, store: ClientStore) -> Mapping[str, Tensor] | None:
-        """The state ``start`` names (``None``: a fresh slot from ``start.seed``)."""
-        if start.origin is Origin.SERVER:
-            state = start.state
-        elif start.origin is Origin.FROZEN:
-            state = store.frozen.get(slot, start.state)
-            if state is None:
-                raise RuntimeError(f"client {client_id}: the server expects it to hold the frozen {slot.value} "
-                                   "adapter, but it does not (the node restarted?)")
-        elif start.origin is Origin.KEPT:
-            state = store.kept.get(slot)
-        else:
-            state = None
-        kept = store.kept.get(slot) if start.overlay else None
-        if kept is not None and state is not None:
-            state = {**state, **kept}
-        return state
-
     def _load(self, plan: LocalPlan | ScorePlan, store: ClientStore) -> None:
-        states: dict[Tier, Mapping[str, Tensor] | None] = {}
-        for slot, start in plan.slots.items():
-            state = self._resolve(plan.client_id, slot, start, store)
+        states = resolve_slots(plan, store)
+        for slot, state in states.items():
             if state is None:
-                self.model.reset_tier(slot, int(start.seed))  # type: ignore[arg-type]
-            states[slot] = state
-        own = store.head if plan.head.own else None
-        load_view(self.model, states, own if own is not None else (plan.head.state or self.initial_head))
+                self.model.reset_tier(slot, int(plan.slots[slot].seed))  # type: ignore[arg-type]
+        load_view(self.model, states, resolve_head(plan, store) or self.initial_head)
         if plan.gates is not None:
             self.model.load_gate_state(store.gates or plan.gates or self.initial_gates)
 
@@ -122,19 +101,10 @@ class ClientRuntime:
                 epochs, steps = 1, max(1, round(step.share * total))
             fit_current(model, data.train, step.seed, plan.budget.batch_size, epochs, steps, self.trainer_kwargs,
                         self.loader)
-        head = head_state(model)
         wanted = {slot for slot, _ in (*plan.keep, *([plan.upload] if plan.upload else []))}
-        trained = {slot: export_tier(model, slot) for slot in wanted}
-        kept = {slot: side_of(trained[slot], side) for slot, side in plan.keep}
-        factors = side_of(trained[plan.upload[0]], plan.upload[1]) if plan.upload else None
-        for what, state in (("update", factors), ("head", head), *((f"{s.value} state", v) for s, v in kept.items())):
-            _check_finite(state, what, plan.client_id)
-        frozen = {**store.frozen, **{slot: dict(s.state) for slot, s in plan.slots.items()  # type: ignore[arg-type]
-                                     if s.freeze}}
-        new = dataclasses.replace(store, kept={**store.kept, **kept}, frozen=frozen,
-                                  head=head if plan.keep_head else store.head,
-                                  gates=model.gate_state() if plan.gates is not None else store.gates)
-        return FitReply(factors, head if plan.return_head else None, data.num_samples), new
+        gates = model.gate_state() if plan.gates is not None else None
+        return finish_plan(plan, data, store, {slot: export_tier(model, slot) for slot in wanted}, head_state(model),
+                           gates)
 
     def evaluate(self, plan: ScorePlan, data: ClientData, store: ClientStore) -> float:
         """Accuracy on the client's test split (or mean loss on its training split) with ``plan.active``."""
@@ -147,3 +117,46 @@ class ClientRuntime:
         """Move the model back to the CPU after a batch of evaluations (fits return it there themselves)."""
         if self.device.type != "cpu":
             self.model.cpu()
+
+
+def resolve_slots(plan: LocalPlan | ScorePlan, store: ClientStore) -> dict[Tier, Mapping[str, Tensor] | None]:
+    """Each slot's starting state as its :class:`Start` names it (``None``: fresh from ``start.seed``)."""
+    out: dict[Tier, Mapping[str, Tensor] | None] = {}
+    for slot, start in plan.slots.items():
+        if start.origin is Origin.SERVER:
+            state = start.state
+        elif start.origin is Origin.FROZEN:
+            state = store.frozen.get(slot, start.state)
+            if state is None:
+                raise RuntimeError(f"client {plan.client_id}: the server expects it to hold the frozen {slot.value} "
+                                   "adapter, but it does not (the node restarted?)")
+        elif start.origin is Origin.KEPT:
+            state = store.kept.get(slot)
+        else:
+            state = None
+        kept = store.kept.get(slot) if start.overlay else None
+        out[slot] = {**state, **kept} if kept is not None and state is not None else state
+    return out
+
+
+def resolve_head(plan: LocalPlan | ScorePlan, store: ClientStore) -> Mapping[str, Tensor] | None:
+    """The head a plan starts from: the client's own (if the plan says so and it has one), else the sent one;
+    ``None``: the model's initial head."""
+    own = store.head if plan.head.own else None
+    return own if own is not None else plan.head.state
+
+
+def finish_plan(plan: LocalPlan, data: ClientData, store: ClientStore, trained: Mapping[Tier, State],
+                head: State, gates: State | None) -> tuple[FitReply, ClientStore]:
+    """The reply and the new store of a finished plan, from the trained slot states it uploads or keeps
+    (one rule for every executor): everything checked finite before the store changes."""
+    kept = {slot: side_of(trained[slot], side) for slot, side in plan.keep}
+    factors = side_of(trained[plan.upload[0]], plan.upload[1]) if plan.upload else None
+    for what, state in (("update", factors), ("head", head), *((f"{s.value} state", v) for s, v in kept.items())):
+        _check_finite(state, what, plan.client_id)
+    frozen = {**store.frozen, **{slot: dict(s.state) for slot, s in plan.slots.items()  # type: ignore[arg-type]
+                                 if s.freeze}}
+    new = dataclasses.replace(store, kept={**store.kept, **kept}, frozen=frozen,
+                              head=head if plan.keep_head else store.head,
+                              gates=gates if plan.gates is not None else store.gates)
+    return FitReply(factors, head if plan.return_head else None, data.num_samples), new

@@ -1,0 +1,90 @@
+"""Many clients' LoRA factors over one frozen layer in one pass: the math of the batched backend.
+
+The samples of ``C`` clients travel through the frozen network as one batch, client by client in
+equal segments. Each tiered layer adds every client's own low-rank update to its segment with a
+batched matmul over the stacked factors (``A``: ``C x segments x r x in``, ``B``: ``C x segments x
+rows x r``), no gather; slots that every client shares are merged into the base weight beforehand.
+The head is applied per client the same way. No Lightning here.
+
+Example:
+    >>> import torch
+    >>> from hilora_lightning.batched_lora import stacked_lora_delta
+    >>> x = torch.randn(2, 5, 4)                       # 2 clients, 5 tokens each, in_features 4
+    >>> a, b = torch.randn(2, 1, 3, 4), torch.randn(2, 1, 6, 3)
+    >>> out = stacked_lora_delta(x, a, b, ((0, 6),), 0.5)
+    >>> torch.allclose(out[1], 0.5 * x[1] @ a[1, 0].T @ b[1, 0].T, atol=1e-6)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["StackedDelta", "stacked_head", "stacked_lora_delta"]
+
+
+def stacked_lora_delta(x: Tensor, a: Tensor, b: Tensor, rows: Sequence[tuple[int, int]], scale: float,
+                       out_features: int | None = None) -> Tensor:
+    """Every client's ``scale * B_c A_c x_c``, written into its output rows.
+
+    Args:
+        x: ``C x N x in`` (client ``c``'s inputs in ``x[c]``).
+        a: ``C x S x r x in``; b: ``C x S x rows_s x r`` (``S`` segments of the output rows).
+        rows: ``(start, stop)`` of each segment in the output.
+        scale: the LoRA scale ``alpha / r``.
+        out_features: the layer's output width (default: the last segment's stop).
+
+    Returns:
+        ``C x N x out_features``, zero outside the segments.
+    """
+    clients, n, _ = x.shape
+    segments, rank = a.shape[1], a.shape[2]
+    h = torch.bmm(x, a.flatten(1, 2).transpose(1, 2).to(x.dtype))  # C x N x (S r)
+    width = out_features if out_features is not None else rows[-1][1]
+    if segments == 1 and rows[0] == (0, width):
+        return scale * torch.bmm(h, b[:, 0].transpose(1, 2).to(h.dtype))
+    out = h.new_zeros(clients, n, width)
+    for s, (start, stop) in enumerate(rows):
+        out[..., start:stop] = scale * torch.bmm(h[..., s * rank:(s + 1) * rank], b[:, s].transpose(1, 2).to(h.dtype))
+    return out
+
+
+class StackedDelta:
+    """A tiered layer's forward during a batched pass: its base (shared slots merged in) plus each
+    client's low-rank terms on its own segment of the batch (set as ``TieredLoRALinear.batched``).
+
+    Args:
+        clients: ``C``; the batch's first dimension is ``C`` equal segments.
+        terms: ``(A, B, scale)`` per client-specific slot (stacked as in :func:`stacked_lora_delta`).
+    """
+
+    def __init__(self, clients: int, terms: Sequence[tuple[Tensor, Tensor, float]]) -> None:
+        self.clients = clients
+        self.terms = list(terms)
+
+    def __call__(self, layer: Any, x: Tensor) -> Tensor:
+        out = layer.base_layer(x)
+        if not self.terms:
+            return out  # type: ignore[no-any-return]
+        xc = x.reshape(self.clients, -1, x.shape[-1])
+        rows = [(start, stop) for _, start, stop in layer.segments]
+        delta = sum(stacked_lora_delta(xc, a, b, rows, scale, out.shape[-1]) for a, b, scale in self.terms)
+        return out + delta.reshape(out.shape).to(out.dtype)  # type: ignore[union-attr,no-any-return]
+
+
+def stacked_head(features: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Each client's linear head on its own features: ``C x n x d`` features, ``C x k x d`` weights,
+    ``C x k`` biases, ``C x n x k`` logits.
+
+    Example:
+        >>> import torch
+        >>> f, w, b = torch.randn(3, 4, 5), torch.randn(3, 2, 5), torch.randn(3, 2)
+        >>> torch.allclose(stacked_head(f, w, b)[2], f[2] @ w[2].T + b[2], atol=1e-6)
+        True
+    """
+    logits = torch.bmm(features, weight.transpose(1, 2).to(features.dtype))
+    return logits if bias is None else logits + bias.unsqueeze(1).to(logits.dtype)

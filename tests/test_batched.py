@@ -1,0 +1,204 @@
+"""The batched backend: the stacked math against per-client references, and plans run together against
+the sequential executor.
+
+Tolerance. Batched and sequential runs compute the same sums in another order (batched matmuls over
+clients, a shared frozen slot merged into the base weight), so they agree to float32 rounding per
+step, ~1e-7 relative. AdamW divides each gradient by its own running magnitude, so an element whose
+true gradient is near zero can move by up to ``lr`` on rounding alone; over these few steps the measured
+gap in each client's product ``B A`` is ~1e-5 (relative Frobenius norm), and 1-2 thread runs of the
+*sequential* executor differ by ~5e-7. ``PRODUCT_RTOL = 1e-3`` leaves two orders of magnitude of margin
+and still fails on a real difference (tested: the same plans with the penalty left out).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from hilora_lightning import HiLoRAViT, Tier
+from hilora_lightning.batched_lora import StackedDelta, stacked_head, stacked_lora_delta
+from hilora_lightning.data import ClientData, digits_federation
+from hilora_lightning.federation import FederatedOrchestrator, FederationConfig
+from hilora_lightning.federation.backend import InProcessBackend
+from hilora_lightning.federation.batched import BatchedBackend, batch_refusal
+from hilora_lightning.federation.hilora import HiLoRAStrategy
+from hilora_lightning.federation.plan import Budget
+from hilora_lightning.federation.runtime import ClientRuntime
+from hilora_lightning.layer import TieredLoRALinear
+
+R, C, L = Tier.ROOT, Tier.CLUSTER, Tier.LEAF
+PRODUCT_RTOL = 1e-3
+FAST = {"local_steps": 3, "batch_size": 16, "seed": 0}
+
+
+def test_stacked_delta_equals_each_clients_own_lora_on_segments() -> None:
+    """q and v row slices of a fused qkv (the paper's targets): every client's rows get its own update."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 8, generator=g)
+    a, b = torch.randn(3, 2, 4, 8, generator=g), torch.randn(3, 2, 5, 4, generator=g)
+    rows = ((0, 5), (10, 15))
+    out = stacked_lora_delta(x, a, b, rows, 0.5, out_features=15)
+    for c in range(3):
+        ref = torch.zeros(7, 15)
+        for s, (start, stop) in enumerate(rows):
+            ref[:, start:stop] = 0.5 * x[c] @ a[c, s].T @ b[c, s].T
+        torch.testing.assert_close(out[c], ref, rtol=1e-5, atol=1e-6)
+    f, w, bias = torch.randn(3, 7, 8, generator=g), torch.randn(3, 4, 8, generator=g), torch.randn(3, 4, generator=g)
+    for c in range(3):
+        torch.testing.assert_close(stacked_head(f, w, bias)[c], f[c] @ w[c].T + bias[c], rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_in_a_batched_pass_equals_the_layer_loaded_with_each_clients_factors() -> None:
+    from hilora_lightning import AdapterConfig
+
+    base = torch.nn.Linear(8, 24)
+    layer = TieredLoRALinear(base, AdapterConfig(targets="paper"), segments=("q", "v"), path="m")
+    g = torch.Generator().manual_seed(1)
+    states = [(torch.randn(2, 8, 8, generator=g), torch.randn(2, 8, 8, generator=g) * 0.1) for _ in range(3)]
+    x = torch.randn(3 * 4, 5, 8, generator=g)
+    layer.batched = StackedDelta(3, [(torch.stack([a for a, _ in states]), torch.stack([b for _, b in states]),
+                                      layer.scaling[R])])
+    got = layer(x)
+    layer.batched = None
+    layer.set_active([R])
+    for c, (a, b) in enumerate(states):
+        with torch.no_grad():
+            layer.lora_A[R.value].copy_(a)
+            layer.lora_B[R.value].copy_(b)
+        torch.testing.assert_close(got[4 * c:4 * (c + 1)], layer(x[4 * c:4 * (c + 1)]), rtol=1e-5, atol=1e-5)
+
+
+def _products(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[:-7]: state[k[:-7] + ".lora_B"] @ state[k[:-7] + ".lora_A"] for k in state if k.endswith(".lora_A")}
+
+
+def _gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    pa, pb = _products(a), _products(b)
+    return max(float((pa[k] - pb[k]).norm() / pa[k].norm().clamp_min(1e-12)) for k in pa)
+
+
+def _run(backend, clients, stage: Tier, gamma: float = 0.1, budget: Budget | None = None, **model_kw):
+    """One round's plans of ``stage`` on the clients (2 clusters), through ``backend``."""
+    model = HiLoRAViT(lr=3e-3, gamma_c=gamma, gamma_l=gamma, **model_kw)
+    cfg = FederationConfig(rounds=6, root_rounds=(1, 2), cluster_rounds=(1, 2), **FAST)
+    strategy = HiLoRAStrategy(model, cfg)
+    state = strategy.initial_state([c.client_id for c in clients])
+    g = torch.Generator().manual_seed(5)
+    state.root = {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in state.root.items()}
+    if stage is not R:
+        state.stage, state.assignment = stage, {c.client_id: c.client_id % 2 for c in clients}
+        state.num_clusters = 2
+        state.clusters = {j: {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in state.root.items()}
+                          for j in range(2)}
+        state.cluster_heads = {j: dict(state.global_head) for j in range(2)}
+    plans = strategy.configure_fit(state, 2, [c.client_id for c in clients], stage)
+    if budget is not None:
+        plans = {c: dataclasses.replace(p, budget=budget) for c, p in plans.items()}
+    backend.bind(ClientRuntime(model), clients)
+    return backend.fit(plans), backend
+
+
+@pytest.mark.parametrize("stage", [R, C, L])
+def test_batched_equals_sequential_on_every_stage_within_the_stated_tolerance(stage: Tier) -> None:
+    """Root (nothing frozen), cluster (the shared frozen root merged into the base, the penalty against it at a
+    weight that matters), leaf (two clusters: per-client frozen slots stacked, penalty against both)."""
+    clients = digits_federation(4, num_groups=2)
+    seq, seq_backend = _run(InProcessBackend(), clients, stage, gamma=5.0)
+    bat, bat_backend = _run(BatchedBackend(), clients, stage, gamma=5.0)
+    for cid in seq:
+        if stage is L:  # the leaf stays on the client; compare what it kept
+            a, b = seq_backend.store(cid).kept[L], bat_backend.store(cid).kept[L]
+        else:
+            a, b = seq[cid].factors, bat[cid].factors
+            torch.testing.assert_close(bat[cid].head["weight"], seq[cid].head["weight"], rtol=0, atol=1e-4)
+        assert _gap(a, b) < PRODUCT_RTOL, (cid, _gap(a, b))
+        assert bat[cid].num_samples == seq[cid].num_samples
+        torch.testing.assert_close(bat_backend.store(cid).head or {}, seq_backend.store(cid).head or {},
+                                   rtol=0, atol=1e-4)
+    if stage is not R:  # the tolerance can fail: without the penalty the updates differ by more than it
+        off, off_backend = _run(BatchedBackend(), clients, stage, gamma=0.0)
+        without = off_backend.store(0).kept[L] if stage is L else off[0].factors
+        ref = seq_backend.store(0).kept[L] if stage is L else seq[0].factors
+        assert _gap(ref, without) > PRODUCT_RTOL
+
+
+def test_a_client_whose_data_raises_fails_alone_and_the_others_equal_a_pass_without_it() -> None:
+    class Broken(Dataset):
+        def __init__(self, inner: Dataset) -> None:
+            self.inner = inner
+
+        def __len__(self) -> int:
+            return len(self.inner)  # type: ignore[arg-type]
+
+        def __getitem__(self, i: int):
+            raise OSError("disk on fire")
+
+    clients = digits_federation(4, num_groups=2)
+    broken = [*clients[:2], ClientData(2, Broken(clients[2].train), clients[2].test, clients[2].group), clients[3]]
+    got, _ = _run(BatchedBackend(), broken, R)
+    ref, _ = _run(BatchedBackend(), [c for c in clients if c.client_id != 2], R)
+    assert isinstance(got[2], OSError) and "disk on fire" in str(got[2])
+    for cid in (0, 1, 3):
+        assert all(torch.equal(got[cid].factors[k], ref[cid].factors[k]) for k in ref[cid].factors)
+
+
+def test_plans_that_cannot_batch_run_alone_with_one_notice_and_equal_the_sequential_executor() -> None:
+    said: list[str] = []
+    clients = digits_federation(3, num_groups=2)
+    epochs = Budget(16, 1, None)
+    got, _ = _run(BatchedBackend(notice=said.append), clients, R, budget=epochs)
+    ref, _ = _run(InProcessBackend(), clients, R, budget=epochs)
+    assert said == ["batched backend: epoch budgets (clients draw different numbers of batches) run one client at "
+                    "a time"]
+    for cid in ref:
+        assert all(torch.equal(got[cid].factors[k], ref[cid].factors[k]) for k in ref[cid].factors)
+    model = HiLoRAViT()
+    assert batch_refusal(model, {"gradient_clip_val": 1.0}) == ("Trainer options ['gradient_clip_val'] need a "
+                                                               "Lightning fit per client")
+    assert batch_refusal(model, {"precision": "bf16-mixed", "accelerator": "cpu"}) is None
+    with pytest.raises(ValueError, match="clients_per_pass must be >= 1 or None, got 0"):
+        BatchedBackend(clients_per_pass=0)
+
+
+def test_a_federation_on_the_batched_backend_matches_the_sequential_one_and_resumes_bitwise(tmp_path) -> None:
+    """All three stages, clustering, unseen clients routed by loss and fine-tuned; chunks of 2 clients; the
+    accuracy tables agree within one test image per client; a resumed batched run equals an uninterrupted one."""
+    everyone = digits_federation(7, num_groups=2)
+    cfg = FederationConfig(rounds=4, root_rounds=(1, 2), cluster_rounds=(1, 1), finetune_epochs=1, **FAST)
+
+    def orch(backend, **kw):
+        return FederatedOrchestrator(HiLoRAViT(lr=3e-3), everyone[:5], cfg, unseen=everyone[5:], progress=False,
+                                     backend=backend, **kw)
+
+    seq = orch(None).run()
+    bat = orch(BatchedBackend(clients_per_pass=2)).run()
+    assert bat.assignment == seq.assignment and bat.routing == seq.routing
+    for cid, acc in seq.client_accuracy.items():
+        assert abs(bat.client_accuracy[cid] - acc) <= 1 / len(everyone[cid].test) + 1e-9
+    for view, row in seq.tierwise.items():
+        assert abs(bat.tierwise[view]["mean"] - row["mean"]) <= max(1 / len(c.test) for c in everyone[:5]) + 1e-9
+    first = orch(BatchedBackend(clients_per_pass=2), checkpoint_path=tmp_path / "fed.pt")
+    first.run(stop_after=2)
+    resumed = orch(BatchedBackend(clients_per_pass=2), checkpoint_path=tmp_path / "fed.pt").run(resume=True)
+    assert resumed.client_accuracy == bat.client_accuracy and resumed.tierwise == bat.tierwise
+
+
+def test_batched_scores_equal_the_sequential_scores() -> None:
+    clients = digits_federation(4, num_groups=2)
+    model = HiLoRAViT(lr=3e-3)
+    cfg = FederationConfig(rounds=4, root_rounds=(1, 2), cluster_rounds=(1, 1), **FAST)
+    strategy = HiLoRAStrategy(model, cfg)
+    state = strategy.initial_state([c.client_id for c in clients])
+    g = torch.Generator().manual_seed(3)
+    state.root = {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in state.root.items()}
+    plans = strategy.evaluation_requests(state, [R])
+    seq, bat = InProcessBackend(), BatchedBackend()
+    seq.bind(ClientRuntime(model), clients)
+    bat.bind(ClientRuntime(model), clients)
+    assert bat.evaluate(plans) == seq.evaluate(plans)
+    loss_plans = {c: dataclasses.replace(p, metric="loss") for c, p in plans.items()}
+    a, b = seq.evaluate(loss_plans), bat.evaluate(loss_plans)
+    assert all(abs(a[c] - b[c]) <= 1e-5 * abs(a[c]) for c in a)  # float32 sums of ~40 losses in another order
