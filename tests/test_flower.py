@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import types
 
 import pytest
@@ -42,7 +43,9 @@ def flower_run(tmp_path_factory):
 
     def hook(direction, msg):
         content = {} if msg.has_error() else {k: sorted(getattr(v, "keys", list)()) for k, v in msg.content.items()}
-        tier = "" if msg.has_error() or "config" not in msg.content else str(msg.content["config"].get("tier", ""))
+        config = None if msg.has_error() else msg.content.get("config")
+        steps = json.loads(str(config["steps"])) if config is not None and "steps" in config else []
+        tier = steps[-1][1][-1] if steps and steps[-1][1] else ""  # the slot the plan's last step trains
         seen.append((direction, tier, content))
 
     out = tmp_path_factory.mktemp("flower")
@@ -75,9 +78,11 @@ def test_simulation_runs_all_stages_and_matches_the_in_process_orchestrator(flow
 
 def test_no_leaf_or_personal_head_in_any_message(flower_run) -> None:
     _, _, seen, _ = flower_run
-    assert seen and not any("leaf" in content for _, _, content in seen)
+    assert seen and not any({"leaf", "slot-leaf"} & set(content) for _, _, content in seen)
     leaf_out = [c for d, tier, c in seen if d == "out" and tier == "leaf"]
-    assert leaf_out and all("root" not in c and "cluster" not in c for c in leaf_out[4:])  # cached after round 3
+    # the root is held frozen since the cluster stage; the cluster travels once, in the first leaf round
+    assert len(leaf_out) == 8 and all("slot-cluster" in c and "slot-root" not in c for c in leaf_out[:4])
+    assert all(not any(k.startswith("slot-") for k in c) for c in leaf_out[4:])  # frozen copies held after round 3
     replies = [c for d, _, c in seen if d == "in" and "metrics" in c and "factors" not in c and "accuracy" not in
                str(c)]
     assert all(set(c) == {"metrics"} for c in replies)  # leaf-stage replies: a sample count, nothing else

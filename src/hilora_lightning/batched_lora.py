@@ -28,7 +28,7 @@ __all__ = ["StackedDelta", "stacked_head", "stacked_lora_delta"]
 
 
 def stacked_lora_delta(x: Tensor, a: Tensor, b: Tensor, rows: Sequence[tuple[int, int]], scale: float,
-                       out_features: int | None = None) -> Tensor:
+                       out_features: int | None = None, out: Tensor | None = None) -> Tensor:
     """Every client's ``scale * B_c A_c x_c``, written into its output rows.
 
     Args:
@@ -37,19 +37,20 @@ def stacked_lora_delta(x: Tensor, a: Tensor, b: Tensor, rows: Sequence[tuple[int
         rows: ``(start, stop)`` of each segment in the output.
         scale: the LoRA scale ``alpha / r``.
         out_features: the layer's output width (default: the last segment's stop).
+        out: ``C x N x out_features`` to add into in place (the layer's base output); default: zeros.
 
     Returns:
-        ``C x N x out_features``, zero outside the segments.
+        ``out`` (or a new ``C x N x out_features``, zero outside the segments) with the updates added.
     """
     clients, n, _ = x.shape
-    segments, rank = a.shape[1], a.shape[2]
+    rank = a.shape[2]
     h = torch.bmm(x, a.flatten(1, 2).transpose(1, 2).to(x.dtype))  # C x N x (S r)
-    width = out_features if out_features is not None else rows[-1][1]
-    if segments == 1 and rows[0] == (0, width):
-        return scale * torch.bmm(h, b[:, 0].transpose(1, 2).to(h.dtype))
-    out = h.new_zeros(clients, n, width)
+    width = out_features if out_features is not None else (out.shape[-1] if out is not None else rows[-1][1])
+    if out is None:
+        out = h.new_zeros(clients, n, width)
     for s, (start, stop) in enumerate(rows):
-        out[..., start:stop] = scale * torch.bmm(h[..., s * rank:(s + 1) * rank], b[:, s].transpose(1, 2).to(h.dtype))
+        seg = torch.bmm(h[..., s * rank:(s + 1) * rank], b[:, s].transpose(1, 2).to(h.dtype))
+        out[..., start:stop].add_(seg.to(out.dtype), alpha=scale)
     return out
 
 
@@ -71,9 +72,11 @@ class StackedDelta:
         if not self.terms:
             return out  # type: ignore[no-any-return]
         xc = x.reshape(self.clients, -1, x.shape[-1])
+        oc = out.view(self.clients, -1, out.shape[-1])  # the base output, fresh: the updates go in place
         rows = [(start, stop) for _, start, stop in layer.segments]
-        delta = sum(stacked_lora_delta(xc, a, b, rows, scale, out.shape[-1]) for a, b, scale in self.terms)
-        return out + delta.reshape(out.shape).to(out.dtype)  # type: ignore[union-attr,no-any-return]
+        for a, b, scale in self.terms:
+            stacked_lora_delta(xc, a, b, rows, scale, out=oc)
+        return out  # type: ignore[no-any-return]
 
 
 def stacked_head(features: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import default_collate
+from torch.utils.data import TensorDataset, default_collate
 
 from hilora_lightning.adapter_spec import AdapterSpec
 from hilora_lightning.batched_lora import StackedDelta, stacked_head
@@ -331,12 +331,21 @@ def _batches(jobs: Sequence[_Job], seeds: Sequence[int], steps: int, batch_size:
         xs, ys = [], []
         for j, order in zip(jobs, orders):
             try:
-                x, y = default_collate([j.data.train[i] for i in order[k * batch_size:(k + 1) * batch_size]])[:2]
+                x, y = _collate(j.data.train, order[k * batch_size:(k + 1) * batch_size])
             except Exception as exc:
                 raise ClientDataError(j.plan.client_id, exc) from exc
             xs.append(x)
             ys.append(y)
         yield torch.cat(xs), torch.cat(ys)
+
+
+def _collate(data: Any, idx: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """The batch a DataLoader makes of ``data[idx]`` (in-memory tensors indexed at once: the same rows)."""
+    if isinstance(data, TensorDataset) and len(data.tensors) >= 2:
+        rows = torch.as_tensor(idx, dtype=torch.long)
+        return data.tensors[0][rows], data.tensors[1][rows]
+    x, y = default_collate([data[i] for i in idx])[:2]
+    return x, y
 
 
 def _fabric(trainer_kwargs: Mapping[str, Any]) -> Any:
@@ -464,7 +473,7 @@ def _score_pass(runtime: ClientRuntime, jobs: list[_Job], chunk: int = 256) -> d
                 xs, ys, mask = [], [], []
                 for split, n in zip(splits, sizes):
                     idx = [min(i, n - 1) for i in range(start, start + width)] if n else []
-                    x, y = default_collate([split[i] for i in idx])[:2]
+                    x, y = _collate(split, idx)
                     xs.append(x)
                     ys.append(y)
                     mask.append(torch.tensor([i < n for i in range(start, start + width)]))
