@@ -202,3 +202,20 @@ def test_batched_scores_equal_the_sequential_scores() -> None:
     loss_plans = {c: dataclasses.replace(p, metric="loss") for c, p in plans.items()}
     a, b = seq.evaluate(loss_plans), bat.evaluate(loss_plans)
     assert all(abs(a[c] - b[c]) <= 1e-5 * abs(a[c]) for c in a)  # float32 sums of ~40 losses in another order
+
+
+def test_a_client_with_images_of_the_wrong_size_fails_alone_with_its_own_error() -> None:
+    """Not a data error the pass can pin on a client (the concatenation fails): the chunk runs one client at a
+    time, so the bad client fails with the backbone's own message and the others equal the sequential run."""
+    from torch.utils.data import TensorDataset
+
+    said: list[str] = []
+    clients = digits_federation(3, num_groups=2)
+    small = TensorDataset(torch.zeros(20, 3, 28, 28), torch.zeros(20, dtype=torch.long))
+    bad = [*clients[:2], ClientData(2, small, clients[2].test, clients[2].group)]
+    got, _ = _run(BatchedBackend(notice=said.append), bad, R)
+    ref, _ = _run(InProcessBackend(), bad, R)
+    assert isinstance(got[2], Exception) and type(got[2]) is type(ref[2]) and str(got[2]) == str(ref[2])
+    assert len(said) == 1 and said[0].startswith("batched backend: a pass that raised (RuntimeError")
+    for cid in (0, 1):
+        assert all(torch.equal(got[cid].factors[k], ref[cid].factors[k]) for k in ref[cid].factors)

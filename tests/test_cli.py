@@ -28,6 +28,16 @@ def test_cli_runs_end_to_end_and_writes_results(tmp_path: Path, capsys) -> None:
     assert (out / "accuracy_per_round.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cli_runs_on_the_batched_backend_and_refuses_an_unknown_one(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "batched"
+    assert main(["run", str(CONFIG), *SMALL, "backend.name=batched", "backend.clients_per_pass=3",
+                 f"out_dir={out}"]) == 0
+    assert "round 3/3 [leaf]" in capsys.readouterr().out
+    assert load_config(out / "config.yaml")["backend"] == {"name": "batched", "clients_per_pass": 3}
+    assert main(["run", str(CONFIG), *SMALL, "backend.name=parallel", f"out_dir={tmp_path / 'x'}"]) == 2
+    assert "backend.name must be one of ('sequential', 'batched'), got 'parallel'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("override", "match"),
     [("federation.round=3", r"unknown config key 'federation.round'; did you mean 'federation.rounds'\?"),

@@ -39,6 +39,7 @@ from hilora_lightning.baselines import BASELINES, BaselineRunner
 from hilora_lightning.baselines.methods import make_method
 from hilora_lightning.comparison import HEADER, Comparison, SeedComparison
 from hilora_lightning.experiment import (
+    build_backend,
     build_clients,
     build_federation_config,
     build_model,
@@ -241,7 +242,7 @@ def run_method(name: str, cfg: Mapping[str, Any], clients: Sequence[Any], unseen
     if name in BASELINES:
         model = build_model(cfg, **model_over)
         return BaselineRunner(make_method(name, config), model, clients, config, unseen, trainer,
-                              progress=progress).run()
+                              progress=progress, backend=build_backend(cfg.get("backend"))).run()
     if _needs_groups(name):  # the oracle: every training client's latent group
         missing = [c.client_id for c in clients if c.group is None]
         if missing:
@@ -249,7 +250,8 @@ def run_method(name: str, cfg: Mapping[str, Any], clients: Sequence[Any], unseen
                              "(this partition has no latent groups); run it on one that has (sc_dir, domain, digits)")
         fed_changes["clustering.assignment"] = {c.client_id: int(c.group) for c in clients}
     orch = FederatedOrchestrator(build_model(cfg, **model_over), clients, _variant_config(config, fed_changes),
-                                 unseen=unseen, trainer_kwargs=trainer, progress=progress)
+                                 unseen=unseen, trainer_kwargs=trainer, progress=progress,
+                                 backend=build_backend(cfg.get("backend")))
     return orch.run()
 
 

@@ -49,6 +49,7 @@ _MODEL = {"backbone": "str", "num_classes": "int", "stage": "str", "pretrained":
 _LOADER = {"num_workers": "int", "pin_memory": "bool", "persistent_workers": "bool"}
 _LOGGER = {"name": "str", "save_dir": "str", "project": "str", "experiment_name": "str", "tracking_uri": "str"}
 _TOP = {"seed": "int", "out_dir": "str", "method": "str"}
+_BACKEND = {"name": "str", "clients_per_pass": "int | None"}
 
 
 def _dataclass_types(cls: type) -> dict[str, str]:
@@ -65,7 +66,7 @@ def _schema() -> dict[str, Any]:
     model: dict[str, Any] = dict(_MODEL)
     model["adapter"] = {"targets": "any", "root": tier, "cluster": tier, "leaf": tier}
     return {**_TOP, "data": _DATA, "model": model, "federation": federation, "loader": _LOADER, "logger": _LOGGER,
-            "trainer": "dict", "compare": {"methods": "any", "seeds": "any"}}
+            "backend": _BACKEND, "trainer": "dict", "compare": {"methods": "any", "seeds": "any"}}
 
 
 def _describe(value: Any) -> str:

@@ -81,6 +81,32 @@ def build_logger(section: Mapping[str, Any] | None, out_dir: str | Path) -> Any:
     raise ValueError(f"logger.name must be one of {LOGGERS}, got {name!r}")
 
 
+#: ``backend.name`` values: one Lightning fit per client, or a round's clients in one pass
+BACKENDS = ("sequential", "batched")
+
+
+def build_backend(section: Mapping[str, Any] | None) -> Any:
+    """The client backend of the config's ``backend`` section (``name``: sequential, the default, or
+    batched, with ``clients_per_pass``); ``None`` for the sequential default.
+
+    Example:
+        >>> type(build_backend({"name": "batched", "clients_per_pass": 8})).__name__
+        'BatchedBackend'
+        >>> build_backend({"name": "parallel"})
+        Traceback (most recent call last):
+        ...
+        ValueError: backend.name must be one of ('sequential', 'batched'), got 'parallel'
+    """
+    name = str((section or {}).get("name", "sequential"))
+    if name not in BACKENDS:
+        raise ValueError(f"backend.name must be one of {BACKENDS}, got {name!r}")
+    if name == "sequential":
+        return None
+    from hilora_lightning.federation.batched import BatchedBackend
+
+    return BatchedBackend(clients_per_pass=(section or {}).get("clients_per_pass"))
+
+
 def _fields(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
@@ -98,7 +124,7 @@ def _schema() -> dict[str, Any]:
     federation["clustering"] = dict.fromkeys(_fields(ClusteringConfig))
     return {"seed": None, "out_dir": None, "method": None, "data": dict.fromkeys(_DATA_KEYS), "model": model,
             "federation": federation, "trainer": "*", "loader": dict.fromkeys(_LOADER_KEYS),
-            "logger": dict.fromkeys(_LOGGER_KEYS),
+            "logger": dict.fromkeys(_LOGGER_KEYS), "backend": {"name": None, "clients_per_pass": None},
             "compare": {"methods": None, "seeds": None}}
 
 
@@ -136,6 +162,12 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     name = (cfg.get("logger") or {}).get("name")
     if name is not None and name not in LOGGERS:
         raise ValueError(f"logger.name must be one of {LOGGERS}, got {name!r}")
+    backend = (cfg.get("backend") or {}).get("name")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend.name must be one of {BACKENDS}, got {backend!r}")
+    per_pass = (cfg.get("backend") or {}).get("clients_per_pass")
+    if per_pass is not None and per_pass < 1:
+        raise ValueError(f"backend.clients_per_pass must be >= 1 or null, got {per_pass}")
 
 
 def build_clients(data: Mapping[str, Any], seed: int) -> tuple[list[ClientData], list[ClientData]]:
@@ -246,7 +278,8 @@ def build_runner(cfg: Mapping[str, Any], clients: Sequence[ClientData], unseen: 
     method = str(cfg.get("method", "hilora") or "hilora")
     config = build_federation_config(cfg)
     common: dict[str, Any] = {"trainer_kwargs": dict(cfg.get("trainer", {}) or {}), "checkpoint_path": checkpoint_path,
-                              "progress": progress, "backend": backend, "loader": cfg.get("loader"),
+                              "progress": progress, "backend": backend or build_backend(cfg.get("backend")),
+                              "loader": cfg.get("loader"),
                               "logger": build_logger(cfg.get("logger"), cfg.get("out_dir", "runs/experiment"))}
     if method == "hilora":
         return FederatedOrchestrator(build_model(cfg), clients, config, unseen=unseen, **common)

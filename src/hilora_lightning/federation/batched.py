@@ -107,7 +107,7 @@ def _plan_refusal(model: HiLoRAViT, plan: LocalPlan) -> str | None:
 
 def _structure(plan: LocalPlan) -> tuple[Any, ...]:
     """What plans must share to run in one pass."""
-    steps = tuple((s.active, s.train, s.head, s.share, tuple(t for t, _ in s.penalty)) for s in plan.steps)
+    steps = tuple((s.active, s.train, s.head, s.share, s.penalty) for s in plan.steps)
     return (plan.kind, steps, plan.budget, plan.upload, plan.keep, tuple(sorted(plan.slots)))
 
 
@@ -201,11 +201,7 @@ class BatchedBackend(InProcessBackend):
                 pending.pop(err.client_id)
                 continue
             if len(jobs) == 1:  # nothing to batch with: the sequential executor
-                (cid, plan), = pending.items()
-                try:
-                    out[cid] = self._runtime().fit(plan, self.data[cid], self.store(cid))
-                except Exception as exc:
-                    out[cid] = exc
+                out.update(self._one_by_one(pending))
                 break
             try:
                 out.update(_fit_pass(self._runtime(), list(jobs.values())))
@@ -213,6 +209,19 @@ class BatchedBackend(InProcessBackend):
             except ClientDataError as err:  # that client fails alone; the others run again without it
                 out[err.client_id] = err.cause
                 pending.pop(err.client_id)
+            except Exception as exc:  # not one client's data (a shape, a device): each client alone says whose
+                self._say(f"a pass that raised ({type(exc).__name__}: {str(exc)[:120]}): its clients")
+                out.update(self._one_by_one(pending))
+                break
+        return out
+
+    def _one_by_one(self, plans: Mapping[int, LocalPlan]) -> dict[int, tuple[FitReply, ClientStore] | Exception]:
+        out: dict[int, tuple[FitReply, ClientStore] | Exception] = {}
+        for cid, plan in plans.items():
+            try:
+                out[cid] = self._runtime().fit(plan, self.data[cid], self.store(cid))
+            except Exception as exc:
+                out[cid] = exc
         return out
 
     def _job(self, plan: LocalPlan | ScorePlan) -> _Job:
@@ -251,7 +260,11 @@ class BatchedBackend(InProcessBackend):
                             jobs.append(self._job(requests[cid]))
                         except ClientDataError as err:
                             out[cid] = err.cause
-                    out.update(_score_pass(runtime, jobs))
+                    try:
+                        out.update(_score_pass(runtime, jobs))
+                    except Exception as exc:  # each client alone says whose data it was
+                        self._say(f"a scoring pass that raised ({type(exc).__name__}: {str(exc)[:120]}): its clients")
+                        out.update(super().evaluate({j.plan.client_id: requests[j.plan.client_id] for j in jobs}))
         finally:
             runtime.release()
         return {cid: out[cid] for cid in requests}
