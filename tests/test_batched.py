@@ -236,3 +236,23 @@ def test_the_throughput_benchmark_runs_at_smoke_size_and_writes_its_headline(tmp
     figures = json.loads(out.read_text())
     assert {"batched_speedup_2", "batched_over_floor_2", "seconds_floor_2", "peak_rss_mib"} <= set(figures)
     assert all(isinstance(v, float) and v > 0 for v in figures.values())
+
+
+def test_a_non_finite_shared_slot_fails_every_client_and_leaves_the_base_weights_untouched() -> None:
+    clients = digits_federation(3, num_groups=2)
+    model = HiLoRAViT(lr=3e-3)
+    base = {p: layer.base_layer.weight.detach().clone() for p, layer in model.state_layers().items()}
+    cfg = FederationConfig(rounds=6, root_rounds=(1, 2), cluster_rounds=(1, 2), **FAST)
+    strategy = HiLoRAStrategy(model, cfg)
+    state = strategy.initial_state([c.client_id for c in clients])
+    state.root = {k: torch.full_like(v, float("nan")) for k, v in state.root.items()}
+    state.stage, state.assignment, state.num_clusters = C, {c.client_id: 0 for c in clients}, 1
+    state.clusters, state.cluster_heads = {0: strategy.spec.fresh(C, 1)}, {0: dict(state.global_head)}
+    said: list[str] = []
+    backend = BatchedBackend(notice=said.append)
+    backend.bind(ClientRuntime(model), clients)
+    got = backend.fit(strategy.configure_fit(state, 2, [c.client_id for c in clients], C))
+    assert all(isinstance(r, Exception) for r in got.values()) and said and "holds NaN or Inf values" in said[0]
+    for path, layer in model.state_layers().items():
+        assert layer.batched is None and layer.merged == ()
+        assert torch.equal(layer.base_layer.weight, base[path])

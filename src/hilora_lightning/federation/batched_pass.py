@@ -59,7 +59,7 @@ class Job:
 
 def _same(states: Sequence[State]) -> bool:
     first = states[0]
-    return all(s is first or all(torch.equal(s[k], first[k]) for k in first) for s in states[1:])
+    return all(s is first or all(s[k] is first[k] or torch.equal(s[k], first[k]) for k in first) for s in states[1:])
 
 
 class _Pass:
@@ -90,14 +90,18 @@ class _Pass:
     def __enter__(self) -> _Pass:
         from hilora_lightning.state import import_tier
 
-        for t in self.shared:
-            import_tier(self.model, t, self.jobs[0].slots[t])
-        for path, layer in self.layers.items():
-            if self.shared:
-                layer.merge(self.shared)
-            terms = [(self.stacked[t][(path, "lora_A")], self.stacked[t][(path, "lora_B")], layer.scaling[t])
-                     for t in self.active if t in self.stacked]
-            layer.batched = StackedDelta(len(self.jobs), terms)
+        try:
+            for t in self.shared:
+                import_tier(self.model, t, self.jobs[0].slots[t])
+            for path, layer in self.layers.items():
+                if self.shared:
+                    layer.merge(self.shared)
+                terms = [(self.stacked[t][(path, "lora_A")], self.stacked[t][(path, "lora_B")], layer.scaling[t])
+                         for t in self.active if t in self.stacked]
+                layer.batched = StackedDelta(len(self.jobs), terms)
+        except BaseException:  # a failed merge (non-finite shared slot): leave no layer merged or batched
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
