@@ -159,6 +159,12 @@ def test_plans_that_cannot_batch_run_alone_with_one_notice_and_equal_the_sequent
     assert batch_refusal(model, {"gradient_clip_val": 1.0}) == ("Trainer options ['gradient_clip_val'] need a "
                                                                "Lightning fit per client")
     assert batch_refusal(model, {"precision": "bf16-mixed", "accelerator": "cpu"}) is None
+
+    class Focal(HiLoRAViT):
+        def compute_loss(self, logits, target):  # a user's own loss: the batched pass would not call it
+            return super().compute_loss(logits, target) * 2
+
+    assert batch_refusal(Focal(), {}) == "Focal overrides compute_loss"
     with pytest.raises(ValueError, match="clients_per_pass must be >= 1 or None, got 0"):
         BatchedBackend(clients_per_pass=0)
 

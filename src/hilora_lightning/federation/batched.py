@@ -54,7 +54,8 @@ _PASSED = {"precision", "accelerator", "devices", "enable_progress_bar", "enable
 def batch_refusal(model: HiLoRAViT, trainer_kwargs: Mapping[str, Any]) -> str | None:
     """Why this model and these Trainer options cannot run batched (``None``: they can)."""
     cls = type(model)
-    for name in ("training_step", "orthogonality_loss", "forward", "configure_optimizers", "_shared_step"):
+    for name in ("training_step", "compute_loss", "orthogonality_loss", "forward", "configure_optimizers",
+                 "_shared_step"):
         if getattr(cls, name) is not getattr(HiLoRAViT, name):
             return f"{cls.__name__} overrides {name}"
     extra = sorted(k for k, v in trainer_kwargs.items() if k not in _PASSED and v not in (None, False, 0))
