@@ -31,7 +31,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from hilora_lightning.adapter_spec import AdapterSpec
 from hilora_lightning.federation.backend import InProcessBackend
@@ -43,8 +43,6 @@ from hilora_lightning.model import HiLoRAViT
 __all__ = ["BatchedBackend", "ClientDataError", "batch_refusal"]
 
 log = logging.getLogger(__name__)
-
-State = dict[str, Tensor]
 
 #: Trainer options the batched pass honours (through Fabric); any other means one client at a time.
 _PASSED = {"precision", "accelerator", "devices", "enable_progress_bar", "enable_model_summary",
@@ -144,14 +142,9 @@ class BatchedBackend(InProcessBackend):
                 alone.append(cid)
             else:
                 groups.setdefault(_structure(plan), []).append(cid)
-        self._before = {cid: self.store(cid) for cid in requests}
-        out: dict[int, FitReply | Exception] = {}
-        for cid in alone:
-            try:
-                out[cid], self.stores[cid] = runtime.fit(requests[cid], self.data[cid], self.store(cid))
-            except Exception as exc:  # reported per client (its store unchanged)
-                out[cid] = exc
-            self._progress(len(out))
+        before = {cid: self.store(cid) for cid in requests}
+        out = super().fit({cid: requests[cid] for cid in alone}) if alone else {}  # one at a time, as in process
+        self._before = before  # every client of the batch, for reject
         for ids in groups.values():
             for chunk in self._chunks(ids):
                 for cid, result in self._fit_chunk({c: requests[c] for c in chunk}).items():

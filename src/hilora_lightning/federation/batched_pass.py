@@ -31,6 +31,7 @@ from hilora_lightning.federation.plan import ClientStore, FitReply, LocalPlan, S
 from hilora_lightning.federation.runtime import ClientRuntime, finish_plan
 from hilora_lightning.model import HiLoRAViT
 from hilora_lightning.orthogonality import effective_frozen, frozen_groups, grouped_penalty
+from hilora_lightning.state import _key
 from hilora_lightning.tiers import Tier
 
 __all__ = ["ClientDataError", "Job", "fit_pass", "score_pass"]
@@ -121,8 +122,11 @@ class _Pass:
         return out
 
 
-def _key(path: str, segment: str, factor: str) -> str:
-    return ".".join(p for p in (path, segment, factor) if p)
+def _stacked_heads(jobs: Sequence[Job], device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """Every client's head weight (``C x k x d``) and bias (``C x k``, ``None`` without one)."""
+    weight = torch.stack([j.head["weight"] for j in jobs]).to(device)
+    bias = torch.stack([j.head["bias"] for j in jobs]).to(device) if "bias" in jobs[0].head else None
+    return weight, bias
 
 
 def _batches(jobs: Sequence[Job], seeds: Sequence[int], steps: int, batch_size: int
@@ -176,8 +180,7 @@ def fit_pass(runtime: ClientRuntime, jobs: list[Job]) -> dict[int, tuple[FitRepl
     try:
         for i, step in enumerate(first.steps):
             steps = budget_steps if step.share is None else max(1, round(step.share * budget_steps))
-            head_w = torch.stack([j.head["weight"] for j in jobs]).to(fabric.device)
-            head_b = torch.stack([j.head["bias"] for j in jobs]).to(fabric.device) if "bias" in jobs[0].head else None
+            head_w, head_b = _stacked_heads(jobs, fabric.device)
             with _Pass(model, jobs, step.active, step.train, fabric.device) as p:
                 params = [v for t in step.train for v in p.stacked[t].values()]
                 if step.head:
@@ -214,9 +217,9 @@ def fit_pass(runtime: ClientRuntime, jobs: list[Job]) -> dict[int, tuple[FitRepl
     for j in jobs:
         plan = j.plan
         assert isinstance(plan, LocalPlan)
-        wanted = {slot for slot, _ in (*plan.keep, *([plan.upload] if plan.upload else []))}
         try:
-            out[plan.client_id] = finish_plan(plan, j.data, j.store, {t: j.slots[t] for t in wanted}, j.head, None)
+            out[plan.client_id] = finish_plan(plan, j.data, j.store, {t: j.slots[t] for t in plan.outputs}, j.head,
+                                              None)
         except Exception as exc:  # a non-finite update fails that client alone
             out[plan.client_id] = exc
     return out
@@ -267,8 +270,7 @@ def score_pass(runtime: ClientRuntime, jobs: list[Job], chunk: int = 256) -> dic
     splits = [j.data.train if first.metric == "loss" else j.data.test for j in jobs]
     sizes = [len(s) for s in splits]  # type: ignore[arg-type]
     hits = [0.0] * c
-    head_w = torch.stack([j.head["weight"] for j in jobs]).to(device)
-    head_b = torch.stack([j.head["bias"] for j in jobs]).to(device) if "bias" in jobs[0].head else None
+    head_w, head_b = _stacked_heads(jobs, device)
     try:
         with _Pass(model, jobs, first.active, (), device):
             for start in range(0, max(sizes, default=0), chunk):

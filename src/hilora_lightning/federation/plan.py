@@ -250,6 +250,11 @@ class LocalPlan:
         """Whether trained factors go back."""
         return self.upload is not None
 
+    @property
+    def outputs(self) -> set[Tier]:
+        """The slots whose trained state the plan uploads or keeps (what an executor hands back)."""
+        return {slot for slot, _ in (*self.keep, *((self.upload,) if self.upload else ()))}
+
 
 @dataclasses.dataclass(frozen=True)
 class ScorePlan:

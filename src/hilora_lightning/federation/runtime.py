@@ -101,10 +101,9 @@ class ClientRuntime:
                 epochs, steps = 1, max(1, round(step.share * total))
             fit_current(model, data.train, step.seed, plan.budget.batch_size, epochs, steps, self.trainer_kwargs,
                         self.loader)
-        wanted = {slot for slot, _ in (*plan.keep, *([plan.upload] if plan.upload else []))}
         gates = model.gate_state() if plan.gates is not None else None
-        return finish_plan(plan, data, store, {slot: export_tier(model, slot) for slot in wanted}, head_state(model),
-                           gates)
+        return finish_plan(plan, data, store, {slot: export_tier(model, slot) for slot in plan.outputs},
+                           head_state(model), gates)
 
     def evaluate(self, plan: ScorePlan, data: ClientData, store: ClientStore) -> float:
         """Accuracy on the client's test split (or mean loss on its training split) with ``plan.active``."""
