@@ -76,10 +76,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.check:  # validate and build everything, train nothing
         runner = build_experiment(cfg)
         print(f"hilora-fl: {args.config}: config OK ({len(runner.clients)} training clients, {len(runner.unseen)} "
-              f"unseen, method {cfg.get('method', 'hilora')})")
+              f"unseen, method {cfg.get('method', 'hilora')}; {_data_line(cfg)})")
         return 0
     print(f"hilora-fl: {args.config} -> {cfg['out_dir']}")
-    run_and_report(cfg, resume=args.resume)
+    run_and_report(cfg, resume=args.resume, raise_client_errors=args.fail_fast)
     return 0
 
 
@@ -94,12 +94,26 @@ def _compare(args: argparse.Namespace) -> int:
     chosen = parse_methods(special["methods"][-1] if special["methods"] else section.get("methods"))
     seeds = parse_seeds(special["seeds"][-1] if special["seeds"] else section.get("seeds"), int(cfg.get("seed", 0)))
     print(f"hilora-fl compare: {args.config}: {len(chosen)} methods x seeds {seeds} -> {out}")
-    comp = run_comparison(cfg, chosen, out_dir=out, resume=args.resume, seeds=seeds)
+    comp = run_comparison(cfg, chosen, out_dir=out, resume=args.resume, seeds=seeds,
+                          raise_client_errors=args.fail_fast)
     print()
     print(comp.table())
     for path in save_comparison(comp, out):
         print(f"wrote {path}")
     return 0
+
+
+def _data_line(cfg: dict[str, Any]) -> str:
+    """Where the data comes from (the folder found, or the builder), for ``--check``."""
+    data = cfg.get("data") or {}
+    if "builder" in data:
+        return f"data from builder {data['builder']}"
+    if data.get("name") == "fashion-mnist":
+        from hilora_lightning.data.fashion import find_fashion_mnist
+
+        return f"Fashion-MNIST from {find_fashion_mnist(data.get('root'))}"
+    name = data.get("name", "digits")
+    return f"data {name}" + (f" from {data['root']}" if "root" in data else " (embedded)" if name == "digits" else "")
 
 
 def load_run(run_dir: str | Path) -> tuple[Any, dict[str, Any]]:
@@ -165,10 +179,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federation.rounds=20")
     run.add_argument("--resume", action="store_true", help="continue from out_dir/federation.pt")
     run.add_argument("--check", action="store_true", help="validate the config and build data and model; train nothing")
+    run.add_argument("--fail-fast", action="store_true",
+                     help="re-raise the first client exception with its traceback (debugging your data)")
     comp = sub.add_parser("compare", help="run HiLoRA, its ablations and the baselines; print one table")
     comp.add_argument("config", help="path of a YAML config (see examples/configs/)")
     comp.add_argument("overrides", nargs="*", help="methods=a,b and key=value overrides")
     comp.add_argument("--resume", action="store_true", help="read back methods already finished in out_dir/compare")
+    comp.add_argument("--fail-fast", action="store_true", help="re-raise the first client exception with its traceback")
     exp = sub.add_parser("export", help="write one client's personalized model (timm folder, PEFT adapter, tiers)")
     exp.add_argument("run_dir", help="a run's out_dir (config.yaml and federation.pt)")
     exp.add_argument("--client", type=int, required=True, help="client id (training or unseen)")
@@ -187,8 +204,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {"compare": _compare, "run": _run, "export": _export, "predict": _predict}
         return commands[args.command](args)
-    except (HiLoraError, ValueError, TypeError, OSError) as exc:  # project and input errors: one line, exit 2
-        print(f"hilora-fl: error: {' '.join(str(exc).split())}", file=sys.stderr)
+    except (HiLoraError, ValueError, TypeError, OSError) as exc:  # project and input errors: exit 2
+        if getattr(args, "fail_fast", False):
+            raise
+        lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        print(f"hilora-fl: error: {lines[0]}", file=sys.stderr)
+        for line in lines[1:]:  # a round's failures: one client per line
+            print(f"  {line}", file=sys.stderr)
         return 2
 
 

@@ -234,15 +234,16 @@ def _saved_result(path: Path, name: str, cfg: Mapping[str, Any]
 
 
 def run_method(name: str, cfg: Mapping[str, Any], clients: Sequence[Any], unseen: Sequence[Any],
-               progress: bool = True) -> FederatedResult:
+               progress: bool = True, raise_client_errors: bool = False) -> FederatedResult:
     """Build a fresh model for ``name`` from ``cfg`` and run it on the given clients."""
     config = build_federation_config(cfg)
     model_over, fed_changes = _method_changes(name)
     trainer = dict(cfg.get("trainer", {}))
+    common: dict[str, Any] = {"progress": progress, "backend": build_backend(cfg.get("backend")),
+                              "loader": cfg.get("loader"), "raise_client_errors": raise_client_errors}
     if name in BASELINES:
         model = build_model(cfg, **model_over)
-        return BaselineRunner(make_method(name, config), model, clients, config, unseen, trainer,
-                              progress=progress, backend=build_backend(cfg.get("backend"))).run()
+        return BaselineRunner(make_method(name, config), model, clients, config, unseen, trainer, **common).run()
     if _needs_groups(name):  # the oracle: every training client's latent group
         missing = [c.client_id for c in clients if c.group is None]
         if missing:
@@ -250,8 +251,7 @@ def run_method(name: str, cfg: Mapping[str, Any], clients: Sequence[Any], unseen
                              "(this partition has no latent groups); run it on one that has (sc_dir, domain, digits)")
         fed_changes["clustering.assignment"] = {c.client_id: int(c.group) for c in clients}
     orch = FederatedOrchestrator(build_model(cfg, **model_over), clients, _variant_config(config, fed_changes),
-                                 unseen=unseen, trainer_kwargs=trainer, progress=progress,
-                                 backend=build_backend(cfg.get("backend")))
+                                 unseen=unseen, trainer_kwargs=trainer, **common)
     return orch.run()
 
 
@@ -262,6 +262,7 @@ def run_comparison(
     out_dir: str | Path | None = None,
     resume: bool = False,
     seeds: Sequence[int] | None = None,
+    raise_client_errors: bool = False,
 ) -> Comparison | SeedComparison:
     """Run ``methods`` (default: ``cfg["compare"]["methods"]`` or all) on the config's data.
 
@@ -270,25 +271,26 @@ def run_comparison(
     read back instead of run again. With several ``seeds`` (default ``cfg["compare"]["seeds"]``,
     else the config's seed) the whole comparison runs once per seed (data partition, sampling and
     initialization all follow the seed), results go to ``out_dir/seed<s>/``, and a
-    :class:`SeedComparison` of mean ± std comes back.
+    :class:`SeedComparison` of mean ± std comes back. ``raise_client_errors`` re-raises the first client
+    exception (``--fail-fast``).
     """
     validate_config(cfg)
     section = cfg.get("compare") or {}
     names = parse_methods(methods if methods is not None else section.get("methods"))
     chosen = parse_seeds(seeds if seeds is not None else section.get("seeds"), int(cfg.get("seed", 0)))
     if len(chosen) == 1:
-        return _run_one(dict(cfg, seed=chosen[0]), names, progress, out_dir, resume)
+        return _run_one(dict(cfg, seed=chosen[0]), names, progress, out_dir, resume, raise_client_errors)
     runs = {}
     for s in chosen:
         if progress:
             print(f"== seed {s} ==", flush=True)
         sub = Path(out_dir) / f"seed{s}" if out_dir is not None else None
-        runs[s] = _run_one(dict(cfg, seed=s), names, progress, sub, resume)
+        runs[s] = _run_one(dict(cfg, seed=s), names, progress, sub, resume, raise_client_errors)
     return SeedComparison(runs)
 
 
 def _run_one(cfg: Mapping[str, Any], names: Sequence[str], progress: bool, out_dir: str | Path | None,
-             resume: bool) -> Comparison:
+             resume: bool, raise_client_errors: bool = False) -> Comparison:
     seed = int(cfg.get("seed", 0))
     clients, unseen = build_clients(cfg.get("data", {}), seed)
     stamp = config_stamp(cfg)
@@ -316,7 +318,8 @@ def _run_one(cfg: Mapping[str, Any], names: Sequence[str], progress: bool, out_d
         if progress:
             print(f"[{i}/{len(names)}] {name}", flush=True)
         start = time.perf_counter()
-        results[name] = run_method(name, cfg, clients, unseen, progress=progress)
+        results[name] = run_method(name, cfg, clients, unseen, progress=progress,
+                                   raise_client_errors=raise_client_errors)
         seconds[name] = time.perf_counter() - start
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -118,8 +118,8 @@ class AdapterConfig:
     """Per-tier LoRA settings and the modules they adapt.
 
     Attributes:
-        targets: a preset name (``"paper"``, ``"all_linear"``) or a list of patterns /
-            :class:`TargetSpec` / ``{"pattern": ..., "slices": [...]}`` mappings.
+        targets: a preset name (``"paper"``, ``"all_linear"``), one pattern (``"mlp.fc1"``) or a list
+            of patterns / :class:`TargetSpec` / ``{"pattern": ..., "slices": [...]}`` mappings.
         root: settings of the root tier.
         cluster: settings of the cluster tier.
         leaf: settings of the leaf tier.
@@ -140,13 +140,15 @@ class AdapterConfig:
                 raise TypeError(
                     f"AdapterConfig.{name} must be a TierConfig or a mapping, got {type(value).__name__}"
                 )
-        if isinstance(self.targets, str):
-            if self.targets not in TARGET_PRESETS:
-                raise ValueError(
-                    f"unknown target preset {self.targets!r}: expected one of "
-                    f"{sorted(TARGET_PRESETS)} or a list of module patterns"
-                )
-        else:
+        if isinstance(self.targets, str) and self.targets not in TARGET_PRESETS:
+            import difflib
+
+            close = difflib.get_close_matches(self.targets, list(TARGET_PRESETS), n=1, cutoff=0.75)
+            if close and not any(c in self.targets for c in ".*?["):
+                raise ValueError(f"unknown target preset {self.targets!r} (did you mean {close[0]!r}?): expected "
+                                 f"one of {sorted(TARGET_PRESETS)}, a module pattern or a list of them")
+            object.__setattr__(self, "targets", (self.targets,))  # one pattern, e.g. "mlp.fc1"
+        if not isinstance(self.targets, str):
             specs = tuple(_parse_target(t) for t in self.targets)
             if not specs:
                 raise ValueError("AdapterConfig.targets is empty: give a preset name or at least one pattern")

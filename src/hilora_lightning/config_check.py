@@ -41,12 +41,14 @@ class ConfigError(HiLoraError, ValueError):
 _DATA = {"name": "str", "num_clients": "int", "num_groups": "int", "unseen_fraction": "float",
          "train_fraction": "float", "img_size": "int", "root": "str", "download": "bool", "verify": "bool",
          "partition": "str", "alpha": "float | None", "classes_per_client": "int", "clients_per_domain": "int",
-         "test_fraction": "float", "domains": "list[str]", "per_client": "int"}
+         "test_fraction": "float", "domains": "list[str]", "per_client": "int", "val_fraction": "float",
+         "layout": "str", "builder": "str", "kwargs": "dict"}
 _MODEL = {"backbone": "str", "num_classes": "int", "stage": "str", "pretrained": "bool",
           "pretrained_file": "str | None", "backbone_kwargs": "dict | None", "lr": "float", "weight_decay": "float",
           "gamma_c": "float", "gamma_l": "float", "ortho_side": "str", "ortho_form": "str", "train_head": "bool",
           "seed": "int"}
-_LOADER = {"num_workers": "int", "pin_memory": "bool", "persistent_workers": "bool"}
+_LOADER = {"num_workers": "int", "pin_memory": "bool", "persistent_workers": "bool", "collate_fn": "str | None",
+           "image_key": "str | None", "label_key": "str | None"}
 _LOGGER = {"name": "str", "save_dir": "str", "project": "str", "experiment_name": "str", "tracking_uri": "str"}
 _TOP = {"seed": "int", "out_dir": "str", "method": "str"}
 _BACKEND = {"name": "str", "clients_per_pass": "int | None"}

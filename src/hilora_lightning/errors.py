@@ -12,7 +12,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["AdapterStateError", "HiLoraError", "NonFiniteError", "TargetNotFoundError"]
+__all__ = ["AdapterStateError", "ClientDataCheckError", "HiLoraError", "NonFiniteError", "TargetNotFoundError"]
 
 
 class HiLoraError(Exception):
@@ -29,3 +29,7 @@ class AdapterStateError(HiLoraError, ValueError):
 
 class NonFiniteError(HiLoraError, RuntimeError):
     """A tensor that must be finite (a merge delta, an update) holds NaN or Inf."""
+
+
+class ClientDataCheckError(HiLoraError, ValueError):
+    """A client's data does not fit the model (label range, image size, sample format), found before round 1."""

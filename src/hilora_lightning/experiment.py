@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from hilora_lightning.config import AdapterConfig, TierConfig
+from hilora_lightning.data.clients import DEFAULT_VAL_FRACTION
 from hilora_lightning.federation import (
     ClientData,
     ClusteringConfig,
@@ -52,10 +53,14 @@ DATASETS = ("digits", "fashion-mnist", "cifar100", "domainnet", "imagefolder")
 
 _DATA_KEYS = {"name", "num_clients", "num_groups", "unseen_fraction", "train_fraction", "img_size", "root",
               "download", "verify", "partition", "alpha", "classes_per_client", "clients_per_domain",
-              "test_fraction", "domains", "per_client"}
+              "test_fraction", "domains", "per_client", "val_fraction", "layout", "builder", "kwargs"}
+#: the keys a ``data.builder`` section may hold besides the builder itself
+_BUILDER_KEYS = {"builder", "kwargs", "val_fraction", "unseen_fraction"}
+#: ``data.layout`` of ``imagefolder``: one tree split by Dirichlet, or a folder per client
+IMAGE_FOLDER_LAYOUTS = ("dirichlet", "per_client")
 
 
-_LOADER_KEYS = ("num_workers", "pin_memory", "persistent_workers")
+_LOADER_KEYS = ("num_workers", "pin_memory", "persistent_workers", "collate_fn", "image_key", "label_key")
 _LOGGER_KEYS = ("name", "save_dir", "project", "experiment_name", "tracking_uri")
 LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
 
@@ -170,17 +175,26 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         raise ValueError(f"backend.clients_per_pass must be >= 1 or null, got {per_pass}")
 
 
-def build_clients(data: Mapping[str, Any], seed: int) -> tuple[list[ClientData], list[ClientData]]:
-    """The training and unseen clients described by the ``data`` section."""
+def build_clients(data: Mapping[str, Any], seed: int, partition: tuple[int, int] | None = None
+                  ) -> tuple[list[ClientData], list[ClientData]]:
+    """The training and unseen clients described by the ``data`` section.
+
+    ``data.builder`` (``"package.module:function"``, called with ``data.kwargs``) builds them with the
+    user's own code (:mod:`hilora_lightning.data.hook`); ``partition`` is a Flower node's
+    ``(partition_id, num_partitions)``, passed to a builder that takes them.
+    """
+    if "builder" in data:
+        return _built_clients(data, seed, partition)
     name = data.get("name", "digits")
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}: available {list(DATASETS)}")
+    val = {"val_fraction": float(data.get("val_fraction", DEFAULT_VAL_FRACTION))}
     if name == "digits":
         from hilora_lightning.data.digits import digits_federation
 
         clients = digits_federation(int(data.get("num_clients", 10)), num_groups=int(data.get("num_groups", 4)),
                                     img_size=int(data.get("img_size", 32)),
-                                    train_fraction=float(data.get("train_fraction", 0.75)), seed=seed)
+                                    train_fraction=float(data.get("train_fraction", 0.75)), seed=seed, **val)
     elif name == "fashion-mnist":
         from hilora_lightning.data.fashion import fashion_mnist_federation
 
@@ -189,24 +203,29 @@ def build_clients(data: Mapping[str, Any], seed: int) -> tuple[list[ClientData],
             alpha=None if data.get("alpha") is None else float(data["alpha"]),
             classes_per_client=int(data.get("classes_per_client", 3)), per_client=int(data.get("per_client", 620)),
             test_fraction=float(data.get("test_fraction", 0.25)), img_size=int(data.get("img_size", 32)),
-            download=bool(data.get("download", False)), seed=seed)
+            download=bool(data.get("download", False)), seed=seed, **val)
     else:
         from hilora_lightning.data import federations
 
         if "root" not in data:
             raise ValueError(f"data.root is required for {name!r}: the folder that holds the data set")
         common: dict[str, Any] = {"test_fraction": float(data.get("test_fraction", 0.25)),
-                                  "img_size": int(data.get("img_size", 224)),
-                  "seed": seed}
+                                  "img_size": int(data.get("img_size", 224)), "seed": seed, **val}
         if name == "cifar100":
             clients = federations.cifar100_federation(
                 data["root"], num_clients=int(data.get("num_clients", 100)), partition=data.get("partition", "gl-dir"),
                 alpha=float(data.get("alpha", 0.3)), classes_per_client=int(data.get("classes_per_client", 10)),
                 download=bool(data.get("download", False)), verify=bool(data.get("verify", True)), **common)
         elif name == "imagefolder":
-            clients = federations.image_folder_federation(
-                data["root"], num_clients=int(data.get("num_clients", 10)), alpha=float(data.get("alpha", 0.5)),
-                **common)
+            layout = str(data.get("layout", "dirichlet"))
+            if layout not in IMAGE_FOLDER_LAYOUTS:
+                raise ValueError(f"layout must be one of {IMAGE_FOLDER_LAYOUTS}, got {layout!r}")
+            if layout == "per_client":
+                clients = federations.image_folder_clients(data["root"], **common)
+            else:
+                clients = federations.image_folder_federation(
+                    data["root"], num_clients=int(data.get("num_clients", 10)), alpha=float(data.get("alpha", 0.5)),
+                    **common)
         else:
             from hilora_lightning.data.images import DOMAINNET_DOMAINS
 
@@ -214,6 +233,31 @@ def build_clients(data: Mapping[str, Any], seed: int) -> tuple[list[ClientData],
                 data["root"], clients_per_domain=int(data.get("clients_per_domain", 15)),
                 alpha=float(data.get("alpha", 0.6)), domains=tuple(data.get("domains", DOMAINNET_DOMAINS)), **common)
     return split_unseen(clients, float(data.get("unseen_fraction", 0.2)), seed=seed)
+
+
+def _built_clients(data: Mapping[str, Any], seed: int, partition: tuple[int, int] | None
+                   ) -> tuple[list[ClientData], list[ClientData]]:
+    """The clients of a ``data.builder`` (converted to :class:`ClientData`; unseen ids after training ids)."""
+    from hilora_lightning.data.clients import as_clients
+    from hilora_lightning.data.hook import BuilderError, call_builder
+
+    extra = sorted(set(data) - _BUILDER_KEYS)
+    if extra:
+        raise ValueError(f"data.builder builds the clients itself; {extra} do not apply (a builder section takes "
+                         f"{sorted(_BUILDER_KEYS)}; pass your own options in data.kwargs)")
+    kwargs = data.get("kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"data.kwargs must be a mapping of keyword arguments, got {type(kwargs).__name__}")
+    raw, raw_unseen = call_builder(data["builder"], dict(kwargs), partition)
+    val = float(data.get("val_fraction", DEFAULT_VAL_FRACTION))
+    try:
+        clients = as_clients(raw, val)
+        unseen = as_clients(raw_unseen, val, first_id=max(c.client_id for c in clients) + 1)
+    except (TypeError, ValueError) as exc:
+        raise BuilderError(f"data builder {data['builder']!r}: {exc}") from exc
+    if "unseen_fraction" in data and not unseen:
+        return split_unseen(clients, float(data["unseen_fraction"]), seed=seed)
+    return clients, unseen
 
 
 def model_options(cfg: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
@@ -271,7 +315,8 @@ def build_federation_config(cfg: Mapping[str, Any]) -> FederationConfig:
 
 
 def build_runner(cfg: Mapping[str, Any], clients: Sequence[ClientData], unseen: Sequence[ClientData] = (),
-                 checkpoint_path: str | Path | None = None, backend: Any = None, progress: bool = True) -> Any:
+                 checkpoint_path: str | Path | None = None, backend: Any = None, progress: bool = True,
+                 raise_client_errors: bool = False) -> Any:
     """The runner of ``cfg``'s ``method``: a :class:`FederatedOrchestrator` for ``"hilora"`` (the
     default), a :class:`~hilora_lightning.baselines.BaselineRunner` for a baseline's name. Shared by
     the CLI and the Flower ServerApp."""
@@ -280,7 +325,8 @@ def build_runner(cfg: Mapping[str, Any], clients: Sequence[ClientData], unseen: 
     common: dict[str, Any] = {"trainer_kwargs": dict(cfg.get("trainer", {}) or {}), "checkpoint_path": checkpoint_path,
                               "progress": progress, "backend": backend or build_backend(cfg.get("backend")),
                               "loader": cfg.get("loader"),
-                              "logger": build_logger(cfg.get("logger"), cfg.get("out_dir", "runs/experiment"))}
+                              "logger": build_logger(cfg.get("logger"), cfg.get("out_dir", "runs/experiment")),
+                              "raise_client_errors": raise_client_errors}
     if method == "hilora":
         return FederatedOrchestrator(build_model(cfg), clients, config, unseen=unseen, **common)
     from hilora_lightning.baselines import BaselineRunner
@@ -289,8 +335,9 @@ def build_runner(cfg: Mapping[str, Any], clients: Sequence[ClientData], unseen: 
     return BaselineRunner(make_method(method, config), build_model(cfg), clients, config, unseen, **common)
 
 
-def build_experiment(cfg: Mapping[str, Any]) -> Any:
-    """Validate ``cfg`` and build the runner it describes (nothing runs yet)."""
+def build_experiment(cfg: Mapping[str, Any], raise_client_errors: bool = False) -> Any:
+    """Validate ``cfg`` and build the runner it describes (nothing runs yet); ``raise_client_errors``
+    re-raises the first client exception with its traceback (``--fail-fast``)."""
     from hilora_lightning.config_check import check_experiment, check_trainer, prefixed
 
     validate_config(cfg)
@@ -301,7 +348,8 @@ def build_experiment(cfg: Mapping[str, Any]) -> Any:
         raise prefixed("data", exc) from exc
     check_experiment(cfg, clients, unseen)
     out = Path(cfg.get("out_dir", "runs/experiment"))
-    return build_runner(cfg, clients, unseen, checkpoint_path=out / "federation.pt")
+    return build_runner(cfg, clients, unseen, checkpoint_path=out / "federation.pt",
+                        raise_client_errors=raise_client_errors)
 
 
 def save_outputs(orch: Any, result: FederatedResult, cfg: Mapping[str, Any], out: Path) -> list[Path]:
@@ -346,15 +394,17 @@ def _to_yaml(cfg: Mapping[str, Any]) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(json.loads(json.dumps(cfg, default=list))))
 
 
-def run_experiment(cfg: Mapping[str, Any], resume: bool = False) -> tuple[Any, FederatedResult]:
+def run_experiment(cfg: Mapping[str, Any], resume: bool = False, raise_client_errors: bool = False
+                   ) -> tuple[Any, FederatedResult]:
     """Build and run; with ``resume`` continue from ``out_dir/federation.pt`` if it exists."""
-    orch = build_experiment(cfg)
+    orch = build_experiment(cfg, raise_client_errors)
     return orch, orch.run(resume=resume)
 
 
-def run_and_report(cfg: Mapping[str, Any], resume: bool = False) -> FederatedResult:
+def run_and_report(cfg: Mapping[str, Any], resume: bool = False, raise_client_errors: bool = False
+                   ) -> FederatedResult:
     """Run, print the results tables, write the outputs into ``out_dir`` and list them (CLI and examples)."""
-    orch, result = run_experiment(cfg, resume=resume)
+    orch, result = run_experiment(cfg, resume=resume, raise_client_errors=raise_client_errors)
     print()
     print(result.summary())
     for path in save_outputs(orch, result, cfg, Path(cfg.get("out_dir", "runs/experiment"))):

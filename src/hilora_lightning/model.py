@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -37,9 +35,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from hilora_lightning.adapter_checkpoint import check_adapter_checkpoint
+from hilora_lightning.adapter_checkpoint import AdapterCheckpointMixin
 from hilora_lightning.backbone import create_backbone
 from hilora_lightning.config import AdapterConfig
+from hilora_lightning.data.samples import SampleKeys, split_batch
 from hilora_lightning.gates import TierGate
 from hilora_lightning.inject import inject_tiers
 from hilora_lightning.layer import TieredLoRALinear
@@ -56,7 +55,7 @@ from hilora_lightning.tiers import Tier, parse_tiers
 __all__ = ["HiLoRAViT"]
 
 
-class HiLoRAViT(pl.LightningModule):
+class HiLoRAViT(AdapterCheckpointMixin, pl.LightningModule):
     """A frozen timm ViT with root / cluster / leaf LoRA tiers, trained one stage at a time.
 
     Args:
@@ -310,10 +309,28 @@ class HiLoRAViT(pl.LightningModule):
             self._ortho_cache = (cache_key, frozen_groups(trainable, pairs, side))
         return grouped_penalty(trainable, self._ortho_cache[1], side)
 
+    #: the dict keys of image and label in a batch of dict samples (``None``: the usual names)
+    sample_keys = SampleKeys()
+
     def _shared_step(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
-        x, y = batch[0], batch[1]
+        x, y = split_batch(batch, self.sample_keys)
         logits = self(x)
         return self.compute_loss(logits, y), logits, y
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Logits of a batch with the active tiers: a tensor, ``(x,)``, ``(x, y)`` or a dict batch.
+
+        ``trainer.predict(model, loader)`` returns one logits tensor per batch (``softmax(-1)`` of it
+        gives probabilities); labels, if the batch has them, are ignored.
+
+        Example:
+            >>> import torch
+            >>> model = HiLoRAViT(num_classes=3)
+            >>> model.predict_step({"pixel_values": torch.zeros(2, 3, 32, 32)}, 0).shape
+            torch.Size([2, 3])
+        """
+        x, _ = split_batch(batch, self.sample_keys, need_label=False)
+        return self(x)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         task, logits, y = self._shared_step(batch)
@@ -348,76 +365,6 @@ class HiLoRAViT(pl.LightningModule):
                 f"nothing to train in stage {self.stage.value!r}: the tier is frozen and train_head=False"
             )
         return torch.optim.AdamW(params, lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
-
-    # ---------------------------------------------------------------- checkpoints
-    def _is_adapter_key(self, key: str) -> bool:
-        return (".lora_A." in key or ".lora_B." in key or ".tier_gate." in key
-                or key.startswith(self._head_prefix()))
-
-    def _head_prefix(self) -> str:
-        head = self.head
-        for name, module in self.named_modules():
-            if module is head:
-                return name + "."
-        return "model.head."
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only adapter factors and the head: the frozen backbone is rebuilt from hparams."""
-        state = checkpoint.get("state_dict", {})
-        checkpoint["state_dict"] = {k: v for k, v in state.items() if self._is_adapter_key(k)}
-        checkpoint["hilora_stage"] = self.stage.value
-        checkpoint["hilora_backbone_sha256"] = self.backbone_fingerprint()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the stage; refuse adapters trained on a different frozen backbone."""
-        expected = checkpoint.get("hilora_backbone_sha256")
-        if expected is not None and expected != self.backbone_fingerprint():
-            raise RuntimeError(
-                "this checkpoint's adapters were trained on a different frozen backbone (weight fingerprint "
-                f"{expected[:12]}..., rebuilt backbone {self.backbone_fingerprint()[:12]}...); rebuild it with "
-                "the same backbone, pretrained/pretrained_file, backbone_kwargs and seed"
-            )
-        if "hilora_stage" in checkpoint:
-            self.set_stage(checkpoint["hilora_stage"])
-
-    @classmethod
-    def load_from_checkpoint(  # type: ignore[override]
-        cls,
-        checkpoint_path: str | os.PathLike[str],
-        map_location: Any = None,
-        hparams_file: str | os.PathLike[str] | None = None,
-        strict: bool | None = None,
-        weights_only: bool | None = True,
-        allow_legacy: bool = False,
-        **kwargs: Any,
-    ) -> HiLoRAViT:
-        """Rebuild the frozen backbone from the saved hyper-parameters and load the adapters and head.
-
-        Always reads with ``weights_only=True`` (tensors and plain types, never code; an environment
-        variable cannot turn it off). The checkpoint is checked before anything is built: it must hold
-        adapter factors, all finite, and the backbone fingerprint that :meth:`on_load_checkpoint`
-        compares (``allow_legacy=True`` accepts a file without a fingerprint, from before it existed).
-
-        Example:
-            >>> HiLoRAViT.load_from_checkpoint("missing.ckpt")  # doctest: +ELLIPSIS
-            Traceback (most recent call last):
-            ...
-            FileNotFoundError: no HiLoRAViT checkpoint at 'missing.ckpt'
-        """
-        if weights_only is not True:
-            raise ValueError("HiLoRAViT checkpoints load with weights_only=True only, got "
-                             f"weights_only={weights_only!r}")
-        path = Path(checkpoint_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no HiLoRAViT checkpoint at {str(checkpoint_path)!r}")
-        check_adapter_checkpoint(torch.load(path, map_location="cpu", weights_only=True), str(path), allow_legacy)
-        hparams = None if hparams_file is None else Path(hparams_file)
-        return super().load_from_checkpoint(path, map_location, hparams, strict,  # type: ignore[return-value]
-                                            weights_only=True, **kwargs)
-
-    def adapter_state_dict(self) -> dict[str, Tensor]:
-        """All tiers' factors and the head, as stored in checkpoints."""
-        return {k: v.detach().clone() for k, v in self.state_dict().items() if self._is_adapter_key(k)}
 
     def state_layers(self) -> dict[str, TieredLoRALinear]:
         """The tiered layers keyed by their path *in the backbone* (``blocks.0.attn.qkv``).

@@ -70,13 +70,14 @@ class BaselineRunner:
     orthogonality penalty is off (no baseline has one). ``upload_hook`` sees every upload as a
     :class:`~hilora_lightning.federation.Payload` (tier: the slot uploaded) and may raise to reject it.
     With ``checkpoint_path`` the run checkpoints every round and ``run(resume=True)`` continues it.
+    Clients and ``raise_client_errors`` as for :class:`~hilora_lightning.federation.FederatedOrchestrator`.
     """
 
     def __init__(
         self,
         method: Method,
         model: HiLoRAViT,
-        clients: Sequence[ClientData],
+        clients: Sequence[ClientData | Any],
         config: FederationConfig,
         unseen: Sequence[ClientData] = (),
         trainer_kwargs: Mapping[str, Any] | None = None,
@@ -86,10 +87,11 @@ class BaselineRunner:
         backend: ClientBackend | None = None,
         loader: LoaderSpec | Mapping[str, Any] | None = None,
         logger: Any = None,
+        raise_client_errors: bool = False,
     ) -> None:
         if not isinstance(model, HiLoRAViT):
             raise TypeError(f"model must be a HiLoRAViT, got {type(model).__name__}")
-        check_federation(clients, unseen, config.min_clients)
+        clients, unseen = check_federation(clients, unseen, config.min_clients)
         self.method, self.config = method, config
         self.model = prepare_baseline_model(method, model)
         self.clients = {c.client_id: c for c in clients}
@@ -97,7 +99,7 @@ class BaselineRunner:
         self.strategy = BaselineStrategy(method, self.model, config)
         self.runner, self.backend, self.runtime = in_process_runner(
             self.strategy, self.model, clients, unseen, config, backend, trainer_kwargs, loader, checkpoint_path,
-            upload_hook, progress, logger)
+            upload_hook, progress, logger, raise_client_errors)
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> FederatedResult:
         """Run every round, fuse (FDLoRA), evaluate the clients and the unseen clients."""

@@ -28,6 +28,8 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from hilora_lightning.data.clients import DEFAULT_VAL_FRACTION
+
 __all__ = ["DigitsDataModule", "digits_federation", "digits_split", "load_digits_tensors", "rotate"]
 
 SOURCE_SIZE = 900
@@ -130,12 +132,14 @@ def digits_federation(
     img_size: int = 32,
     train_fraction: float = 0.75,
     seed: int = 0,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
 ) -> list[Any]:
     """Split the target digits into ``num_clients`` disjoint clients in ``num_groups`` latent groups.
 
     Client ``i`` belongs to group ``i % num_groups`` and sees its digits rotated by ``group * 90``
     degrees (four groups at most: the four exact rotations). Each client's images are split into
-    train and test with the same (shuffled) label mix.
+    train and test with the same (shuffled) label mix; ``val_fraction`` of train is held out for
+    validation (:class:`~hilora_lightning.data.clients.ClientData`).
 
     Returns:
         A list of :class:`~hilora_lightning.federation.client.ClientData`.
@@ -144,7 +148,7 @@ def digits_federation(
         >>> clients = digits_federation(8, num_groups=4)
         >>> [c.group for c in clients]
         [0, 1, 2, 3, 0, 1, 2, 3]
-        >>> sum(len(c.train) + len(c.test) for c in clients)
+        >>> sum(len(c.train) + len(c.val) + len(c.test) for c in clients)
         897
     """
     from hilora_lightning.data.clients import ClientData
@@ -172,6 +176,7 @@ def digits_federation(
                 train=TensorDataset(xs[:n_train], ys[:n_train]),
                 test=TensorDataset(xs[n_train:], ys[n_train:]),
                 group=group,
+                val_fraction=val_fraction,
             )
         )
     return clients

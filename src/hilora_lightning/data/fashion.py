@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from hilora_lightning.data.clients import ClientData
+from hilora_lightning.data.clients import DEFAULT_VAL_FRACTION, ClientData
 from hilora_lightning.data.partition import (
     check_partition,
     dirichlet_partition,
@@ -83,9 +83,10 @@ def _file(folder: Path, name: str) -> Path | None:
 
 
 def find_fashion_mnist(root: str | os.PathLike[str] | None = None) -> Path | None:
-    """The first folder holding all four IDX files: ``root``, ``root/FashionMNIST/raw``, the Debian path."""
-    folders = [Path(root), Path(root) / "FashionMNIST" / "raw"] if root is not None else []
-    for folder in [*folders, DEBIAN_ROOT]:
+    """The first folder holding all four IDX files: ``root`` or ``root/FashionMNIST/raw`` when a root is
+    given (nothing else: a given root is never silently replaced), else the Debian package's path."""
+    folders = [Path(root), Path(root) / "FashionMNIST" / "raw"] if root is not None else [DEBIAN_ROOT]
+    for folder in folders:
         if all(_file(folder, n) for pair in FILES.values() for n in pair):
             return folder
     return None
@@ -105,10 +106,15 @@ def load_fashion_mnist(root: str | os.PathLike[str] | None = None, split: str = 
         for train in (True, False):
             FashionMNIST(str(root), train=train, download=True)
         folder = find_fashion_mnist(root)
-    if folder is None:
-        where = f"{str(root)!r} (or its FashionMNIST/raw) nor " if root is not None else ""
+    if folder is None and root is not None:
+        what = "does not exist" if not Path(root).exists() else "holds no Fashion-MNIST IDX files"
         raise FileNotFoundError(
-            f"Fashion-MNIST not found: neither {where}{str(DEBIAN_ROOT)!r} holds the four IDX files "
+            f"Fashion-MNIST not found: data.root {str(root)!r} {what} (looked in it and its FashionMNIST/raw for "
+            "train-images-idx3-ubyte[.gz], ...). Fix data.root, add data.download=true to fetch the files into it, "
+            f"or leave data.root out to use the Debian package's copy in {str(DEBIAN_ROOT)!r}")
+    if folder is None:
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found: {str(DEBIAN_ROOT)!r} does not hold the four IDX files "
             "(train-images-idx3-ubyte[.gz], ...). Install them with 'apt-get install -y dataset-fashion-mnist' "
             "(Debian/Ubuntu), or pass data.root and data.download=true to fetch them with torchvision")
     parts = ("train", "test") if split == "all" else (split,)
@@ -172,6 +178,7 @@ def fashion_mnist_federation(
     img_size: int = 32,
     download: bool = False,
     seed: int = 0,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
 ) -> list[ClientData]:
     """Fashion-MNIST clients (see the module docstring for the partitions).
 
@@ -213,5 +220,5 @@ def fashion_mnist_federation(
     clients = []
     for i, (tr, te) in enumerate(split_train_test(parts, labels, test_fraction, seed=seed)):
         clients.append(ClientData(i, TensorDataset(x[position[tr]], y[tr]), TensorDataset(x[position[te]], y[te]),
-                                  groups[i]))
+                                  groups[i], val_fraction=val_fraction))
     return clients

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import Tensor
 
-from hilora_lightning.data.clients import ClientData
+from hilora_lightning.data.clients import DEFAULT_VAL_FRACTION, ClientData
 from hilora_lightning.data.images import (
     DOMAINNET_DOMAINS,
     DOMAINNET_TEN_CLASSES,
@@ -38,7 +39,8 @@ from hilora_lightning.data.partition import (
     superclass_dirichlet_partition,
 )
 
-__all__ = ["PARTITIONS", "cifar100_federation", "domainnet_federation", "image_folder_federation"]
+__all__ = ["PARTITIONS", "cifar100_federation", "domainnet_federation", "image_folder_clients",
+           "image_folder_federation"]
 
 PARTITIONS = ("gl-dir", "sc-dir", "patho")
 
@@ -55,6 +57,7 @@ def cifar100_federation(
     verify: bool = True,
     seed: int = 0,
     transform: Callable[[Any], Tensor] | None = None,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
 ) -> list[ClientData]:
     """CIFAR-100 clients: ``gl-dir`` (Dirichlet(alpha) over all classes), ``sc-dir`` (superclass
     groups, Dirichlet(alpha) within; ``group`` = the latent group) or ``patho`` (``classes_per_client``)."""
@@ -74,7 +77,8 @@ def cifar100_federation(
     check_partition(parts, len(fine))
     tf = transform or default_transform(img_size)
     return [
-        ClientData(i, ArrayImageDataset(images, fine, tf, tr), ArrayImageDataset(images, fine, tf, te), groups[i])
+        ClientData(i, ArrayImageDataset(images, fine, tf, tr), ArrayImageDataset(images, fine, tf, te), groups[i],
+                   val_fraction=val_fraction)
         for i, (tr, te) in enumerate(split_train_test(parts, fine, test_fraction, seed=seed))
     ]
 
@@ -89,6 +93,7 @@ def domainnet_federation(
     img_size: int = 224,
     seed: int = 0,
     transform: Callable[[Any], Tensor] | None = None,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
 ) -> list[ClientData]:
     """DomainNet clients: ``clients_per_domain`` per domain with Dirichlet(alpha) label skew; the
     domain is each client's latent ``group`` (paper: 6 domains x 15 clients, 10 classes)."""
@@ -99,7 +104,8 @@ def domainnet_federation(
     clients = []
     for i, (tr, te) in enumerate(split_train_test(parts, labels, test_fraction, seed=seed)):
         clients.append(ClientData(i, PathImageDataset([paths[j] for j in tr], labels[tr], tf),
-                                  PathImageDataset([paths[j] for j in te], labels[te], tf), int(groups[i])))
+                                  PathImageDataset([paths[j] for j in te], labels[te], tf), int(groups[i]),
+                                  val_fraction=val_fraction))
     return clients
 
 
@@ -111,6 +117,7 @@ def image_folder_federation(
     img_size: int = 224,
     seed: int = 0,
     transform: Callable[[Any], Tensor] | None = None,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
 ) -> list[ClientData]:
     """Clients over any ImageFolder tree (``root/<class>/<image>``) with Dirichlet(alpha) label skew."""
     from hilora_lightning.data.images import load_image_folder_index
@@ -121,6 +128,70 @@ def image_folder_federation(
     tf = transform or default_transform(img_size)
     return [
         ClientData(i, PathImageDataset([paths[j] for j in tr], labels[tr], tf),
-                   PathImageDataset([paths[j] for j in te], labels[te], tf))
+                   PathImageDataset([paths[j] for j in te], labels[te], tf), val_fraction=val_fraction)
         for i, (tr, te) in enumerate(split_train_test(parts, labels, test_fraction, seed=seed))
     ]
+
+
+def image_folder_clients(
+    root: str | os.PathLike[str],
+    test_fraction: float = 0.25,
+    img_size: int = 224,
+    seed: int = 0,
+    transform: Callable[[Any], Tensor] | None = None,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+) -> list[ClientData]:
+    """One client per sub-folder: ``root/<client>/<class>/<image>`` (the layout of real sites).
+
+    Clients are numbered in the sorted order of their folder names; class indices follow the sorted
+    union of every client's class names, so the same class has the same label everywhere. A client
+    folder that holds ``train/`` and ``test/`` (each ``<class>/<image>``) keeps that split; otherwise its
+    images are split per class by ``test_fraction``. ``val_fraction`` of train is held out for validation.
+
+    Example:
+        >>> image_folder_clients("/nonexistent")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: image folder '/nonexistent' does not exist
+    """
+    from hilora_lightning.data.images import IMAGE_EXTENSIONS
+
+    base = Path(root)
+    if not base.is_dir():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
+    sites = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not sites:
+        raise ValueError(f"image folder {str(root)!r} has no client sub-folders; expected "
+                         "root/<client>/<class>/<image>")
+
+    def images(folder: Path) -> dict[str, list[Path]]:
+        return {c.name: sorted(f for f in c.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+                for c in sorted(folder.iterdir()) if c.is_dir() and not c.name.startswith(".")}
+
+    layouts = []
+    for site in sites:
+        split = (site / "train").is_dir() and (site / "test").is_dir()
+        layouts.append((images(site / "train"), images(site / "test")) if split else (images(site), None))
+    classes = sorted({c for tr, te in layouts for part in (tr, te or {}) for c, files in part.items() if files})
+    if not classes:
+        raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {str(root)!r}; expected "
+                         "root/<client>/<class>/<image>")
+    index = {c: i for i, c in enumerate(classes)}
+    tf = transform or default_transform(img_size)
+    rng = np.random.default_rng(seed)
+    clients = []
+    for cid, (site, (train, test)) in enumerate(zip(sites, layouts)):
+        pairs = [(f, index[c]) for c, files in train.items() for f in files]
+        if not pairs:
+            raise ValueError(f"client folder {str(site)!r} holds no images")
+        if test is None:
+            labels = np.asarray([y for _, y in pairs])
+            ((tr, te),) = split_train_test([np.arange(len(pairs))], labels, test_fraction,
+                                           seed=int(rng.integers(2**31)))
+            train_pairs, test_pairs = [pairs[i] for i in tr], [pairs[i] for i in te]
+        else:
+            train_pairs, test_pairs = pairs, [(f, index[c]) for c, files in test.items() for f in files]
+        clients.append(ClientData(cid, PathImageDataset([p for p, _ in train_pairs], [y for _, y in train_pairs], tf),
+                                  PathImageDataset([p for p, _ in test_pairs], [y for _, y in test_pairs], tf),
+                                  val_fraction=val_fraction))
+    return clients

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 __all__ = [
     "CIFAR100_FILES",
+    "IMAGE_EXTENSIONS",
     "DOMAINNET_DOMAINS",
     "DOMAINNET_TEN_CLASSES",
     "ArrayImageDataset",
@@ -35,6 +36,8 @@ __all__ = [
 
 CIFAR100_FILES = {"train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
                   "meta": "7973b15100ade9c7d40fb424638fde48"}
+#: file suffixes read as images by the folder loaders (what torchvision's ImageFolder accepts)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"})
 DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
 #: The 10-class DomainNet subset used by FedBN and the federated DomainNet literature (our reading of
 #: the paper's "top 10 classes", PAPER.md C18).

@@ -204,7 +204,8 @@ class BatchedBackend(InProcessBackend):
         slots = {t: dict(s) if s is not None else self._spec.fresh(t, int(plan.slots[t].seed))  # type: ignore[arg-type]
                  for t, s in resolved.items()}
         head = resolve_head(plan, store) or self._runtime().initial_head
-        return Job(plan, self.data[plan.client_id], store, slots, dict(head))
+        data = self.data[plan.client_id]
+        return Job(plan, data, store, slots, dict(head), self._runtime().loader_for(data).collate())
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, requests: Mapping[int, ScorePlan]) -> dict[int, float | Exception]:
@@ -218,7 +219,7 @@ class BatchedBackend(InProcessBackend):
             if why is not None or len(requests) == 1:
                 alone[cid] = plan
             else:
-                groups.setdefault((plan.active, plan.metric, tuple(sorted(plan.slots))), []).append(cid)
+                groups.setdefault((plan.active, plan.metric, plan.split, tuple(sorted(plan.slots))), []).append(cid)
         out: dict[int, float | Exception] = dict(super().evaluate(alone)) if alone else {}
         try:
             for ids in groups.values():

@@ -22,10 +22,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import TensorDataset, default_collate
+from torch.utils.data import TensorDataset
 
 from hilora_lightning.batched_lora import StackedDelta, stacked_head
 from hilora_lightning.data.clients import ClientData
+from hilora_lightning.data.samples import XYCollate
 from hilora_lightning.federation.local import StepSampler
 from hilora_lightning.federation.plan import ClientStore, FitReply, LocalPlan, ScorePlan
 from hilora_lightning.federation.runtime import ClientRuntime, finish_plan
@@ -56,6 +57,7 @@ class Job:
     store: ClientStore
     slots: dict[Tier, State] = dataclasses.field(default_factory=dict)
     head: State = dataclasses.field(default_factory=dict)
+    collate: XYCollate = dataclasses.field(default_factory=XYCollate)
 
 
 def _same(states: Sequence[State]) -> bool:
@@ -138,7 +140,7 @@ def _batches(jobs: Sequence[Job], seeds: Sequence[int], steps: int, batch_size: 
         xs, ys = [], []
         for j, order in zip(jobs, orders):
             try:
-                x, y = _collate(j.data.train, order[k * batch_size:(k + 1) * batch_size])
+                x, y = _collate(j.data.train, order[k * batch_size:(k + 1) * batch_size], j.collate)
             except Exception as exc:
                 raise ClientDataError(j.plan.client_id, exc) from exc
             xs.append(x)
@@ -146,13 +148,12 @@ def _batches(jobs: Sequence[Job], seeds: Sequence[int], steps: int, batch_size: 
         yield torch.cat(xs), torch.cat(ys)
 
 
-def _collate(data: Any, idx: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """The batch a DataLoader makes of ``data[idx]`` (in-memory tensors indexed at once: the same rows)."""
-    if isinstance(data, TensorDataset) and len(data.tensors) >= 2:
+def _collate(data: Any, idx: Sequence[int], collate: XYCollate) -> tuple[Tensor, Tensor]:
+    """The batch a client DataLoader makes of ``data[idx]`` (in-memory tensors indexed at once: the same rows)."""
+    if isinstance(data, TensorDataset) and len(data.tensors) >= 2 and collate.collate_fn is None:
         rows = torch.as_tensor(idx, dtype=torch.long)
         return data.tensors[0][rows], data.tensors[1][rows]
-    x, y = default_collate([data[i] for i in idx])[:2]
-    return x, y
+    return collate([data[i] for i in idx])
 
 
 def _fabric(trainer_kwargs: Mapping[str, Any]) -> Any:
@@ -267,7 +268,7 @@ def score_pass(runtime: ClientRuntime, jobs: list[Job], chunk: int = 256) -> dic
     was_training = model.training
     model.eval()
     c = len(jobs)
-    splits = [j.data.train if first.metric == "loss" else j.data.test for j in jobs]
+    splits = [j.data.split(str(first.split)) for j in jobs]
     sizes = [len(s) for s in splits]  # type: ignore[arg-type]
     hits = [0.0] * c
     head_w, head_b = _stacked_heads(jobs, device)
@@ -276,9 +277,9 @@ def score_pass(runtime: ClientRuntime, jobs: list[Job], chunk: int = 256) -> dic
             for start in range(0, max(sizes, default=0), chunk):
                 width = min(chunk, max(sizes) - start)
                 xs, ys, mask = [], [], []
-                for split, n in zip(splits, sizes):
+                for split, n, job in zip(splits, sizes, jobs):
                     idx = [min(i, n - 1) for i in range(start, start + width)] if n else []
-                    x, y = _collate(split, idx)
+                    x, y = _collate(split, idx, job.collate)
                     xs.append(x)
                     ys.append(y)
                     mask.append(torch.tensor([i < n for i in range(start, start + width)]))

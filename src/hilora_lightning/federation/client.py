@@ -18,11 +18,12 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from torch import Tensor
 
-from hilora_lightning.data.clients import ClientData, split_unseen  # the data types live in data/ (re-exported)
+from hilora_lightning.data.clients import ClientData, as_clients, split_unseen  # the data types live in data/
 from hilora_lightning.federation.server_state import ClientState
 
 __all__ = ["ClientData", "ClientState", "check_federation", "client_seed", "select_clients", "split_unseen",
@@ -56,13 +57,19 @@ def select_clients(ids: Sequence[int], fraction: float, min_clients: int, seed: 
     return sorted(int(i) for i in rng.choice(ids, size=k, replace=False))
 
 
-def check_federation(clients: Sequence[ClientData], unseen: Sequence[ClientData], min_clients: int) -> None:
-    """Reject an empty federation, repeated client ids and a ``min_clients`` above the client count."""
+def check_federation(clients: Sequence[Any], unseen: Sequence[Any], min_clients: int
+                     ) -> tuple[list[ClientData], list[ClientData]]:
+    """The federation's clients as :class:`ClientData` (DataModules and ``(train, test)`` tuples converted,
+    ids by position, unseen ids after the training ones); reject an empty federation, repeated client
+    ids and a ``min_clients`` above the client count."""
     if not clients:
         raise ValueError("a federation needs at least one client, got none")
-    ids = [c.client_id for c in clients] + [c.client_id for c in unseen]
+    train = as_clients(list(clients))
+    held = as_clients(list(unseen), first_id=max(c.client_id for c in train) + 1) if unseen else []
+    ids = [c.client_id for c in train] + [c.client_id for c in held]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
         raise ValueError(f"client ids must be unique across clients and unseen clients, repeated: {dupes}")
-    if min_clients > len(clients):
-        raise ValueError(f"min_clients={min_clients} exceeds the {len(clients)} training clients")
+    if min_clients > len(train):
+        raise ValueError(f"min_clients={min_clients} exceeds the {len(train)} training clients")
+    return train, held

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +29,7 @@ from hilora_lightning.data.clients import ClientData
 from hilora_lightning.federation.backend import ClientBackend, ReportsProgress
 from hilora_lightning.federation.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from hilora_lightning.federation.client import select_clients
+from hilora_lightning.federation.failures import failure_text
 from hilora_lightning.federation.fingerprint import client_items, differences
 from hilora_lightning.federation.loggers import RoundLogger
 from hilora_lightning.federation.plan import FitReply, LocalPlan, ScorePlan
@@ -54,15 +56,20 @@ CHECKPOINT_VERSION = 3
 class RoundContext:
     """What a strategy may use between fits: the clients' metadata and the backend (probes, unseen clients)."""
 
-    def __init__(self, backend: ClientBackend, clients: Mapping[int, ClientData], unseen: Mapping[int, ClientData]):
+    def __init__(self, backend: ClientBackend, clients: Mapping[int, ClientData], unseen: Mapping[int, ClientData],
+                 raise_client_errors: bool = False):
         self.backend, self.clients, self.unseen = backend, clients, unseen
+        #: re-raise the first client exception (with its traceback) instead of recording it
+        self.raise_client_errors = raise_client_errors
         #: per step (``"probe"``, ``"final root"``, ``"unseen finetune"``...): client id -> why it failed
         self.failures: dict[str, dict[int, str]] = {}
 
     def _note(self, step: str, results: Mapping[int, Any]) -> None:
         for cid, value in results.items():
             if isinstance(value, Exception):
-                self.failures.setdefault(step, {})[cid] = f"{type(value).__name__}: {value}"
+                if self.raise_client_errors:
+                    raise value
+                self.failures.setdefault(step, {})[cid] = failure_text(value)
 
     def fit(self, requests: Mapping[int, LocalPlan], step: str = "fit") -> dict[int, FitReply | Exception]:
         """Run fit requests (probes, fine-tunes) through the backend; failures are recorded under ``step``."""
@@ -121,13 +128,17 @@ class FederationRunner:
         checkpoint_path: where the state is written atomically after every round.
         upload_hook: sees every upload (a :class:`Payload`) before validation; may raise to reject it.
         progress: print a line per round.
+        raise_client_errors: re-raise the first exception of a client (fit, probe, evaluation) with its
+            traceback, instead of dropping and recording the client (debugging; tests that assert
+            inside a client).
     """
 
     def __init__(self, strategy: Strategy, clients: Mapping[int, ClientData], unseen: Mapping[int, ClientData],
                  backend: ClientBackend, rounds: int, fraction_fit: float = 1.0, min_clients: int = 1,
                  eval_every: int = 1, seed: int = 0, checkpoint_path: str | Path | None = None,
                  upload_hook: Callable[[Payload], None] | None = None, progress: bool = True,
-                 fingerprint: Mapping[str, str] | None = None, logger: Any = None) -> None:
+                 fingerprint: Mapping[str, str] | None = None, logger: Any = None,
+                 raise_client_errors: bool = False) -> None:
         self.strategy, self.backend = strategy, backend
         self.clients, self.unseen = dict(clients), dict(unseen)
         self.rounds, self.fraction_fit, self.min_clients = rounds, fraction_fit, min_clients
@@ -139,7 +150,7 @@ class FederationRunner:
         self.bar: RoundProgress | None = None
         self.state = strategy.initial_state(sorted(self.clients))
         self.working: ServerState | None = None  # the round in progress (None between rounds)
-        self.ctx = RoundContext(backend, self.clients, self.unseen)
+        self.ctx = RoundContext(backend, self.clients, self.unseen, raise_client_errors)
 
     @property
     def current(self) -> ServerState:
@@ -205,6 +216,7 @@ class FederationRunner:
         self.ctx.failures = {}
         result = self.strategy.finish(self.state, self.ctx)
         result.failures = dict(self.ctx.failures)
+        result.splits = {"rounds": self.eval_split(), "final": "test"}
         if self.checkpoint_path is not None:  # the unseen clients' stores (their fine-tuned leaves) too
             save_checkpoint(self.state_dict(), self.checkpoint_path)
         if self.logger:
@@ -269,6 +281,8 @@ class FederationRunner:
             phase_failed: dict[int, str] = {}
             for cid in requests:
                 reply = replies.get(cid, RuntimeError("no reply from the client"))
+                if isinstance(reply, Exception) and self.ctx.raise_client_errors:
+                    raise reply
                 try:
                     if isinstance(reply, Exception):
                         raise reply
@@ -279,7 +293,7 @@ class FederationRunner:
                     payloads[cid] = Payload(cid, t, phase, reply.factors or {}, reply.head,
                                             self.clients[cid].num_samples)
                 except Exception as exc:  # a failing client is dropped and recorded, the round goes on
-                    phase_failed[cid] = f"{type(exc).__name__}: {exc}"
+                    phase_failed[cid] = failure_text(exc)
             phase_failed.update(norm_outliers(payloads, expected.outlier_norm))
             self.backend.reject(phase_failed)
             failed.update(phase_failed)
@@ -300,8 +314,10 @@ class FederationRunner:
         work.round = t - 1  # end_of_round reads the rounds completed before this one
         strategy.end_of_round(work, t, rho, self.ctx)
         if t % self.eval_every == 0 or t == self.rounds:
-            results = self.ctx.evaluate(strategy.configure_evaluate(work), f"round {t} evaluate")
-            record.eval_failed = {c: f"{type(v).__name__}: {v}" for c, v in results.items() if isinstance(v, Exception)}
+            plans = {c: dataclasses.replace(p, split="val") for c, p in strategy.configure_evaluate(work).items()}
+            record.split = self.eval_split(plans)
+            results = self.ctx.evaluate(plans, f"round {t} evaluate")
+            record.eval_failed = {c: failure_text(v) for c, v in results.items() if isinstance(v, Exception)}
             accs = {c: float(v) for c, v in results.items() if not isinstance(v, Exception)}
             summary = accuracy_summary(list(accs.values()))
             record.acc_mean, record.acc_p10, record.acc_min, record.acc_std = (
@@ -312,11 +328,19 @@ class FederationRunner:
         """Scores of the clients that could be evaluated (a failing client is left out)."""
         return self.ctx.scores(requests)
 
+    def eval_split(self, plans: Mapping[int, ScorePlan] | None = None) -> str:
+        """The split per-round figures come from: ``"val"``, ``"test"`` (no client has validation data)
+        or ``"val+test"``."""
+        ids = list(plans) if plans is not None else list(self.clients)
+        splits = {self.clients[c].eval_split for c in ids if c in self.clients}
+        return "val+test" if len(splits) > 1 else (splits.pop() if splits else "test")
+
 
 def in_process_runner(strategy: Strategy, model: Any, clients: Sequence[ClientData], unseen: Sequence[ClientData],
                       config: Any, backend: ClientBackend | None, trainer_kwargs: Mapping[str, Any] | None,
                       loader: Any, checkpoint_path: str | Path | None, upload_hook: Callable[[Payload], None] | None,
-                      progress: bool, logger: Any) -> tuple[FederationRunner, ClientBackend, Any]:
+                      progress: bool, logger: Any, raise_client_errors: bool = False
+                      ) -> tuple[FederationRunner, ClientBackend, Any]:
     """The runner of a :class:`FederationConfig` run, its backend and (in process) the client runtime.
 
     Shared by :class:`~hilora_lightning.federation.FederatedOrchestrator` and
@@ -330,10 +354,14 @@ def in_process_runner(strategy: Strategy, model: Any, clients: Sequence[ClientDa
     backend = backend or InProcessBackend()
     runtime = None
     if isinstance(backend, RunsHere):
+        from hilora_lightning.federation.preflight import check_clients
+
         runtime = ClientRuntime(model, trainer_kwargs, loader)
+        check_clients(model, [*clients, *unseen], runtime.loader)
         backend.bind(runtime, [*clients, *unseen])
     runner = FederationRunner(strategy, {c.client_id: c for c in clients}, {c.client_id: c for c in unseen}, backend,
                               config.rounds, config.fraction_fit, config.min_clients, config.eval_every, config.seed,
                               checkpoint_path, upload_hook, progress,
-                              fingerprint={"trainer.precision": trainer_precision(trainer_kwargs)}, logger=logger)
+                              fingerprint={"trainer.precision": trainer_precision(trainer_kwargs)}, logger=logger,
+                              raise_client_errors=raise_client_errors)
     return runner, backend, runtime

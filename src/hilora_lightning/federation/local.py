@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import logging
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from hilora_lightning.data.hook import load_callable
+from hilora_lightning.data.samples import SampleKeys, XYCollate
 from hilora_lightning.federation.client import client_seed
 from hilora_lightning.model import HiLoRAViT
 from hilora_lightning.state import export_tier, import_tier
@@ -49,14 +51,19 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class LoaderSpec:
-    """How every client DataLoader is built (training, evaluation, probes): worker processes and pinning.
+    """How every client DataLoader is built (training, evaluation, probes): workers, pinning, collation.
 
     On a GPU with decoded-image data sets (the paper's 224-px configs) use workers and pinned memory,
-    or the accelerator starves; the defaults suit small in-memory tensors.
+    or the accelerator starves; the defaults suit small in-memory tensors. Samples may be tuples or
+    dicts: ``image_key`` / ``label_key`` name the dict keys (``None``: the usual names, see
+    :class:`~hilora_lightning.data.samples.SampleKeys`); ``collate_fn`` (a callable, or
+    ``"package.module:function"`` in a config) batches the samples first. Whatever it returns, the
+    loader yields ``(images, labels)``. A client's own ``collate_fn`` (``ClientData.collate_fn``, a
+    DataModule's) takes precedence.
 
     Example:
-        >>> LoaderSpec(num_workers=2, pin_memory=True).kwargs()
-        {'num_workers': 2, 'pin_memory': True, 'persistent_workers': False}
+        >>> LoaderSpec(num_workers=2, pin_memory=True).kwargs()["num_workers"]
+        2
         >>> LoaderSpec(persistent_workers=True)
         Traceback (most recent call last):
         ...
@@ -66,6 +73,9 @@ class LoaderSpec:
     num_workers: int = 0
     pin_memory: bool = False
     persistent_workers: bool = False
+    collate_fn: Callable[[list[Any]], Any] | str | None = None
+    image_key: str | None = None
+    label_key: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
@@ -75,6 +85,13 @@ class LoaderSpec:
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.persistent_workers and self.num_workers == 0:
             raise ValueError("persistent_workers=True needs num_workers > 0, got num_workers=0")
+        for name in ("image_key", "label_key"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string (a dict sample's key) or null, got {getattr(self, name)!r}")
+        if isinstance(self.collate_fn, str):
+            load_callable(self.collate_fn, "loader.collate_fn")  # fail now, not inside the first client
+        elif self.collate_fn is not None and not callable(self.collate_fn):
+            raise ValueError(f"collate_fn must be a callable or 'package.module:function', got {self.collate_fn!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | LoaderSpec | None) -> LoaderSpec:
@@ -82,14 +99,26 @@ class LoaderSpec:
         if isinstance(data, LoaderSpec):
             return data
         data = dict(data or {})
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(valid))
         if unknown:
-            raise ValueError(f"unknown loader option(s) {unknown}; valid: num_workers, pin_memory, persistent_workers")
+            raise ValueError(f"unknown loader option(s) {unknown}; valid: {', '.join(valid)}")
         return cls(**data)
 
-    def kwargs(self) -> dict[str, Any]:
+    @property
+    def keys(self) -> SampleKeys:
+        """The dict keys of image and label."""
+        return SampleKeys(self.image_key, self.label_key)
+
+    def collate(self, own: Callable[[list[Any]], Any] | None = None) -> XYCollate:
+        """The loaders' collate function (``own``: a client's own ``collate_fn``, which wins)."""
+        fn = own or self.collate_fn
+        return XYCollate(load_callable(fn, "loader.collate_fn") if isinstance(fn, str) else fn, self.keys)
+
+    def kwargs(self, own_collate: Callable[[list[Any]], Any] | None = None) -> dict[str, Any]:
         """Keyword arguments for ``torch.utils.data.DataLoader``."""
-        return dataclasses.asdict(self)
+        return {"num_workers": self.num_workers, "pin_memory": self.pin_memory,
+                "persistent_workers": self.persistent_workers, "collate_fn": self.collate(own_collate)}
 
 
 def head_state(model: HiLoRAViT) -> dict[str, Tensor]:

@@ -50,7 +50,8 @@ class FederatedOrchestrator:
 
     Args:
         model: the shared :class:`HiLoRAViT` (frozen backbone; its tiers are overwritten per client).
-        clients: the training clients.
+        clients: the training clients: :class:`ClientData`, ``LightningDataModule``s (one per client) or
+            ``(train, test)`` / ``(train, val, test)`` tuples of data sets (ids by position).
         config: schedule, sampling, local training and clustering settings.
         unseen: held-out clients, evaluated at the end by probe routing (generalization table).
         trainer_kwargs: passed to every local ``lightning.pytorch.Trainer`` (``precision``,
@@ -63,11 +64,13 @@ class FederatedOrchestrator:
         backend: where client work runs (default :class:`InProcessBackend`; the Flower ServerApp
             passes one that sends messages to ClientApps).
         loader: DataLoader options of every client loader (``num_workers``, ``pin_memory``,
-            ``persistent_workers``).
+            ``persistent_workers``, ``collate_fn``, ``image_key`` / ``label_key`` of dict samples).
         logger: a Lightning logger or a list of them (``CSVLogger``, ``TensorBoardLogger``, W&B,
             MLflow...): per-round ``fed/...`` metrics (step = round), ``k``/``ari`` at the transition,
             the settings as hyper-parameters once, and the final figures (see
             :mod:`hilora_lightning.federation.loggers`).
+        raise_client_errors: re-raise the first client exception with its traceback instead of
+            dropping the client (debugging your data; tests asserting inside a client callback).
 
     The state (``round``, ``stage``, ``root``, ``clusters``, ``assignment``...) reads the committed
     :class:`ServerState`, or the round in progress while one runs.
@@ -76,7 +79,7 @@ class FederatedOrchestrator:
     def __init__(
         self,
         model: HiLoRAViT,
-        clients: Sequence[ClientData],
+        clients: Sequence[ClientData | Any],
         config: FederationConfig,
         unseen: Sequence[ClientData] = (),
         trainer_kwargs: Mapping[str, Any] | None = None,
@@ -86,10 +89,11 @@ class FederatedOrchestrator:
         backend: ClientBackend | None = None,
         loader: LoaderSpec | Mapping[str, Any] | None = None,
         logger: Any = None,
+        raise_client_errors: bool = False,
     ) -> None:
         if not isinstance(model, HiLoRAViT):
             raise TypeError(f"model must be a HiLoRAViT, got {type(model).__name__}")
-        check_federation(clients, unseen, config.min_clients)
+        clients, unseen = check_federation(clients, unseen, config.min_clients)
         self.model = model.cpu()
         self.clients = {c.client_id: c for c in clients}
         self.unseen = {c.client_id: c for c in unseen}
@@ -99,7 +103,7 @@ class FederatedOrchestrator:
                                        recluster_policy=lambda state: self.should_recluster(state.round + 1))
         self.runner, self.backend, self.runtime = in_process_runner(
             self.strategy, model, clients, unseen, config, backend, self.trainer_kwargs, loader, checkpoint_path,
-            upload_hook, progress, logger)
+            upload_hook, progress, logger, raise_client_errors)
 
     # ------------------------------------------------------------------ the loop
     def run(self, resume: bool = False, stop_after: int | None = None) -> FederatedResult:

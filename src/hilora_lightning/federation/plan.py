@@ -40,7 +40,8 @@ from torch import Tensor
 
 from hilora_lightning.tiers import Tier
 
-__all__ = ["METRICS", "SIDES", "Budget", "ClientStore", "FitReply", "HeadStart", "Kind", "LocalPlan", "Origin",
+__all__ = ["METRICS", "SIDES", "SPLITS", "Budget", "ClientStore", "FitReply", "HeadStart", "Kind", "LocalPlan",
+           "Origin",
            "Phase", "ScorePlan", "Start", "State", "Step"]
 
 State = dict[str, Tensor]
@@ -49,6 +50,8 @@ State = dict[str, Tensor]
 SIDES = ("AB", "A", "B")
 #: What a :class:`ScorePlan` measures.
 METRICS = ("accuracy", "loss")
+#: the client splits a score plan may read (``val`` of a client without one: its test split)
+SPLITS = ("train", "val", "test")
 
 
 class Kind(str, enum.Enum):
@@ -258,9 +261,10 @@ class LocalPlan:
 
 @dataclasses.dataclass(frozen=True)
 class ScorePlan:
-    """Score one client with ``active`` slots: accuracy on its test split, or (``metric="loss"``) the mean
-    loss on its training split (routing an unseen client by loss). Slots, head and gates as in
-    :class:`LocalPlan`; nothing is kept."""
+    """Score one client with ``active`` slots: accuracy on its ``split`` (``"test"`` by default; the
+    runner's per-round figures use ``"val"``), or (``metric="loss"``) the mean loss on its training
+    split (routing an unseen client by loss). Slots, head and gates as in :class:`LocalPlan`; nothing
+    is kept."""
 
     client_id: int
     round: int
@@ -269,12 +273,17 @@ class ScorePlan:
     head: HeadStart
     gates: Mapping[str, Tensor] | None = None
     metric: str = "accuracy"
+    split: str | None = None  # None: "train" for the loss, "test" for accuracy
 
     kind = Kind.SCORE
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if self.split is None:
+            object.__setattr__(self, "split", "train" if self.metric == "loss" else "test")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
         unloaded = [t.value for t in self.active if t not in self.slots]
         if unloaded:
             raise ValueError(f"scoring with slots {unloaded} that the plan does not load")

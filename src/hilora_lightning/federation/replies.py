@@ -21,6 +21,7 @@ from torch import Tensor
 
 from hilora_lightning.errors import AdapterStateError, HiLoraError
 from hilora_lightning.federation.client import state_bytes
+from hilora_lightning.federation.failures import describe_failures
 from hilora_lightning.federation.plan import FitReply
 from hilora_lightning.federation.server_state import ServerState
 from hilora_lightning.state import validate_tier_state
@@ -39,8 +40,9 @@ def require_min_clients(t: int, ok: Sequence[int], selected: Sequence[int], min_
     """Fail round ``t`` (keeping the previous state) when fewer than ``min_clients`` clients succeeded."""
     if len(ok) < min_clients:
         raise FederationError(
-            f"round {t}: only {len(ok)} of {len(selected)} clients succeeded, fewer than "
-            f"min_clients={min_clients}; failures: {dict(failed)}. The state after round {t - 1} is kept{note}"
+            f"round {t}: only {len(ok)} of {len(selected)} clients succeeded, fewer than min_clients={min_clients}. "
+            f"The state after round {t - 1} is kept{note}. Failures (raise_client_errors=True, or --fail-fast, "
+            f"re-raises the first with its traceback):\n{describe_failures(failed)}"
         )
 
 

@@ -49,10 +49,13 @@ class RoundRecord:
     bytes_down_per_client: float = 0.0
     seconds: float = 0.0
     eval_failed: dict[int, str] = dataclasses.field(default_factory=dict)
+    #: the client split the round's accuracy was measured on: ``"val"``, ``"test"`` (clients without a
+    #: validation split, and records from before it existed) or ``"val+test"`` (some of each)
+    split: str = "test"
 
     def progress_line(self, rounds: int) -> str:
         """One line for the round counter: stage, clients, failures, rho, accuracy, seconds."""
-        acc = "" if self.acc_mean is None else f" acc mean {self.acc_mean:.3f} p10 {self.acc_p10:.3f}"
+        acc = "" if self.acc_mean is None else f" {self.split} acc mean {self.acc_mean:.3f} p10 {self.acc_p10:.3f}"
         rho = "" if self.rho is None or not math.isfinite(self.rho) else f" rho {self.rho:.3f}"
         fails = f" failed {sorted(self.failed)}" if self.failed else ""
         fails += f" not evaluated {sorted(self.eval_failed)}" if self.eval_failed else ""
@@ -102,6 +105,8 @@ class FederatedResult:
             kernel-width rule on the same root stage: ``{"<feature>/<sigma>[/k1]": {"k": K, "ari": ARI}}``.
         failures: per final step (``"final root"``, ``"probe"``, ``"unseen finetune"``...), the clients
             that failed it and why (they are left out of that step's table).
+        splits: which client split each figure comes from: ``{"rounds": "val", "final": "test"}``
+            (per-round records on validation, the tables above on test).
     """
 
     records: list[RoundRecord]
@@ -116,6 +121,7 @@ class FederatedResult:
     failures: dict[str, dict[int, str]] = dataclasses.field(default_factory=dict)
     tierwise_fixed_head: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     lsac_study: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    splits: dict[str, str] = dataclasses.field(default_factory=lambda: {"rounds": "test", "final": "test"})
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -146,7 +152,7 @@ class FederatedResult:
         """The paper-style tables: tier-wise personalization, generalization, communication."""
         parts = [
             format_rows(
-                ["evaluated with", "mean acc", "p10 acc", "min acc", "std"],
+                [f"evaluated with ({self.splits.get('final', 'test')})", "mean acc", "p10 acc", "min acc", "std"],
                 [[k, v["mean"], v["p10"], v["min"], v["std"]] for k, v in self.tierwise.items()],
             )
         ]
@@ -160,7 +166,7 @@ class FederatedResult:
         if self.generalization:
             parts.append(
                 format_rows(
-                    ["unseen clients", "mean acc", "p10 acc", "min acc", "std"],
+                    [f"unseen clients ({self.splits.get('final', 'test')})", "mean acc", "p10 acc", "min acc", "std"],
                     [[k, v["mean"], v["p10"], v["min"], v["std"]] for k, v in self.generalization.items()],
                 )
             )

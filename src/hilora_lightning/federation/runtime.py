@@ -100,17 +100,20 @@ class ClientRuntime:
             else:
                 epochs, steps = 1, max(1, round(step.share * total))
             fit_current(model, data.train, step.seed, plan.budget.batch_size, epochs, steps, self.trainer_kwargs,
-                        self.loader)
+                        self.loader_for(data))
         gates = model.gate_state() if plan.gates is not None else None
         return finish_plan(plan, data, store, {slot: export_tier(model, slot) for slot in plan.outputs},
                            head_state(model), gates)
 
     def evaluate(self, plan: ScorePlan, data: ClientData, store: ClientStore) -> float:
-        """Accuracy on the client's test split (or mean loss on its training split) with ``plan.active``."""
+        """Accuracy (or mean loss) on the plan's split of the client's data, with ``plan.active``."""
         self._load(plan, store)
-        split = data.train if plan.metric == "loss" else data.test
-        return evaluate(self.model, split, list(plan.active), device=self.device, loader=self.loader,
-                        metric=plan.metric)
+        return evaluate(self.model, data.split(str(plan.split)), list(plan.active), device=self.device,
+                        loader=self.loader_for(data), metric=plan.metric)
+
+    def loader_for(self, data: ClientData) -> LoaderSpec:
+        """The loader spec of ``data``'s loaders (its own ``collate_fn`` wins over the spec's)."""
+        return self.loader if data.collate_fn is None else dataclasses.replace(self.loader, collate_fn=data.collate_fn)
 
     def release(self) -> None:
         """Move the model back to the CPU after a batch of evaluations (fits return it there themselves)."""

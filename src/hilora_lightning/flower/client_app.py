@@ -46,32 +46,74 @@ __all__ = ["config_from_run", "make_client_app"]
 _RUNTIME: dict[str, tuple[HiLoRAViT, list[ClientData], Any, list[ClientData]]] = {}
 
 
+_MODEL: dict[str, HiLoRAViT] = {}
+
+
+def _model(cfg: Mapping[str, Any]) -> HiLoRAViT:
+    """The node's model (built once per config): a baseline's gates and no penalty, as the server sets up."""
+    key = json.dumps({k: cfg.get(k) for k in ("seed", "model", "method", "federation")}, sort_keys=True, default=str)
+    if key not in _MODEL:
+        model = build_model(cfg)
+        method = str(cfg.get("method", "hilora") or "hilora")
+        if method != "hilora":  # a baseline: no penalty, its gates (as the server's BaselineRunner sets up)
+            model = prepare_baseline_model(make_method(method, build_federation_config(cfg)), model)
+        _MODEL[key] = model
+    return _MODEL[key]
+
+
 def _runtime(cfg: Mapping[str, Any]) -> tuple[HiLoRAViT, list[ClientData], Any, list[ClientData]]:
     key = json.dumps({k: cfg.get(k) for k in ("seed", "data", "model", "method", "federation")}, sort_keys=True,
                      default=str)
     if key not in _RUNTIME:
         clients, unseen = build_clients(cfg.get("data", {}), int(cfg.get("seed", 0)))
-        model = build_model(cfg)
-        method = str(cfg.get("method", "hilora") or "hilora")
-        if method != "hilora":  # a baseline: no penalty, its gates (as the server's BaselineRunner sets up)
-            model = prepare_baseline_model(make_method(method, build_federation_config(cfg)), model)
-        _RUNTIME[key] = (model, sorted(clients, key=lambda c: c.client_id), None,
+        _RUNTIME[key] = (_model(cfg), sorted(clients, key=lambda c: c.client_id), None,
                          sorted(unseen, key=lambda c: c.client_id))
     return _RUNTIME[key]
 
 
-def _client(cfg: Mapping[str, Any], context: Context) -> tuple[HiLoRAViT, ClientData]:
-    """The client this node serves: ``partition-id`` indexes the training clients, then the unseen ones."""
-    model, clients, _, unseen = _runtime(cfg)
+_NODE_CLIENT: dict[tuple[str, int, int], tuple[ClientData, bool]] = {}
+
+
+def _partition_client(cfg: Mapping[str, Any], index: int, count: int) -> tuple[ClientData, bool]:
+    """This node's own client from a ``data.builder`` that takes ``partition_id`` / ``num_partitions``
+    (Flower's ``load_data`` hook): one client, training or (``unseen``) held out; cached per process."""
+    key = (json.dumps(cfg.get("data"), sort_keys=True, default=str), index, count)
+    if key not in _NODE_CLIENT:
+        clients, unseen = build_clients(cfg.get("data", {}), int(cfg.get("seed", 0)), partition=(index, count))
+        mine = [(c, False) for c in clients] + [(c, True) for c in unseen]
+        if len(mine) != 1:
+            raise ValueError(f"data builder {cfg['data']['builder']!r} returned {len(mine)} clients for partition "
+                             f"{index} of {count}; with partition_id it must return this node's one client")
+        _NODE_CLIENT[key] = mine[0]
+    return _NODE_CLIENT[key]
+
+
+def _takes_partition(cfg: Mapping[str, Any]) -> bool:
+    from hilora_lightning.data.hook import _accepts, load_callable
+
+    data = cfg.get("data") or {}
+    return "builder" in data and _accepts(load_callable(data["builder"], "data.builder"), "partition_id")
+
+
+def _client(cfg: Mapping[str, Any], context: Context) -> tuple[ClientData, bool]:
+    """The client this node serves: ``partition-id`` indexes the training clients, then the unseen ones
+    (or, for a data builder that takes ``partition_id``, the builder makes this node's client)."""
     if "partition-id" not in context.node_config:
         raise ValueError("this SuperNode has no 'partition-id' in its node config; start it with "
                          "--node-config \"partition-id=<index of its client>\"")
     index = int(context.node_config["partition-id"])  # type: ignore[arg-type]
+    if _takes_partition(cfg):
+        if "num-partitions" not in context.node_config:
+            raise ValueError("this config's data builder takes partition_id and num_partitions, but the node config "
+                             "has no 'num-partitions'; start the SuperNode with --node-config "
+                             "\"partition-id=<i> num-partitions=<n>\"")
+        return _partition_client(cfg, index, int(context.node_config["num-partitions"]))  # type: ignore[arg-type]
+    _, clients, _, unseen = _runtime(cfg)
     everyone = clients + unseen
     if not 0 <= index < len(everyone):
         raise ValueError(f"partition-id {index} is outside the {len(clients)} training and {len(unseen)} unseen "
                          "clients of this config")
-    return model, everyone[index]
+    return everyone[index], index >= len(clients)
 
 
 def config_from_run(run_config: Mapping[str, Any], root: str | Path | None = None) -> dict[str, Any]:
@@ -108,24 +150,24 @@ def make_client_app(
         if "cfg" not in resolved:
             resolved["cfg"] = cfg if cfg is not None else config_from_run(context.run_config, config_root)
             run_cfg = resolved["cfg"]
-            model = _runtime(run_cfg)[0]
+            model = _model(run_cfg)
             resolved["runtime"] = ClientRuntime(model, dict(run_cfg.get("trainer", {}) or {}), run_cfg.get("loader"))
         return resolved["cfg"], resolved["runtime"]
 
     @app.query()
     def info(msg: Message, context: Context) -> Message:
         cfg, _ = setup(context)
-        _, client = _client(cfg, context)
-        unseen = client.client_id in {c.client_id for c in _runtime(cfg)[3]}
+        client, unseen = _client(cfg, context)
         record = ConfigRecord({"client_id": client.client_id, "num_samples": client.num_samples,
                                "num_test": len(client.test),  # type: ignore[arg-type]
+                               "num_val": 0 if client.val is None else len(client.val),  # type: ignore[arg-type]
                                "group": -1 if client.group is None else int(client.group), "unseen": unseen})
         return Message(RecordDict({"info": record}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg, runtime = setup(context)
-        _, client = _client(cfg, context)
+        client, _ = _client(cfg, context)
         req = decode_plan(msg.content)
         if not isinstance(req, LocalPlan):
             raise ValueError(f"a train message must carry a local plan, got a {req.kind.value} plan")
@@ -145,7 +187,7 @@ def make_client_app(
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
         cfg, runtime = setup(context)
-        _, client = _client(cfg, context)
+        client, _ = _client(cfg, context)
         req = decode_plan(msg.content)
         if not isinstance(req, ScorePlan):
             raise ValueError(f"an evaluate message must carry a score plan, got a {req.kind.value} plan")
@@ -155,7 +197,7 @@ def make_client_app(
             score = runtime.evaluate(req, client, load_store(context.state))
         finally:
             runtime.release()
-        split = client.train if req.metric == "loss" else client.test
+        split = client.split(str(req.split))
         metrics = MetricRecord({"score": score, "num_examples": len(split)})  # type: ignore[arg-type]
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

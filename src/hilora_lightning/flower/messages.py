@@ -79,7 +79,7 @@ def encode_plan(plan: LocalPlan | ScorePlan) -> RecordDict:
     content = RecordDict()
     config = _encode_common(content, plan)
     if isinstance(plan, ScorePlan):
-        config.update(active=[t.value for t in plan.active], metric=plan.metric)
+        config.update(active=[t.value for t in plan.active], metric=plan.metric, split=str(plan.split))
     else:
         steps = [[[t.value for t in s.active], [t.value for t in s.train], s.seed, s.head, s.gates,
                   -1.0 if s.share is None else s.share, [[t.value, g] for t, g in s.penalty]] for s in plan.steps]
@@ -99,7 +99,8 @@ def decode_plan(content: RecordDict) -> LocalPlan | ScorePlan:
     common = _decode_common(content, c)
     kind = Kind(str(c["kind"]))
     if kind is Kind.SCORE:
-        return ScorePlan(active=_tiers(c["active"]), metric=str(c["metric"]), **common)
+        return ScorePlan(active=_tiers(c["active"]), metric=str(c["metric"]), split=str(c.get("split", "test")),
+                         **common)
     steps = tuple(Step(_tiers(a), _tiers(t), int(seed), bool(h), bool(g), None if share < 0 else float(share),
                        tuple((Tier.parse(x), float(gamma)) for x, gamma in pen))
                   for a, t, seed, h, g, share, pen in json.loads(str(c["steps"])))

@@ -162,9 +162,11 @@ def discover_clients(grid: Grid, min_nodes: int = 1, timeout: float | None = Non
             raise ValueError(f"two SuperNodes serve client {cid}; give each a distinct partition-id")
         group = int(info["group"])  # type: ignore[arg-type]
         mapping[cid] = reply.metadata.src_node_id
+        num_val = int(info.get("num_val", 0))  # type: ignore[arg-type]
         data = ClientData(cid, RemoteData(int(info["num_samples"]), cid),  # type: ignore[arg-type]
                           RemoteData(int(info["num_test"]), cid),  # type: ignore[arg-type]
-                          None if group < 0 else group)
+                          None if group < 0 else group,
+                          RemoteData(num_val, cid) if num_val else None, val_fraction=0.0)  # type: ignore[arg-type]
         (unseen if bool(info.get("unseen", False)) else clients).append(data)
     if not clients:
         raise RuntimeError(f"none of the {len(nodes)} SuperNodes answered the client query as a training client")
