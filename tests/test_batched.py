@@ -137,7 +137,8 @@ def test_a_client_whose_data_raises_fails_alone_and_the_others_equal_a_pass_with
             raise OSError("disk on fire")
 
     clients = digits_federation(4, num_groups=2)
-    broken = [*clients[:2], ClientData(2, Broken(clients[2].train), clients[2].test, clients[2].group), clients[3]]
+    broken = [*clients[:2], ClientData(2, Broken(clients[2].train), clients[2].test, clients[2].group,
+                                       val=clients[2].val), clients[3]]
     got, _ = _run(BatchedBackend(), broken, R)
     ref, _ = _run(BatchedBackend(), [c for c in clients if c.client_id != 2], R)
     assert isinstance(got[2], OSError) and "disk on fire" in str(got[2])

@@ -32,6 +32,7 @@ def test_presets_and_user_targets() -> None:
     assert paper == (TargetSpec("attn.qkv", ("q", "v")),)
     all_linear = [t.pattern for t in AdapterConfig(targets="all_linear").target_specs()]
     assert all_linear == ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+    assert AdapterConfig(targets="mlp.fc1").target_specs() == AdapterConfig(targets=["mlp.fc1"]).target_specs()
     user = AdapterConfig(targets=["mlp.fc1", {"pattern": "attn.qkv", "slices": ["v", "q"]}]).target_specs()
     assert user == (TargetSpec("mlp.fc1"), TargetSpec("attn.qkv", ("q", "v")))
 
@@ -39,7 +40,8 @@ def test_presets_and_user_targets() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "exc", "match"),
     [
-        ({"targets": "qv"}, ValueError, r"unknown target preset 'qv': expected one of \['all_linear', 'paper'\]"),
+        ({"targets": "papr"}, ValueError, r"unknown target preset 'papr' \(did you mean 'paper'\?\): expected one "
+                                          r"of \['all_linear', 'paper'\], a module pattern or a list of them"),
         ({"targets": []}, ValueError, r"AdapterConfig.targets is empty"),
         ({"targets": [3]}, TypeError, r"a target must be a pattern string, a TargetSpec or a mapping, got int"),
         ({"root": 5}, TypeError, r"AdapterConfig.root must be a TierConfig or a mapping, got int"),

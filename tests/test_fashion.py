@@ -56,7 +56,14 @@ def test_idx_files_read_back_exactly(tmp_path, no_debian, gz) -> None:
 
 def test_missing_or_corrupt_files_are_clear_errors(tmp_path, no_debian) -> None:
     with pytest.raises(FileNotFoundError, match=r"apt-get install -y dataset-fashion-mnist.*data.download=true"):
+        load_fashion_mnist(None)
+    # a given root is never silently replaced by another copy (the Debian one): it is an error that says so
+    with pytest.raises(FileNotFoundError, match=r"data.root '.*empty' does not exist .* Fix data.root, add "
+                                                r"data.download=true .* or leave data.root out"):
         load_fashion_mnist(tmp_path / "empty")
+    (tmp_path / "hollow").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"data.root '.*hollow' holds no Fashion-MNIST IDX files"):
+        load_fashion_mnist(tmp_path / "hollow")
     bad = tmp_path / "bad"
     bad.write_bytes(bytes([0, 0, 0x08, 1]) + (5).to_bytes(4, "big") + b"\x01\x02")
     with pytest.raises(ValueError, match="is truncated or corrupt: header says \\(5,\\)"):
@@ -75,7 +82,7 @@ def test_the_four_federations(tmp_path, no_debian, partition, groups) -> None:
     clients = fashion_mnist_federation(tmp_path / "fm", num_clients=12, partition=partition, per_client=40,
                                        classes_per_client=3, seed=0)
     assert len(clients) == 12 and {c.group for c in clients} == groups
-    assert all(len(c.train) + len(c.test) == 40 and 5 <= len(c.test) <= 15 for c in clients)
+    assert all(len(c.train) + len(c.val) + len(c.test) == 40 and 5 <= len(c.test) <= 15 for c in clients)
     x, y = clients[0].train.tensors
     assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32 and -1.0 <= float(x.min()) <= float(x.max()) <= 1
     if partition == "sc-dir":  # a latent group's clients hold the labels of one class group, each its own

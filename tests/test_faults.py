@@ -44,13 +44,23 @@ class Unreadable(Dataset):
 
 def test_an_unreadable_test_image_drops_the_client_from_evaluation_only() -> None:
     clients = digits_federation(4)
-    clients[2] = ClientData(2, clients[2].train, Unreadable(clients[2].test), clients[2].group)
+    c = clients[2]
+    clients[2] = ClientData(2, c.train, Unreadable(c.test), c.group, val=Unreadable(c.val))
     result = _orch(clients).run()
     assert all(not r.failed for r in result.records)  # it trains fine
-    assert all("cannot identify image file" in r.eval_failed[2] for r in result.records)
+    assert all("cannot identify image file" in r.eval_failed[2] for r in result.records)  # per round: validation
     assert 2 not in result.client_accuracy and len(result.client_accuracy) == 3
-    assert "cannot identify image file" in result.failures["final root+cluster+leaf"][2]
+    assert "cannot identify image file" in result.failures["final root+cluster+leaf"][2]  # the end: test
     assert "not evaluated [2]" in result.records[0].progress_line(3)
+
+
+def test_an_unreadable_test_image_is_only_seen_at_the_end() -> None:
+    clients = digits_federation(4)
+    clients[2] = ClientData(2, clients[2].train, Unreadable(clients[2].test), clients[2].group, val=clients[2].val)
+    result = _orch(clients).run()
+    assert all(not r.eval_failed for r in result.records)  # per-round figures never touch the test split
+    assert all(r.split == "val" for r in result.records)
+    assert "cannot identify image file" in result.failures["final root+cluster+leaf"][2]
 
 
 def test_a_client_that_failed_every_root_round_is_probed_and_routed() -> None:
@@ -68,7 +78,7 @@ def test_a_client_that_failed_every_root_round_is_probed_and_routed() -> None:
                 raise OSError("disk offline")
             return base[i]
 
-    clients[4] = ClientData(4, Flaky(), clients[4].test, clients[4].group)
+    clients[4] = ClientData(4, Flaky(), clients[4].test, clients[4].group, val=clients[4].val)
     orch = _orch(clients, _config(rounds=3, root_rounds=(1, 1), cluster_rounds=(1, 1)))
     orch.run(stop_after=1)
     assert "disk offline" in orch.records[0].failed[4]

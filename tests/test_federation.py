@@ -146,7 +146,7 @@ class Exploding(Dataset):
 def test_failing_and_nan_clients_are_dropped_and_recorded() -> None:
     clients = digits_federation(4)
     x, y = clients[3].train.tensors
-    clients[2] = ClientData(2, Exploding(clients[2].train), clients[2].test, clients[2].group)
+    clients[2] = ClientData(2, Exploding(clients[2].train), clients[2].test, clients[2].group, val=clients[2].val)
     clients[3] = ClientData(3, TensorDataset(torch.full_like(x, float("nan")), y), clients[3].test, clients[3].group)
     orch = _orch(clients, _config(rounds=3, root_rounds=(1, 1), cluster_rounds=(1, 1), min_clients=2,
                                   clustering=ClusteringConfig(method="given", assignment={0: 0, 1: 0, 2: 0, 3: 0})))
@@ -160,7 +160,7 @@ def test_failing_and_nan_clients_are_dropped_and_recorded() -> None:
 
 def test_too_few_successes_fail_the_round_and_keep_the_last_good_state(tmp_path) -> None:
     clients = digits_federation(4)
-    clients[1] = ClientData(1, Exploding(clients[1].train), clients[1].test)
+    clients[1] = ClientData(1, Exploding(clients[1].train), clients[1].test, val=clients[1].val)
     ckpt = tmp_path / "fed.pt"
     orch = _orch(clients, _config(min_clients=4), checkpoint_path=ckpt)
     with pytest.raises(FederationError, match=r"round 1: only 3 of 4 clients succeeded, fewer than min_clients=4"):

@@ -57,7 +57,7 @@ def test_cifar100_federation(tmp_path: Path, partition: str) -> None:
     write_fake_cifar100(tmp_path)
     clients = cifar100_federation(tmp_path, num_clients=10, partition=partition, alpha=1.0, classes_per_client=20,
                                   img_size=32, verify=False)
-    assert len(clients) == 10 and sum(c.num_samples + len(c.test) for c in clients) == 400
+    assert len(clients) == 10 and sum(c.num_samples + len(c.val) + len(c.test) for c in clients) == 400
     x, y = clients[0].train[0]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and 0 <= y < 100
     if partition == "sc-dir":
@@ -82,7 +82,7 @@ def test_image_folder_federation(tmp_path: Path) -> None:
 
     write_fake_domainnet(tmp_path)
     clients = image_folder_federation(tmp_path / "sketch", num_clients=3, alpha=5.0, img_size=8)
-    assert len(clients) == 3 and sum(c.num_samples + len(c.test) for c in clients) == 24
+    assert len(clients) == 3 and sum(c.num_samples + len(c.val) + len(c.test) for c in clients) == 24
     assert clients[0].test[0][0].shape == (3, 8, 8)
 
 

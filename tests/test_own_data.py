@@ -156,13 +156,18 @@ def test_loader_spec_options_and_errors():
 
 def test_validation_split_is_stratified_disjoint_and_seeded():
     y = torch.arange(40) % 4
-    ds = TensorDataset(torch.arange(40).float().unsqueeze(1), y)
+    ds = TensorDataset(torch.arange(40).float().unsqueeze(1), y)  # feature = row index
     rest, val = validation_split(ds, 0.25, seed=3)
-    assert len(rest) == 32 and len(val) == 8  # round(0.25 * 10) = 2 of each class's 10
-    assert set(rest.indices).isdisjoint(val.indices) and len(set(rest.indices) | set(val.indices)) == 40
-    assert np.bincount(y[val.indices].numpy()).tolist() == [2, 2, 2, 2]
-    assert validation_split(ds, 0.25, seed=3)[1].indices == val.indices
-    assert validation_split(ds, 0.25, seed=4)[1].indices != val.indices
+    assert isinstance(rest, TensorDataset) and isinstance(val, TensorDataset)
+    ri, vi = rest.tensors[0].squeeze(1).long(), val.tensors[0].squeeze(1).long()
+    assert len(ri) == 32 and len(vi) == 8  # round(0.25 * 10) = 2 of each class's 10
+    assert set(ri.tolist()).isdisjoint(vi.tolist()) and len(set(ri.tolist()) | set(vi.tolist())) == 40
+    assert torch.equal(rest.tensors[1], y[ri]) and torch.equal(val.tensors[1], y[vi])  # rows stay paired
+    assert np.bincount(val.tensors[1].numpy()).tolist() == [2, 2, 2, 2]
+    assert torch.equal(validation_split(ds, 0.25, seed=3)[1].tensors[0], val.tensors[0])
+    assert not torch.equal(validation_split(ds, 0.25, seed=4)[1].tensors[0], val.tensors[0])
+    other_rest, other_val = validation_split(DictDigits(torch.zeros(40, 1), y), 0.25, seed=3)  # not tensors: views
+    assert isinstance(other_val, Subset) and other_val.indices == vi.tolist()
 
 
 def test_client_data_holds_out_validation_unless_given():

@@ -23,7 +23,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset, IterableDataset, Subset
+import torch
+from torch.utils.data import Dataset, IterableDataset, Subset, TensorDataset
 
 from hilora_lightning.data.samples import SampleFormatError, SampleKeys, dataset_labels
 
@@ -177,9 +178,11 @@ def _dataset_of(loader: Any, where: str) -> Dataset:
 
 
 def validation_split(train: Dataset, fraction: float, seed: int,
-                     keys: SampleKeys | None = None) -> tuple[Subset, Subset]:
+                     keys: SampleKeys | None = None) -> tuple[Dataset, Dataset]:
     """``(rest, val)``: a stratified ``fraction`` of ``train`` held out (each class split as
-    :func:`~hilora_lightning.data.partition.split_train_test` splits it), seeded.
+    :func:`~hilora_lightning.data.partition.split_train_test` splits it), seeded. A ``TensorDataset``
+    gives two ``TensorDataset`` (its rows copied, in order), a data set with a ``subset(rows)`` method
+    (the library's image data sets) what it returns; anything else two ``Subset`` views.
 
     Example:
         >>> import torch
@@ -197,6 +200,11 @@ def validation_split(train: Dataset, fraction: float, seed: int,
     labels = dataset_labels(train, keys)
     assert labels is not None
     ((rest, val),) = split_train_test([np.arange(n)], labels, fraction, seed=seed)
+    if isinstance(train, TensorDataset):  # stays a TensorDataset: users read .tensors, batching indexes it at once
+        return tuple(TensorDataset(*(t[torch.as_tensor(i)] for t in train.tensors))  # type: ignore[return-value]
+                     for i in (rest, val))
+    if callable(getattr(train, "subset", None)):  # the library's image data sets keep their type and labels
+        return train.subset(rest), train.subset(val)  # type: ignore[attr-defined]
     return Subset(train, rest.tolist()), Subset(train, val.tolist())
 
 

@@ -67,6 +67,10 @@ class ArrayImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def subset(self, rows: Sequence[int] | np.ndarray) -> ArrayImageDataset:
+        """The same images at positions ``rows`` of this data set (shares the array)."""
+        return ArrayImageDataset(self.images, self.labels, self.transform, self.indices[np.asarray(rows, dtype=np.int64)])
+
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         from PIL import Image
 
@@ -86,6 +90,11 @@ class PathImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def subset(self, rows: Sequence[int] | np.ndarray) -> PathImageDataset:
+        """The images at positions ``rows`` of this data set."""
+        return PathImageDataset([self.paths[int(i)] for i in rows], self.labels[np.asarray(rows, dtype=np.int64)],
+                                self.transform)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         from PIL import Image
