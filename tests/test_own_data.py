@@ -139,7 +139,8 @@ def test_dataset_labels_without_reading_images():
 
 
 def test_loader_spec_options_and_errors():
-    spec = LoaderSpec.from_dict({"image_key": "px", "label_key": "cls", "collate_fn": "torch.utils.data:default_collate"})
+    spec = LoaderSpec.from_dict({"image_key": "px", "label_key": "cls",
+                                 "collate_fn": "torch.utils.data:default_collate"})
     assert spec.keys == SampleKeys("px", "cls")
     x, y = spec.collate()([{"px": torch.ones(2), "cls": 1}, {"px": torch.zeros(2), "cls": 0}])
     assert y.tolist() == [1, 0] and x.shape == (2, 2)
@@ -311,7 +312,7 @@ CALLS = []
 
 def build(n=4, held=1, partition_id=None, num_partitions=None):
     CALLS.append((n, partition_id, num_partitions))
-    pairs = [(TensorDataset(c.train.tensors[0], c.train.tensors[1]), TensorDataset(c.test.tensors[0], c.test.tensors[1]))
+    pairs = [(TensorDataset(*c.train.tensors), TensorDataset(*c.test.tensors))
              for c in digits_federation(n, num_groups=2, val_fraction=0)]
     if partition_id is not None:
         return [pairs[partition_id]]
@@ -385,7 +386,8 @@ def test_trainer_predict_returns_logits_of_every_batch_form():
 
 def test_bad_labels_and_image_size_are_one_clear_line_before_round_one():
     data = _digits_tensors(2)
-    bad_labels = [ClientData(i, TensorDataset(x, y + 5), TensorDataset(xt, yt)) for i, (x, y, xt, yt) in enumerate(data)]
+    bad_labels = [ClientData(i, TensorDataset(x, y + 5), TensorDataset(xt, yt))
+                  for i, (x, y, xt, yt) in enumerate(data)]
     with pytest.raises(ClientDataCheckError, match=r"client 0: its train split has label 1[0-4], outside \[0, 10\).*"
                                                   "set model.num_classes"):
         FederatedOrchestrator(HiLoRAViT(), bad_labels, FederationConfig(**FAST), progress=False)
@@ -443,7 +445,8 @@ def test_failures_are_listed_one_per_line_and_fail_fast_reraises():
 
 
 def test_describe_failures_hints_once_per_cause():
-    text = describe_failures({1: "IndexError: Target 12 is out of bounds.", 0: "IndexError: Target 11 is out of bounds.",
+    text = describe_failures({1: "IndexError: Target 12 is out of bounds.",
+                              0: "IndexError: Target 11 is out of bounds.",
                               2: "AssertionError: Input height (28) doesn't match model (32).",
                               3: "SampleFormatError: a dict sample/batch has no label key 'y'"})
     lines = text.splitlines()
@@ -469,3 +472,102 @@ def test_as_clients_converts_and_refuses():
     assert [c.client_id for c in cs] == [0, 1] and len(cs[1].val) == 6
     with pytest.raises(TypeError, match="client 0: expected a ClientData, a LightningDataModule or a"):
         as_clients([ds])
+
+
+# ---------------------------------------------------------------------------- the command line and Flower
+
+
+def _builder_config(tmp_path, module: str) -> Path:  # noqa: F821
+    cfg = tmp_path / "own.yaml"
+    cfg.write_text(textwrap.dedent(f"""
+        data: {{builder: "{module}:build", kwargs: {{n: 4, held: 1}}}}
+        model: {{backbone: hilora-digits-vit}}
+        federation: {{rounds: 4, root_rounds: [1, 1], cluster_rounds: [1, 1], local_steps: 2, batch_size: 8}}
+        out_dir: {tmp_path / "run"}
+    """))
+    return cfg
+
+
+def test_a_builder_config_runs_exports_and_predicts(builder_module, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from hilora_lightning.cli import main
+
+    cfg = _builder_config(tmp_path, builder_module)
+    assert main(["run", str(cfg), "--check"]) == 0
+    assert f"data from builder {builder_module}:build" in capsys.readouterr().out
+    assert main(["run", str(cfg)]) == 0
+    run = tmp_path / "run"
+    assert main(["export", str(run), "--client", "3", "--format", "tiers", "--out", str(tmp_path / "m")]) == 0
+    x = digits_federation(4, num_groups=2, val_fraction=0)[3].test.tensors[0][:2]
+    (tmp_path / "img").mkdir()
+    for i, img in enumerate(x):
+        Image.fromarray(((img.permute(1, 2, 0) * 0.5 + 0.5).clamp(0, 1) * 255).byte().numpy()).save(
+            tmp_path / "img" / f"{i}.png")
+    capsys.readouterr()
+    assert main(["predict", str(run), str(tmp_path / "img"), "--client", "3", "--topk", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 2 and all(len(r["classes"]) == 2 for r in rows)
+
+
+def test_cli_errors_list_clients_per_line_and_fail_fast_raises(tmp_path, capsys):
+    from hilora_lightning.cli import main
+
+    cfg = tmp_path / "fm.yaml"
+    cfg.write_text(f"data: {{name: fashion-mnist, root: {tmp_path / 'nowhere'}}}\nout_dir: {tmp_path / 'o'}\n")
+    assert main(["run", str(cfg), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "data.root" in err and "nowhere' does not exist" in err and "config OK" not in err
+    assert main(["run", str(cfg), "model.adapter.targets=mlp.fc1", "data.name=digits", "--check"]) == 0
+    (tmp_path / "flaky.py").write_text(textwrap.dedent('''
+        import torch
+        from torch.utils.data import Dataset, TensorDataset
+        from hilora_lightning.data import ClientData, digits_federation
+
+        class Flaky(Dataset):
+            def __init__(self, base):
+                self.base, self.reads = base, 0
+            def __len__(self):
+                return len(self.base)
+            def __getitem__(self, i):
+                self.reads += 1
+                if self.reads > 2:
+                    raise OSError("disk gone")
+                return self.base[i]
+
+        def build():
+            return [ClientData(c.client_id, Flaky(c.train), c.test, val=c.val) for c in digits_federation(3)]
+    '''))
+    sys.modules.pop("flaky", None)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(f"data: {{builder: 'flaky:build'}}\nout_dir: {tmp_path / 'b'}\n"
+                       "federation: {rounds: 4, root_rounds: [1, 1], cluster_rounds: [1, 1], local_steps: 2}\n")
+        assert main(["run", str(bad)]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert err[0].startswith("hilora-fl: error: round 1: only 0 of 3 clients succeeded")
+        assert [ln.split(":")[0] for ln in err[1:4]] == ["  client 0", "  client 1", "  client 2"]
+        sys.modules.pop("flaky", None)
+        with pytest.raises(OSError, match="disk gone"):
+            main(["run", str(bad), "out_dir=" + str(tmp_path / "c"), "--fail-fast"])
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("flaky", None)
+
+
+def test_a_flower_node_builds_only_its_partition(builder_module):
+    pytest.importorskip("flwr")
+    from types import SimpleNamespace
+
+    from hilora_lightning.flower import client_app
+
+    cfg = {"seed": 0, "data": {"builder": f"{builder_module}:build", "kwargs": {"n": 4}}}
+    client, unseen = client_app._client(cfg, SimpleNamespace(node_config={"partition-id": 2, "num-partitions": 4}))
+    assert sys.modules[builder_module].CALLS[-1] == (4, 2, 4) and not unseen
+    want = digits_federation(4, num_groups=2, val_fraction=0)[2]
+    assert client.num_samples + len(client.val) == want.num_samples and len(client.test) == len(want.test)
+    with pytest.raises(ValueError, match="has no 'num-partitions'"):
+        client_app._client(cfg, SimpleNamespace(node_config={"partition-id": 2}))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -43,13 +43,29 @@ def check_adapter_checkpoint(checkpoint: Any, name: str, allow_legacy: bool = Fa
                                 "backbone; pass allow_legacy=True to load a file from before fingerprints existed")
 
 
-class AdapterCheckpointMixin:
+if TYPE_CHECKING:
+    from torch import nn
+
+    _Base = nn.Module
+else:
+    _Base = object
+
+
+class AdapterCheckpointMixin(_Base):
     """The checkpoint side of :class:`~hilora_lightning.model.HiLoRAViT`: adapter-only Lightning checkpoints.
 
     Saves only the tiers' factors, gates and the head (the frozen backbone is rebuilt from the
     hyper-parameters), with the stage and the backbone's weight fingerprint; loads them back after
     :func:`check_adapter_checkpoint`.
     """
+
+    if TYPE_CHECKING:  # what the model provides
+        head: Any
+        stage: Any
+
+        def backbone_fingerprint(self) -> str: ...
+
+        def set_stage(self, stage: Any) -> None: ...
 
     def _is_adapter_key(self, key: str) -> bool:
         return (".lora_A." in key or ".lora_B." in key or ".tier_gate." in key

@@ -150,7 +150,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     orch, cfg = load_run(args.run_dir)
     tiers, head = orch.client_model(args.client)
-    rows = predict_images(orch.model, tiers, head, image_paths(args.images), image_transform(cfg.get("data", {})),
+    rows = predict_images(orch.model, tiers, head, image_paths(args.images),
+                          image_transform(cfg.get("data", {}), orch.model),
                           args.topk)
     if args.json:
         print(json.dumps(rows, indent=1))

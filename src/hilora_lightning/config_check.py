@@ -42,7 +42,7 @@ _DATA = {"name": "str", "num_clients": "int", "num_groups": "int", "unseen_fract
          "train_fraction": "float", "img_size": "int", "root": "str", "download": "bool", "verify": "bool",
          "partition": "str", "alpha": "float | None", "classes_per_client": "int", "clients_per_domain": "int",
          "test_fraction": "float", "domains": "list[str]", "per_client": "int", "val_fraction": "float",
-         "layout": "str", "builder": "str", "kwargs": "dict"}
+         "layout": "str", "builder": "str", "kwargs": "dict", "transform": "str"}
 _MODEL = {"backbone": "str", "num_classes": "int", "stage": "str", "pretrained": "bool",
           "pretrained_file": "str | None", "backbone_kwargs": "dict | None", "lr": "float", "weight_decay": "float",
           "gamma_c": "float", "gamma_l": "float", "ortho_side": "str", "ortho_form": "str", "train_head": "bool",

@@ -53,9 +53,9 @@ DATASETS = ("digits", "fashion-mnist", "cifar100", "domainnet", "imagefolder")
 
 _DATA_KEYS = {"name", "num_clients", "num_groups", "unseen_fraction", "train_fraction", "img_size", "root",
               "download", "verify", "partition", "alpha", "classes_per_client", "clients_per_domain",
-              "test_fraction", "domains", "per_client", "val_fraction", "layout", "builder", "kwargs"}
+              "test_fraction", "domains", "per_client", "val_fraction", "layout", "builder", "kwargs", "transform"}
 #: the keys a ``data.builder`` section may hold besides the builder itself
-_BUILDER_KEYS = {"builder", "kwargs", "val_fraction", "unseen_fraction"}
+_BUILDER_KEYS = {"builder", "kwargs", "val_fraction", "unseen_fraction", "img_size", "transform"}
 #: ``data.layout`` of ``imagefolder``: one tree split by Dirichlet, or a folder per client
 IMAGE_FOLDER_LAYOUTS = ("dirichlet", "per_client")
 

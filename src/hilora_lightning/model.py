@@ -55,7 +55,7 @@ from hilora_lightning.tiers import Tier, parse_tiers
 __all__ = ["HiLoRAViT"]
 
 
-class HiLoRAViT(AdapterCheckpointMixin, pl.LightningModule):
+class HiLoRAViT(AdapterCheckpointMixin, pl.LightningModule):  # type: ignore[misc]
     """A frozen timm ViT with root / cluster / leaf LoRA tiers, trained one stage at a time.
 
     Args:

@@ -43,10 +43,24 @@ def image_paths(target: str | Path) -> list[Path]:
     return found
 
 
-def image_transform(data: Mapping[str, Any]) -> Callable[[Any], Tensor]:
-    """The transform of the config's ``data`` section for one PIL image."""
+def image_transform(data: Mapping[str, Any], model: Any = None) -> Callable[[Any], Tensor]:
+    """The transform of the config's ``data`` section for one PIL image.
+
+    ``data.transform`` (``"package.module:function"``, called with no arguments) returns your own; for
+    a ``data.builder`` without one, images are resized to ``data.img_size`` (else the backbone's
+    input size) and normalized with mean = std = 0.5, the statistics of timm's in21k ViTs.
+    """
     from torchvision import transforms
 
+    if "transform" in data:
+        from hilora_lightning.data.hook import load_callable
+
+        return load_callable(data["transform"], "data.transform")()  # type: ignore[no-any-return]
+    if "builder" in data:
+        from hilora_lightning.data.images import default_transform
+
+        size = data.get("img_size") or _input_size(model) or 224
+        return default_transform(int(size))
     if data.get("name", "digits") == "digits":
         size = int(data.get("img_size", 32))
         return transforms.Compose([transforms.Grayscale(1), transforms.Resize((size, size)), transforms.ToTensor(),
@@ -55,6 +69,11 @@ def image_transform(data: Mapping[str, Any]) -> Callable[[Any], Tensor]:
     from hilora_lightning.data.images import default_transform
 
     return default_transform(int(data.get("img_size", 224)))
+
+
+def _input_size(model: Any) -> int | None:
+    size = getattr(getattr(getattr(model, "model", None), "patch_embed", None), "img_size", None)
+    return int(size[0]) if isinstance(size, (tuple, list)) else (int(size) if size else None)
 
 
 @torch.no_grad()

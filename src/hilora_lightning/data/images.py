@@ -69,7 +69,8 @@ class ArrayImageDataset(Dataset):
 
     def subset(self, rows: Sequence[int] | np.ndarray) -> ArrayImageDataset:
         """The same images at positions ``rows`` of this data set (shares the array)."""
-        return ArrayImageDataset(self.images, self.labels, self.transform, self.indices[np.asarray(rows, dtype=np.int64)])
+        rows = self.indices[np.asarray(rows, dtype=np.int64)]
+        return ArrayImageDataset(self.images, self.labels, self.transform, rows)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         from PIL import Image
