@@ -109,7 +109,7 @@ def test_every_client_fit_gets_fresh_callbacks() -> None:
     orch = FederatedOrchestrator(HiLoRAViT(lr=3e-3), digits_federation(3),
                                  FederationConfig(rounds=3, root_rounds=(1, 1), cluster_rounds=(1, 1), **FAST),
                                  trainer_kwargs={"callbacks": [shared], "enable_progress_bar": False},
-                                 progress=False)
+                                 progress=False, raise_client_errors=True)  # an assert inside a client fails here
     orch.run()  # six client fits, each with its own Counter (the assertion inside would fail otherwise)
     assert shared.fits == 0
 

@@ -499,6 +499,8 @@ def test_a_builder_config_runs_exports_and_predicts(builder_module, tmp_path, ca
     assert main(["run", str(cfg), "--check"]) == 0
     assert f"data from builder {builder_module}:build" in capsys.readouterr().out
     assert main(["run", str(cfg)]) == 0
+    assert main(["compare", str(cfg), "methods=fedit"]) == 0  # the same builder serves compare
+    assert (tmp_path / "run" / "compare" / "comparison.json").is_file()
     run = tmp_path / "run"
     assert main(["export", str(run), "--client", "3", "--format", "tiers", "--out", str(tmp_path / "m")]) == 0
     x = digits_federation(4, num_groups=2, val_fraction=0)[3].test.tensors[0][:2]

@@ -54,9 +54,14 @@ def model_items(model: Any) -> dict[str, str]:
 
 
 def client_items(clients: Sequence[ClientData], unseen: Sequence[ClientData] = ()) -> dict[str, str]:
-    """The partition: every client's id, training and test sizes and latent group."""
+    """The partition: every client's id, training and test sizes, latent group and validation size (when it
+    has a validation split: a client without one reads as before the split existed)."""
+    def row(c: ClientData) -> list[Any]:
+        base = [c.client_id, c.num_samples, len(c.test), c.group]  # type: ignore[arg-type]
+        return base if c.val is None else [*base, len(c.val)]  # type: ignore[arg-type]
+
     def rows(cs: Sequence[ClientData]) -> list[list[Any]]:
-        return [[c.client_id, c.num_samples, len(c.test), c.group] for c in sorted(cs, key=lambda c: c.client_id)]  # type: ignore[arg-type]
+        return [row(c) for c in sorted(cs, key=lambda c: c.client_id)]
 
     return {"data.clients": _text(rows(clients)), "data.unseen": _text(rows(unseen))}
 
