@@ -119,7 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="tiny32 only, 2 rounds x 2 steps (a smoke run)")
+    parser.add_argument("--quick", "--smoke", action="store_true", help="tiny32 only, 2 rounds x 2 steps (a smoke run)")
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="write the headline figures here as a flat JSON object")

@@ -12,7 +12,7 @@ drawn from 5 hidden subspaces plus noise. Measured in one run:
   768 x 768 update ``B A`` per client and matrix; target >= 50x. The dense variant is timed on
   ``--dense-clients`` clients and scaled linearly (it is per-matrix work).
 
-    python benchmarks/clustering.py [--json out.json] [--quick]
+    python benchmarks/clustering.py [--json out.json] [--quick] [--smoke]
 """
 
 from __future__ import annotations
@@ -63,19 +63,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dense-clients", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="200 instead of 1000 clients in the floor comparison")
+    parser.add_argument("--smoke", action="store_true", help="20 and 40 clients, one dense client (seconds)")
     args = parser.parse_args()
+    n_small = 20 if args.smoke else 100
     torch.set_num_threads(args.threads)
     out: dict[str, float] = {}
 
-    b100, a100, groups100 = make_factors(100)
+    b100, a100, groups100 = make_factors(n_small)
     lsac_step(b100[:10])  # warm-up
     t100 = min(lsac_step(b100)[0] for _ in range(3))
     _, k100, labels100 = lsac_step(b100)
-    out["lsac_seconds_100"] = t100
-    out["k_found_100"] = float(k100)
-    out["ari_100"] = float(adjusted_rand_score(groups100, labels100))
+    out[f"lsac_seconds_{n_small}"] = t100
+    out[f"k_found_{n_small}"] = float(k100)
+    out[f"ari_{n_small}"] = float(adjusted_rand_score(groups100, labels100))
 
-    n_big = 200 if args.quick else 1000
+    n_big = 40 if args.smoke else 200 if args.quick else 1000
     b_big, _, groups_big = make_factors(n_big, seed=1)
     t_big, k_big, labels_big = lsac_step(b_big)
     floor = gemm_floor(left_subspace(b_big, R))
@@ -84,7 +86,7 @@ def main() -> None:
     out[f"lsac_over_gemm_floor_{n_big}"] = t_big / floor
     out[f"ari_{n_big}"] = float(adjusted_rand_score(groups_big, labels_big))
 
-    nd = args.dense_clients
+    nd = 1 if args.smoke else args.dense_clients
     start = time.perf_counter()
     left_subspace(b100, R)
     ours = time.perf_counter() - start
@@ -92,16 +94,16 @@ def main() -> None:
     for i in range(nd):
         for m in range(MATRICES):
             torch.linalg.svd(b100[i, m] @ a100[i, m], full_matrices=False)
-    dense = (time.perf_counter() - start) * (100 / nd)
-    out["subspace_seconds_100"] = ours
-    out["dense_svd_seconds_100_extrapolated"] = dense
+    dense = (time.perf_counter() - start) * (n_small / nd)
+    out[f"subspace_seconds_{n_small}"] = ours
+    out[f"dense_svd_seconds_{n_small}_extrapolated"] = dense
     out["speedup_vs_dense"] = dense / ours
 
-    print(f"LSAC step, 100 clients x 24 matrices (768 x 8): {t100:.3f} s (target <= 0.5), K={k100}, "
-          f"ARI {out['ari_100']:.3f}")
+    print(f"LSAC step, {n_small} clients x 24 matrices (768 x 8): {t100:.3f} s (target <= 0.5 at 100), K={k100}, "
+          f"ARI {out[f'ari_{n_small}']:.3f}")
     print(f"LSAC step, {n_big} clients: {t_big:.2f} s; bare Gram GEMM floor {floor:.2f} s -> "
           f"{t_big / floor:.2f}x (target <= 1.5), ARI {out[f'ari_{n_big}']:.3f}")
-    print(f"subspaces for 100 clients: QR + small SVD {ours:.3f} s vs dense SVD of B A {dense:.1f} s "
+    print(f"subspaces for {n_small} clients: QR + small SVD {ours:.3f} s vs dense SVD of B A {dense:.1f} s "
           f"(from {nd} clients) -> {dense / ours:.0f}x (target >= 50)")
     if args.json:
         with open(args.json, "w") as fh:

@@ -9,7 +9,7 @@ the same 20 full batches per client), with the same loading and exporting of the
 no aggregation. Rounds are interleaved
 and the median is reported.
 
-    python benchmarks/federation_overhead.py [--rounds 3] [--json out.json]
+    python benchmarks/federation_overhead.py [--rounds 3] [--json out.json] [--smoke]   # --smoke: 2 clients x 2 steps
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _model() -> HiLoRAViT:
     return HiLoRAViT(backbone="vit_tiny_patch16_224", num_classes=10, backbone_kwargs={"img_size": 32}, lr=1e-3)
 
 
-def plain_round(model: HiLoRAViT, clients: list, root: dict, head: dict, round_idx: int) -> float:
+def plain_round(model: HiLoRAViT, clients: list, root: dict, head: dict, round_idx: int, steps: int = STEPS) -> float:
     """The floor: the same local steps in a bare PyTorch loop."""
     start = time.perf_counter()
     for c in clients:
@@ -46,7 +46,7 @@ def plain_round(model: HiLoRAViT, clients: list, root: dict, head: dict, round_i
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         gen = torch.Generator().manual_seed(round_idx * 1000 + c.client_id)
-        sampler = StepSampler(len(c.train), STEPS * BATCH, gen)  # the same full batches the clients see
+        sampler = StepSampler(len(c.train), steps * BATCH, gen)  # the same full batches the clients see
         for x, y in DataLoader(c.train, batch_size=BATCH, sampler=sampler):
             loss = F.cross_entropy(model(x), y) + model.orthogonality_loss()
             opt.zero_grad(set_to_none=True)
@@ -62,25 +62,30 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--smoke", action="store_true", help="2 clients x 2 steps, 1 round (seconds)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    clients = digits_federation(CLIENTS)
-    cfg = FederationConfig(rounds=args.rounds + 2, root_rounds=(args.rounds + 1, args.rounds + 1),
-                           cluster_rounds=(0, 1), local_steps=STEPS, batch_size=BATCH, eval_every=10_000)
+    n_clients, steps = (2, 2) if args.smoke else (CLIENTS, STEPS)
+    if args.smoke:
+        args.rounds = 1
+    clients = digits_federation(n_clients)
+    # the measured rounds all in the root stage (a warm-up round first); the later stages' minimums fit after
+    cfg = FederationConfig(rounds=args.rounds + 3, root_rounds=(args.rounds + 1, args.rounds + 1),
+                           cluster_rounds=(1, 1), local_steps=steps, batch_size=BATCH, eval_every=10_000)
     orch = FederatedOrchestrator(_model(), clients, cfg, progress=False)
     floor_model = _model()
-    plain_round(floor_model, clients, orch.root, orch.global_head, 0)  # warm-up both
+    plain_round(floor_model, clients, orch.root, orch.global_head, 0, steps)  # warm-up both
     orch.run(stop_after=1)
     fed, plain = [], []
     for r in range(args.rounds):
-        plain.append(plain_round(floor_model, clients, orch.root, orch.global_head, r + 1))
+        plain.append(plain_round(floor_model, clients, orch.root, orch.global_head, r + 1, steps))
         t0 = time.perf_counter()
         orch.run(stop_after=orch.round + 1)
         fed.append(time.perf_counter() - t0)
     fed_s, plain_s = statistics.median(fed), statistics.median(plain)
     out = {"round_seconds": fed_s, "plain_loop_seconds": plain_s, "overhead_ratio": fed_s / plain_s,
-           "clients": CLIENTS, "local_steps": STEPS}
+           "clients": float(n_clients), "local_steps": float(steps)}
     print(f"{'':28}{'seconds/round':>14}")
     print(f"{'FederatedOrchestrator':28}{fed_s:14.3f}")
     print(f"{'plain PyTorch loop (floor)':28}{plain_s:14.3f}")

@@ -41,6 +41,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -66,6 +67,10 @@ from hilora_lightning.tiers import Tier
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "examples" / "configs" / "fmnist_sc_dir.yaml"
 QUICK_METHODS = ("hilora", "pf2lora", "fedalt", "fedsa-lora", "local-lora")
+SMOKE_CONFIG = ROOT / "examples" / "configs" / "compare_digits_cpu.yaml"
+SMOKE_OVERRIDES = ("data.num_clients=6", "data.num_groups=2", "federation.rounds=4", "federation.root_rounds=[1,1]",
+                   "federation.cluster_rounds=[1,1]", "federation.local_steps=2", "federation.finetune_epochs=1",
+                   "federation.clustering.k_max=3")
 KEYS = ("hilora_minus_best_baseline_mean", "hilora_minus_best_baseline_p10", "lsac_ari", "unseen_routing_accuracy",
         "zero_leaf_minus_root", "tier_gain_cluster", "tier_gain_leaf", "tier_gain_cluster_tier_heads",
         "tier_gain_leaf_tier_heads")
@@ -371,8 +376,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=None,
                         help="runs side by side in child processes (default: one per CPU core, 1 with CUDA; "
                              "1: every run in this process, one after another)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds, anywhere: HiLoRA and FedIT on 6 embedded-digits clients, 4 short rounds")
     parser.add_argument("overrides", nargs="*", help="config overrides like federation.rounds=20")
     args = parser.parse_args(argv)
+    if args.smoke:  # the same code path on a setting that needs no data download and runs in seconds
+        args.config, args.methods, args.seeds, args.jobs = SMOKE_CONFIG, "hilora,fedit", "0", 1
+        args.overrides = [*SMOKE_OVERRIDES, *args.overrides]
+        args.out = args.out or Path(tempfile.mkdtemp(prefix="quality-smoke-"))
     if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.lsac_only:

@@ -228,23 +228,6 @@ def test_a_client_with_images_of_the_wrong_size_fails_alone_with_its_own_error()
         assert all(torch.equal(got[cid].factors[k], ref[cid].factors[k]) for k in ref[cid].factors)
 
 
-def test_the_throughput_benchmark_runs_at_smoke_size_and_writes_its_headline(tmp_path) -> None:
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "simulation_throughput.py"
-    out = tmp_path / "t.json"
-    done = subprocess.run([sys.executable, str(script), "--smoke", "--json", str(out)], capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "seq/batched" in done.stdout
-    figures = json.loads(out.read_text())
-    assert {"batched_speedup_2", "batched_over_floor_2", "seconds_floor_2", "peak_rss_mib"} <= set(figures)
-    assert all(isinstance(v, float) and v > 0 for v in figures.values())
-
-
 def test_a_non_finite_shared_slot_fails_every_client_and_leaves_the_base_weights_untouched() -> None:
     clients = digits_federation(3, num_groups=2)
     model = HiLoRAViT(lr=3e-3)
