@@ -238,7 +238,7 @@ def build_clients(data: Mapping[str, Any], seed: int, partition: tuple[int, int]
 def _built_clients(data: Mapping[str, Any], seed: int, partition: tuple[int, int] | None
                    ) -> tuple[list[ClientData], list[ClientData]]:
     """The clients of a ``data.builder`` (converted to :class:`ClientData`; unseen ids after training ids)."""
-    from hilora_lightning.data.clients import as_clients
+    from hilora_lightning.data.clients import as_federation
     from hilora_lightning.data.hook import BuilderError, call_builder
 
     extra = sorted(set(data) - _BUILDER_KEYS)
@@ -251,8 +251,7 @@ def _built_clients(data: Mapping[str, Any], seed: int, partition: tuple[int, int
     raw, raw_unseen = call_builder(data["builder"], dict(kwargs), partition)
     val = float(data.get("val_fraction", DEFAULT_VAL_FRACTION))
     try:
-        clients = as_clients(raw, val)
-        unseen = as_clients(raw_unseen, val, first_id=max(c.client_id for c in clients) + 1)
+        clients, unseen = as_federation(raw, raw_unseen, val)
     except (TypeError, ValueError) as exc:
         raise BuilderError(f"data builder {data['builder']!r}: {exc}") from exc
     if "unseen_fraction" in data and not unseen:

@@ -28,7 +28,8 @@ from torch.utils.data import Dataset, IterableDataset, Subset, TensorDataset
 
 from hilora_lightning.data.samples import SampleFormatError, SampleKeys, dataset_labels
 
-__all__ = ["DEFAULT_VAL_FRACTION", "ClientData", "as_client", "as_clients", "split_unseen", "validation_split"]
+__all__ = ["DEFAULT_VAL_FRACTION", "ClientData", "as_client", "as_clients", "as_federation", "split_unseen",
+           "validation_split"]
 
 #: share of each client's training data held out for validation when no validation set is given
 DEFAULT_VAL_FRACTION = 0.1
@@ -223,6 +224,23 @@ def as_client(item: Any, client_id: int, val_fraction: float = DEFAULT_VAL_FRACT
         return ClientData(client_id, train, test, val=val, val_fraction=val_fraction)
     raise TypeError(f"client {client_id}: expected a ClientData, a LightningDataModule or a (train, test) / "
                     f"(train, val, test) tuple of data sets, got {type(item).__name__}")
+
+
+def as_federation(clients: Sequence[Any], unseen: Sequence[Any] = (), val_fraction: float = DEFAULT_VAL_FRACTION
+                  ) -> tuple[list[ClientData], list[ClientData]]:
+    """Training and unseen clients as :class:`ClientData` (:func:`as_clients`; unseen ids follow the training ids).
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> ds = TensorDataset(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long))
+        >>> train, held = as_federation([(ds, ds), (ds, ds)], [(ds, ds)])
+        >>> [c.client_id for c in train], [c.client_id for c in held]
+        ([0, 1], [2])
+    """
+    train = as_clients(list(clients), val_fraction)
+    first = max((c.client_id for c in train), default=-1) + 1
+    return train, as_clients(list(unseen), val_fraction, first_id=first) if unseen else []
 
 
 def as_clients(items: Sequence[Any], val_fraction: float = DEFAULT_VAL_FRACTION, first_id: int = 0

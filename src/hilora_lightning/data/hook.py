@@ -23,7 +23,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["BuilderError", "call_builder", "load_callable"]
+__all__ = ["BuilderError", "call_builder", "load_callable", "takes_partition"]
 
 
 class BuilderError(ValueError):
@@ -62,7 +62,7 @@ def call_builder(spec: str | Callable[..., Any], kwargs: Mapping[str, Any] | Non
     fn = load_callable(spec, "data.builder")
     name = spec if isinstance(spec, str) else getattr(fn, "__qualname__", repr(fn))
     args = dict(kwargs or {})
-    if partition is not None and _accepts(fn, "partition_id"):
+    if partition is not None and takes_partition(fn):
         args.update(partition_id=partition[0], num_partitions=partition[1])
     try:
         out = fn(**args)
@@ -107,12 +107,14 @@ def _looks_like_split(value: tuple[Any, ...]) -> bool:
                                         and not isinstance(v, (list, tuple)) for v in value)
 
 
-def _accepts(fn: Callable[..., Any], name: str) -> bool:
+def takes_partition(spec: str | Callable[..., Any]) -> bool:
+    """Whether a builder takes ``partition_id`` (by name or ``**kwargs``): a Flower node then calls it for its
+    own client."""
     try:
-        params = inspect.signature(fn).parameters
+        params = inspect.signature(load_callable(spec, "data.builder")).parameters
     except (TypeError, ValueError):
         return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return "partition_id" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _signature(fn: Callable[..., Any]) -> str:

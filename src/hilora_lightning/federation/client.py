@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from hilora_lightning.data.clients import ClientData, as_clients, split_unseen  # the data types live in data/
+from hilora_lightning.data.clients import ClientData, as_federation, split_unseen  # the data types live in data/
 from hilora_lightning.federation.server_state import ClientState
 
 __all__ = ["ClientData", "ClientState", "check_federation", "client_seed", "select_clients", "split_unseen",
@@ -64,8 +64,7 @@ def check_federation(clients: Sequence[Any], unseen: Sequence[Any], min_clients:
     ids and a ``min_clients`` above the client count."""
     if not clients:
         raise ValueError("a federation needs at least one client, got none")
-    train = as_clients(list(clients))
-    held = as_clients(list(unseen), first_id=max(c.client_id for c in train) + 1) if unseen else []
+    train, held = as_federation(clients, unseen)
     ids = [c.client_id for c in train] + [c.client_id for c in held]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:

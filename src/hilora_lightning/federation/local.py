@@ -110,15 +110,19 @@ class LoaderSpec:
         """The dict keys of image and label."""
         return SampleKeys(self.image_key, self.label_key)
 
-    def collate(self, own: Callable[[list[Any]], Any] | None = None) -> XYCollate:
-        """The loaders' collate function (``own``: a client's own ``collate_fn``, which wins)."""
-        fn = own or self.collate_fn
+    def for_client(self, collate_fn: Callable[[list[Any]], Any] | None) -> LoaderSpec:
+        """This spec for a client with its own ``collate_fn`` (a DataModule's), which wins; ``None``: as is."""
+        return self if collate_fn is None else dataclasses.replace(self, collate_fn=collate_fn)
+
+    def collate(self) -> XYCollate:
+        """The loaders' collate function: ``collate_fn`` (or PyTorch's default), then ``(images, labels)``."""
+        fn = self.collate_fn
         return XYCollate(load_callable(fn, "loader.collate_fn") if isinstance(fn, str) else fn, self.keys)
 
-    def kwargs(self, own_collate: Callable[[list[Any]], Any] | None = None) -> dict[str, Any]:
+    def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``torch.utils.data.DataLoader``."""
         return {"num_workers": self.num_workers, "pin_memory": self.pin_memory,
-                "persistent_workers": self.persistent_workers, "collate_fn": self.collate(own_collate)}
+                "persistent_workers": self.persistent_workers, "collate_fn": self.collate()}
 
 
 def head_state(model: HiLoRAViT) -> dict[str, Tensor]:

@@ -37,11 +37,6 @@ from hilora_lightning.federation.local import LoaderSpec
 __all__ = ["check_clients"]
 
 
-def _loader(client: ClientData, loader: LoaderSpec) -> Any:
-    own = client.collate_fn
-    return loader.collate(own)
-
-
 @torch.no_grad()
 def check_clients(model: Any, clients: Sequence[ClientData], loader: LoaderSpec | None = None) -> None:
     """Raise :class:`~hilora_lightning.errors.ClientDataCheckError` for the first client whose data cannot
@@ -50,7 +45,7 @@ def check_clients(model: Any, clients: Sequence[ClientData], loader: LoaderSpec 
     num_classes = int(model.hparams.get("num_classes", 0)) or None
     shape: tuple[int, ...] | None = None
     for client in clients:
-        collate = _loader(client, spec)
+        collate = spec.for_client(client.collate_fn).collate()
         for split in ("train", "test"):
             data = client.split(split)
             try:

@@ -113,7 +113,7 @@ class ClientRuntime:
 
     def loader_for(self, data: ClientData) -> LoaderSpec:
         """The loader spec of ``data``'s loaders (its own ``collate_fn`` wins over the spec's)."""
-        return self.loader if data.collate_fn is None else dataclasses.replace(self.loader, collate_fn=data.collate_fn)
+        return self.loader.for_client(data.collate_fn)
 
     def release(self) -> None:
         """Move the model back to the CPU after a batch of evaluations (fits return it there themselves)."""

@@ -89,10 +89,10 @@ def _partition_client(cfg: Mapping[str, Any], index: int, count: int) -> tuple[C
 
 
 def _takes_partition(cfg: Mapping[str, Any]) -> bool:
-    from hilora_lightning.data.hook import _accepts, load_callable
+    from hilora_lightning.data.hook import takes_partition
 
     data = cfg.get("data") or {}
-    return "builder" in data and _accepts(load_callable(data["builder"], "data.builder"), "partition_id")
+    return "builder" in data and takes_partition(data["builder"])
 
 
 def _client(cfg: Mapping[str, Any], context: Context) -> tuple[ClientData, bool]:
