@@ -116,13 +116,16 @@ def test_export_and_predict_from_a_run_folder(tmp_path: Path, capsys) -> None:
 
     out = tmp_path / "run"
     assert main(["run", str(CONFIG), *SMALL, f"out_dir={out}"]) == 0
-    orch, cfg = load_run(out)
-    cid = sorted(orch.clients)[0]
+    run = load_run(out)
+    cid = run.client_ids[0]
+    from hilora_lightning.experiment import build_clients
+
+    clients = {c.client_id: c for c in build_clients(run.cfg["data"], int(run.cfg["seed"]))[0]}
     assert main(["export", str(out), "--client", str(cid), "--format", "timm", "--out", str(tmp_path / "m")]) == 0
     plain = timm.create_model(f"local-dir:{tmp_path / 'm'}", pretrained=True).eval()
     images = tmp_path / "images"
     images.mkdir()
-    x, y = orch.clients[cid].test[:4]
+    x, y = clients[cid].test[:4]
     for i, img in enumerate(x):  # the digits as 8-bit PNGs, as a user would have them
         gray = ((img[0] * 0.5 + 0.5).clamp(0, 1) * 255).round().byte().numpy()
         Image.fromarray(gray, mode="L").save(images / f"d{i}.png")
@@ -130,7 +133,7 @@ def test_export_and_predict_from_a_run_folder(tmp_path: Path, capsys) -> None:
     assert main(["predict", str(out), str(images), "--client", str(cid), "--topk", "3", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [Path(r["image"]).name for r in rows] == [f"d{i}.png" for i in range(4)]
-    transform = image_transform(cfg["data"])
+    transform = image_transform(run.cfg["data"])
     batch = torch.stack([transform(Image.open(images / f"d{i}.png").convert("RGB")) for i in range(4)])
     with torch.no_grad():
         want = plain(batch).softmax(-1).topk(3, dim=-1)  # the exported timm model: an independent path

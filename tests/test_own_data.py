@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from helpers import digits_tensors as _digits_tensors
+from helpers import write_png_sites as _write_png_sites
 from hilora_lightning import HiLoRAViT
 from hilora_lightning.data import digits_federation
 from hilora_lightning.data.clients import ClientData, as_clients, validation_split
@@ -23,14 +25,6 @@ from hilora_lightning.federation.failures import describe_failures
 from hilora_lightning.federation.local import LoaderSpec
 
 FAST = {"rounds": 4, "root_rounds": (1, 1), "cluster_rounds": (1, 1), "local_steps": 2, "batch_size": 8}
-
-
-def _digits_tensors(n_clients: int = 4):
-    """Per client: (x_train, y_train, x_test, y_test) from the embedded digits (32 px, 3 channels)."""
-    out = []
-    for c in digits_federation(n_clients, num_groups=2, val_fraction=0):
-        out.append((c.train.tensors[0], c.train.tensors[1], c.test.tensors[0], c.test.tensors[1]))
-    return out
 
 
 class DictDigits(Dataset):
@@ -275,17 +269,6 @@ def test_flower_datasets_partitioner():
     assert one[0].num_samples == every[2].num_samples  # the same partition, built on its node alone
     with pytest.raises(ValueError, match="partitioner must be one of"):
         flower_partition(ds, "zipf")
-
-
-def _write_png_sites(root, data, classes=("a", "b", "c", "d", "e", "f", "g", "h", "i", "j")):
-    from PIL import Image
-
-    for site, (x, y, _, _) in enumerate(data):
-        for i, (img, label) in enumerate(zip(x, y)):
-            folder = root / f"site{site}" / classes[int(label)]
-            folder.mkdir(parents=True, exist_ok=True)
-            pixels = ((img.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).to(torch.uint8).numpy()
-            Image.fromarray(pixels).save(folder / f"{i}.png")
 
 
 def test_federation_from_a_folder_per_client(tmp_path):

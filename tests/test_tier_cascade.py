@@ -66,5 +66,29 @@ def test_schedule_and_arguments() -> None:
         TierCascade({"leaf": -1})
     with pytest.raises(ValueError, match="needs at least one epoch"):
         TierCascade({"root": 0})
-    with pytest.raises(ValueError, match="resume with the same schedule"):
-        TierCascade({"root": 2}).load_state_dict({"epochs": {"root": 1, "cluster": 0, "leaf": 0}})
+    with pytest.raises(ValueError, match="resume with the same schedule or one that only lengthens it"):
+        TierCascade({"root": 2}).load_state_dict({"epochs": {"root": 1, "cluster": 1, "leaf": 0}})
+    with pytest.raises(ValueError, match="only lengthens it"):  # shorter
+        TierCascade({"root": 1, "cluster": 1}).load_state_dict({"epochs": {"root": 1, "cluster": 2, "leaf": 0}})
+    with pytest.raises(ValueError, match=r"the first 4 epochs"):  # epochs 2-3 trained the cluster (past the sum)
+        TierCascade({"root": 1, "cluster": 1, "leaf": 2}).load_state_dict(
+            {"epochs": {"root": 1, "cluster": 1, "leaf": 0}, "epoch": 3})
+    lengthened = TierCascade({"root": 1, "cluster": 1, "leaf": 3})
+    lengthened.load_state_dict({"epochs": {"root": 1, "cluster": 1, "leaf": 1}, "current": "leaf", "epoch": 2})
+    assert lengthened.current is Tier.LEAF and lengthened.epoch == 2
+    appended = TierCascade({"root": 1, "cluster": 1, "leaf": 2})  # a tier added after the saved schedule
+    appended.load_state_dict({"epochs": {"root": 1, "cluster": 1, "leaf": 0}, "epoch": 1})
+
+
+def test_a_finished_cascade_is_extended_with_a_longer_leaf_stage(tmp_path) -> None:
+    trainer, _, _ = _fit(tmp_path, 3)  # root, cluster, leaf: done
+    ckpt = tmp_path / "done.ckpt"
+    trainer.save_checkpoint(ckpt)
+    pl.seed_everything(0, verbose=False)
+    snaps = Snapshots()
+    longer = pl.Trainer(max_epochs=5, limit_train_batches=3, limit_val_batches=0, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[TierCascade({"root": 1, "cluster": 1, "leaf": 3}), snaps],
+                        enable_checkpointing=False)
+    longer.fit(HiLoRAViT(lr=3e-3), DigitsDataModule(batch_size=16, quarter_turns=1), ckpt_path=ckpt)
+    assert snaps.stages == [Tier.LEAF, Tier.LEAF] and snaps.changed == [{Tier.LEAF}, {Tier.LEAF}]

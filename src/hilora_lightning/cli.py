@@ -1,7 +1,7 @@
 """``hilora-fl``: run federated HiLoRA experiments from YAML configs.
 
-    hilora-fl run CONFIG [key=value ...] [--resume] [--check]   # e.g. federation.rounds=20 data.num_clients=12
-    hilora-fl compare CONFIG [methods=a,b] [seeds=0,1,2] [key=value ...] [--resume]   # vs the baselines
+    hilora-fl run CONFIG [key=value ...] [--resume | --overwrite] [--check]   # e.g. federation.rounds=20
+    hilora-fl compare CONFIG [methods=a,b] [seeds=0,1,2] [key=value ...] [--resume | --overwrite]   # vs the baselines
     hilora-fl export RUN_DIR --client N --format timm|peft|tiers --out DIR   # one client's model
     hilora-fl predict RUN_DIR IMAGES_OR_FOLDER --client N [--topk 5] [--json]
     hilora-fl demo [demo options]                     # the embedded-data demo (python -m hilora_lightning.demo)
@@ -9,10 +9,13 @@
 ``run`` merges the overrides into the YAML (omegaconf dot-list syntax), rejects unknown keys with the
 closest valid one, runs the federation with a round-by-round progress display, prints the results
 table, and writes ``result.json``, ``rounds.csv``, the resolved ``config.yaml`` and PNG plots into
-``out_dir`` (``--resume`` continues from ``out_dir/federation.pt``). ``compare`` runs the chosen
-methods (default: ``compare.methods`` of the config, else all) on the same data and budget and
-writes one table, JSON, CSV and an accuracy-per-round plot into ``out_dir/compare``; ``--resume``
-reads back the methods already finished there.
+``out_dir`` (``--resume`` continues from ``out_dir/federation.pt``, also with more
+``federation.rounds`` to extend a finished run; an ``out_dir`` that holds a run is refused without
+``--resume`` or ``--overwrite``). Ctrl-C (or SIGTERM) stops after the last finished round, exit code
+130, and says how to continue. ``export`` and ``predict`` read the run folder alone (no data).
+``compare`` runs the chosen methods (default: ``compare.methods`` of the config, else all) on the
+same data and budget and writes one table, JSON, CSV and an accuracy-per-round plot into
+``out_dir/compare``; ``--resume`` reads back the methods already finished there.
 
 Example:
     >>> from hilora_lightning.cli import load_config
@@ -32,6 +35,9 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["load_config", "load_run", "main"]
+
+#: what marks ``out_dir/compare`` as holding a comparison (its table, or a finished method of one)
+COMPARE_MARKERS = ("comparison.json", "*/result.json", "seed*/*/result.json")
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -78,9 +84,33 @@ def _run(args: argparse.Namespace) -> int:
         print(f"hilora-fl: {args.config}: config OK ({len(runner.clients)} training clients, {len(runner.unseen)} "
               f"unseen, method {cfg.get('method', 'hilora')}; {_data_line(cfg)})")
         return 0
+    from hilora_lightning.interrupt import Interrupted, interrupt_signals
+    from hilora_lightning.run_folder import check_out_dir
+
+    check_out_dir(cfg["out_dir"], resume=args.resume, overwrite=args.overwrite)  # before anything is built
     print(f"hilora-fl: {args.config} -> {cfg['out_dir']}")
-    run_and_report(cfg, resume=args.resume, raise_client_errors=args.fail_fast)
+    with interrupt_signals():
+        try:
+            run_and_report(cfg, resume=args.resume, raise_client_errors=args.fail_fast, overwrite=args.overwrite)
+        except Interrupted as stop:
+            return _interrupted(stop, cfg["out_dir"], ["hilora-fl", "run", args.config, *args.overrides, "--resume"])
     return 0
+
+
+def _interrupted(stop: Any, out_dir: str | Path, again: list[str]) -> int:
+    """Tell where an interrupted run stands and how to continue it; the exit code 130 (128 + SIGINT)."""
+    import shlex
+
+    from hilora_lightning.run_folder import saved_round
+
+    done = saved_round(out_dir)
+    if done is None:
+        print(f"hilora-fl: interrupted ({stop.name}) before round 1 was saved; nothing to resume: run it again "
+              "(with --overwrite if out_dir holds an older run)", file=sys.stderr)
+    else:
+        print(f"hilora-fl: interrupted ({stop.name}) after round {done}; continue with: {shlex.join(again)}",
+              file=sys.stderr)
+    return 130
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -93,9 +123,26 @@ def _compare(args: argparse.Namespace) -> int:
     out = Path(str(cfg.get("out_dir", "runs/experiment"))) / "compare"
     chosen = parse_methods(special["methods"][-1] if special["methods"] else section.get("methods"))
     seeds = parse_seeds(special["seeds"][-1] if special["seeds"] else section.get("seeds"), int(cfg.get("seed", 0)))
+    from hilora_lightning.interrupt import Interrupted, interrupt_signals
+    from hilora_lightning.run_folder import check_out_dir
+
+    check_out_dir(out, args.resume, args.overwrite, markers=COMPARE_MARKERS)
+    if args.overwrite and out.is_dir():
+        import shutil
+
+        shutil.rmtree(out)  # the old comparison's folder (only hilora-fl compare writes there)
     print(f"hilora-fl compare: {args.config}: {len(chosen)} methods x seeds {seeds} -> {out}")
-    comp = run_comparison(cfg, chosen, out_dir=out, resume=args.resume, seeds=seeds,
-                          raise_client_errors=args.fail_fast)
+    with interrupt_signals():
+        try:
+            comp = run_comparison(cfg, chosen, out_dir=out, resume=args.resume, seeds=seeds,
+                                  raise_client_errors=args.fail_fast)
+        except Interrupted as stop:
+            import shlex
+
+            again = ["hilora-fl", "compare", args.config, *args.overrides, "--resume"]
+            print(f"hilora-fl: interrupted ({stop.name}); the methods finished so far are in {out}; continue with: "
+                  f"{shlex.join(again)}", file=sys.stderr)
+            return 130
     print()
     print(comp.table())
     for path in save_comparison(comp, out):
@@ -116,29 +163,18 @@ def _data_line(cfg: dict[str, Any]) -> str:
     return f"data {name}" + (f" from {data['root']}" if "root" in data else " (embedded)" if name == "digits" else "")
 
 
-def load_run(run_dir: str | Path) -> tuple[Any, dict[str, Any]]:
-    """The finished (or interrupted) in-process HiLoRA run in ``run_dir``: its orchestrator with the
-    checkpointed state and client stores loaded, and its resolved config."""
-    from hilora_lightning.config_check import ConfigError
-    from hilora_lightning.experiment import build_experiment
-    from hilora_lightning.federation.checkpoint import load_checkpoint
+def load_run(run_dir: str | Path) -> Any:
+    """The finished (or interrupted) HiLoRA run in ``run_dir`` as a
+    :class:`~hilora_lightning.run_folder.SavedRun`, from its ``config.yaml`` and ``federation.pt``
+    alone: the model is rebuilt from the config, no client data is read."""
+    from hilora_lightning.run_folder import SavedRun
 
-    run = Path(run_dir)
-    for name in ("config.yaml", "federation.pt"):
-        if not (run / name).is_file():
-            raise FileNotFoundError(f"{str(run)!r} is not a run folder: it has no {name} (hilora-fl run writes both)")
-    cfg = load_config(run / "config.yaml")
-    cfg["out_dir"] = str(run)
-    if cfg.get("method", "hilora") != "hilora":
-        raise ConfigError(f"{str(run)!r} holds a {cfg['method']} run; export and predict serve HiLoRA runs")
-    orch = build_experiment(cfg)
-    orch.load_state_dict(load_checkpoint(run / "federation.pt"))
-    return orch, cfg
+    return SavedRun.open(run_dir)
 
 
 def _export(args: argparse.Namespace) -> int:
-    orch, _ = load_run(args.run_dir)
-    for path in orch.export_client(args.client, args.out, args.format):
+    run = load_run(args.run_dir)
+    for path in run.export_client(args.client, args.out, args.format):
         print(f"wrote {path}")
     return 0
 
@@ -148,11 +184,10 @@ def _predict(args: argparse.Namespace) -> int:
 
     from hilora_lightning.predict import image_paths, image_transform, predict_images
 
-    orch, cfg = load_run(args.run_dir)
-    tiers, head = orch.client_model(args.client)
-    rows = predict_images(orch.model, tiers, head, image_paths(args.images),
-                          image_transform(cfg.get("data", {}), orch.model),
-                          args.topk)
+    run = load_run(args.run_dir)
+    tiers, head = run.client_model(args.client)
+    transform = image_transform(run.data_section, run.model)
+    rows = predict_images(run.model, tiers, head, image_paths(args.images), transform, args.topk)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -180,12 +215,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federation.rounds=20")
     run.add_argument("--resume", action="store_true", help="continue from out_dir/federation.pt")
     run.add_argument("--check", action="store_true", help="validate the config and build data and model; train nothing")
+    run.add_argument("--overwrite", action="store_true", help="replace the run that out_dir holds")
     run.add_argument("--fail-fast", action="store_true",
                      help="re-raise the first client exception with its traceback (debugging your data)")
     comp = sub.add_parser("compare", help="run HiLoRA, its ablations and the baselines; print one table")
     comp.add_argument("config", help="path of a YAML config (see examples/configs/)")
     comp.add_argument("overrides", nargs="*", help="methods=a,b and key=value overrides")
     comp.add_argument("--resume", action="store_true", help="read back methods already finished in out_dir/compare")
+    comp.add_argument("--overwrite", action="store_true", help="replace the comparison that out_dir/compare holds")
     comp.add_argument("--fail-fast", action="store_true", help="re-raise the first client exception with its traceback")
     exp = sub.add_parser("export", help="write one client's personalized model (timm folder, PEFT adapter, tiers)")
     exp.add_argument("run_dir", help="a run's out_dir (config.yaml and federation.pt)")

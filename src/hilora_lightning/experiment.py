@@ -41,11 +41,13 @@ __all__ = [
     "build_experiment",
     "build_federation_config",
     "build_model",
+    "hold_out",
     "model_options",
     "run_and_report",
     "run_experiment",
     "save_outputs",
     "validate_config",
+    "write_config",
 ]
 
 #: Data sets the config can name.
@@ -53,9 +55,10 @@ DATASETS = ("digits", "fashion-mnist", "cifar100", "domainnet", "imagefolder")
 
 _DATA_KEYS = {"name", "num_clients", "num_groups", "unseen_fraction", "train_fraction", "img_size", "root",
               "download", "verify", "partition", "alpha", "classes_per_client", "clients_per_domain",
-              "test_fraction", "domains", "per_client", "val_fraction", "layout", "builder", "kwargs", "transform"}
+              "test_fraction", "domains", "per_client", "val_fraction", "layout", "builder", "kwargs", "transform",
+              "unseen"}
 #: the keys a ``data.builder`` section may hold besides the builder itself
-_BUILDER_KEYS = {"builder", "kwargs", "val_fraction", "unseen_fraction", "img_size", "transform"}
+_BUILDER_KEYS = {"builder", "kwargs", "val_fraction", "unseen_fraction", "unseen", "img_size", "transform"}
 #: ``data.layout`` of ``imagefolder``: one tree split by Dirichlet, or a folder per client
 IMAGE_FOLDER_LAYOUTS = ("dirichlet", "per_client")
 
@@ -232,7 +235,36 @@ def build_clients(data: Mapping[str, Any], seed: int, partition: tuple[int, int]
             clients = federations.domainnet_federation(
                 data["root"], clients_per_domain=int(data.get("clients_per_domain", 15)),
                 alpha=float(data.get("alpha", 0.6)), domains=tuple(data.get("domains", DOMAINNET_DOMAINS)), **common)
-    return split_unseen(clients, float(data.get("unseen_fraction", 0.2)), seed=seed)
+    return hold_out(clients, data, seed)
+
+
+def hold_out(clients: Sequence[ClientData], data: Mapping[str, Any], seed: int
+             ) -> tuple[list[ClientData], list[ClientData]]:
+    """Split off the unseen clients: the ids listed in ``data.unseen``, else a stratified
+    ``data.unseen_fraction`` (default 0.2, seeded).
+
+    Example:
+        >>> from hilora_lightning.data.digits import digits_federation
+        >>> train, unseen = hold_out(digits_federation(6, num_groups=2), {"unseen": [4, 5]}, seed=0)
+        >>> [c.client_id for c in train], [c.client_id for c in unseen]
+        ([0, 1, 2, 3], [4, 5])
+    """
+    if "unseen" not in data:
+        return split_unseen(clients, float(data.get("unseen_fraction", 0.2)), seed=seed)
+    if "unseen_fraction" in data:
+        raise ValueError("give data.unseen (the held-out client ids) or data.unseen_fraction, not both")
+    ids = data["unseen"]
+    if not isinstance(ids, Sequence) or isinstance(ids, str) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"data.unseen must be a list of client ids, got {ids!r}")
+    known = {c.client_id for c in clients}
+    missing = sorted(set(ids) - known)
+    if missing:
+        raise ValueError(f"data.unseen names clients {missing} that the data does not have (client ids "
+                         f"{min(known)}..{max(known)})")
+    if len(set(ids)) >= len(known):
+        raise ValueError(f"data.unseen holds out all {len(known)} clients; leave some to train")
+    return [c for c in clients if c.client_id not in set(ids)], [c for c in clients if c.client_id in set(ids)]
 
 
 def _built_clients(data: Mapping[str, Any], seed: int, partition: tuple[int, int] | None
@@ -254,8 +286,8 @@ def _built_clients(data: Mapping[str, Any], seed: int, partition: tuple[int, int
         clients, unseen = as_federation(raw, raw_unseen, val)
     except (TypeError, ValueError) as exc:
         raise BuilderError(f"data builder {data['builder']!r}: {exc}") from exc
-    if "unseen_fraction" in data and not unseen:
-        return split_unseen(clients, float(data["unseen_fraction"]), seed=seed)
+    if ("unseen_fraction" in data or "unseen" in data) and not unseen:
+        return hold_out(clients, data, seed)
     return clients, unseen
 
 
@@ -359,8 +391,7 @@ def save_outputs(orch: Any, result: FederatedResult, cfg: Mapping[str, Any], out
 
     out.mkdir(parents=True, exist_ok=True)
     paths = [result.to_json(out / "result.json"), result.to_csv(out / "rounds.csv")]
-    (out / "config.yaml").write_text(_to_yaml(cfg))
-    paths.append(out / "config.yaml")
+    paths.append(write_config(cfg, out))
     rounds = [r.round for r in result.records]
     fig = accuracy_per_round(rounds, {"mean client acc": [r.acc_mean for r in result.records],
                                       "p10 client acc": [r.acc_p10 for r in result.records]},
@@ -387,23 +418,49 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def write_config(cfg: Mapping[str, Any], out: Path) -> Path:
+    """Write the resolved ``cfg`` as ``out/config.yaml`` (atomically: never half a file)."""
+    from hilora_lightning.atomic import atomic_write
+
+    text = _to_yaml(cfg).encode()
+    return atomic_write(out / "config.yaml", lambda fh: fh.write(text))
+
+
 def _to_yaml(cfg: Mapping[str, Any]) -> str:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_yaml(OmegaConf.create(json.loads(json.dumps(cfg, default=list))))
 
 
-def run_experiment(cfg: Mapping[str, Any], resume: bool = False, raise_client_errors: bool = False
-                   ) -> tuple[Any, FederatedResult]:
-    """Build and run; with ``resume`` continue from ``out_dir/federation.pt`` if it exists."""
+def run_experiment(cfg: Mapping[str, Any], resume: bool = False, raise_client_errors: bool = False,
+                   overwrite: bool = False) -> tuple[Any, FederatedResult]:
+    """Build and run; with ``resume`` continue from ``out_dir/federation.pt`` if it exists.
+
+    ``out_dir`` gets the resolved ``config.yaml`` before round 1 (after a resume was accepted), so
+    the folder describes its checkpoint from the first round on (``hilora-fl export`` reads both).
+    A folder that holds a run is refused unless ``resume`` continues it or ``overwrite`` replaces
+    it (:func:`~hilora_lightning.run_folder.check_out_dir`; ``overwrite`` removes the old run's
+    files once the new run is built).
+    """
+    from hilora_lightning.federation.checkpoint import load_checkpoint
+    from hilora_lightning.run_folder import check_out_dir, clear_run
+
+    out = Path(cfg.get("out_dir", "runs/experiment"))
+    check_out_dir(out, resume=resume, overwrite=overwrite)
     orch = build_experiment(cfg, raise_client_errors)
-    return orch, orch.run(resume=resume)
+    if overwrite:
+        clear_run(out)
+    ckpt = orch.runner.checkpoint_path  # the one round engine of HiLoRA and the baselines
+    if resume and ckpt is not None and ckpt.exists():
+        orch.runner.load_state_dict(load_checkpoint(ckpt))  # a different run is refused before anything is written
+    write_config(cfg, out)
+    return orch, orch.run()
 
 
-def run_and_report(cfg: Mapping[str, Any], resume: bool = False, raise_client_errors: bool = False
-                   ) -> FederatedResult:
+def run_and_report(cfg: Mapping[str, Any], resume: bool = False, raise_client_errors: bool = False,
+                   overwrite: bool = False) -> FederatedResult:
     """Run, print the results tables, write the outputs into ``out_dir`` and list them (CLI and examples)."""
-    orch, result = run_experiment(cfg, resume=resume, raise_client_errors=raise_client_errors)
+    orch, result = run_experiment(cfg, resume=resume, raise_client_errors=raise_client_errors, overwrite=overwrite)
     print()
     print(result.summary())
     for path in save_outputs(orch, result, cfg, Path(cfg.get("out_dir", "runs/experiment"))):

@@ -22,6 +22,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 
 from hilora_lightning.tiers import Tier
 
@@ -45,6 +46,7 @@ class TierCascade(Callback):
         if sum(self.epochs.values()) == 0:
             raise ValueError(f"TierCascade needs at least one epoch for some tier, got {dict(epochs or {})}")
         self.current: Tier | None = None
+        self.epoch = -1  # the last epoch started (saved, so a lengthened schedule is checked against it)
 
     def stage_for_epoch(self, epoch: int) -> Tier:
         """The tier that trains in ``epoch`` (0-based); override for another schedule."""
@@ -72,7 +74,7 @@ class TierCascade(Callback):
         self._switch(trainer, pl_module, self.stage_for_epoch(trainer.current_epoch))
 
     def _switch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tier: Tier) -> None:
-        self.current = tier
+        self.current, self.epoch = tier, trainer.current_epoch
         if getattr(pl_module, "stage", None) is tier:
             return  # already there (a resumed checkpoint restored the stage and its optimizer state)
         pl_module.set_stage(tier)  # type: ignore[operator]
@@ -81,13 +83,34 @@ class TierCascade(Callback):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {"current": None if self.current is None else self.current.value,
-                "epochs": {t.value: n for t, n in self.epochs.items()}}
+                "epochs": {t.value: n for t, n in self.epochs.items()}, "epoch": self.epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = {Tier.parse(k): int(v) for k, v in state_dict.get("epochs", {}).items()}
-        if saved and saved != self.epochs:
-            raise ValueError(f"this checkpoint's cascade had epochs {({t.value: n for t, n in saved.items()})}, "
-                             f"this TierCascade has {({t.value: n for t, n in self.epochs.items()})}; resume with "
-                             "the same schedule")
+        """Restore the cascade; a schedule that only lengthens the saved one (the same tier in every epoch the
+        saved schedule had or the checkpoint trained, more epochs after) is taken, any other change is refused.
+
+        Example:
+            >>> cascade = TierCascade({"root": 1, "cluster": 1, "leaf": 4})  # the leaf stage lengthened
+            >>> cascade.load_state_dict({"epochs": {"root": 1, "cluster": 1, "leaf": 2}, "epoch": 3})
+            >>> TierCascade({"root": 2, "leaf": 1}).load_state_dict({"epochs": {"root": 1, "leaf": 1}})
+            Traceback (most recent call last):
+            ...
+            ValueError: this checkpoint's cascade had epochs ... (the same tier in each of the first 2 epochs, ...)
+        """
+        saved = {t: 0 for t in Tier} | {Tier.parse(k): int(v) for k, v in state_dict.get("epochs", {}).items()}
+        if any(saved.values()) and saved != self.epochs:
+            old = TierCascade({t.value: n for t, n in saved.items()})
+            total = max(sum(saved.values()), int(state_dict.get("epoch", -1)) + 1)  # epochs planned or trained
+            if sum(self.epochs.values()) < sum(saved.values()) or any(
+                    old.stage_for_epoch(e) is not self.stage_for_epoch(e) for e in range(total)):
+                raise ValueError(
+                    f"this checkpoint's cascade had epochs {({t.value: n for t, n in saved.items()})}, this "
+                    f"TierCascade has {({t.value: n for t, n in self.epochs.items()})}; resume with the same schedule "
+                    "or one that "
+                    "only lengthens it (the same tier in each of the first "
+                    f"{total} epochs, e.g. more epochs for its last tier)")
+            rank_zero_info(f"TierCascade: the schedule is lengthened from {({t.value: n for t, n in saved.items()})} "
+                           f"to {({t.value: n for t, n in self.epochs.items()})}")
         current = state_dict.get("current")
         self.current = None if current is None else Tier.parse(current)
+        self.epoch = int(state_dict.get("epoch", -1))

@@ -30,7 +30,7 @@ from hilora_lightning.federation.backend import ClientBackend, ReportsProgress
 from hilora_lightning.federation.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from hilora_lightning.federation.client import select_clients
 from hilora_lightning.federation.failures import failure_text
-from hilora_lightning.federation.fingerprint import client_items, differences
+from hilora_lightning.federation.fingerprint import client_items, differences, lengthened
 from hilora_lightning.federation.loggers import RoundLogger
 from hilora_lightning.federation.plan import FitReply, LocalPlan, ScorePlan
 from hilora_lightning.federation.progress import RoundProgress
@@ -150,6 +150,8 @@ class FederationRunner:
         self.bar: RoundProgress | None = None
         self.state = strategy.initial_state(sorted(self.clients))
         self.working: ServerState | None = None  # the round in progress (None between rounds)
+        #: what a resume lengthened (``["federation.rounds: 5 -> 7"]``); empty for a plain resume
+        self.lengthened: list[str] = []
         self.ctx = RoundContext(backend, self.clients, self.unseen, raise_client_errors)
 
     @property
@@ -172,10 +174,13 @@ class FederationRunner:
         if data.get("version") != CHECKPOINT_VERSION:
             raise CheckpointError(f"checkpoint format version {data.get('version')!r}, this code reads "
                                   f"{CHECKPOINT_VERSION}; start a new checkpoint path")
-        diff = differences(dict(data.get("fingerprint", {})), self.fingerprint())
+        saved, current = dict(data.get("fingerprint", {})), self.fingerprint()
+        grew, rest = lengthened(saved, current)
+        diff = differences({k: saved[k] for k in rest if k in saved}, {k: current[k] for k in rest if k in current})
         if diff:
             raise CheckpointError("the checkpoint belongs to a different run; resume with the same settings, "
-                                  "model and clients, or start a new checkpoint path. Differences: " + "; ".join(diff))
+                                  "model and clients (more federation.rounds is the one change a resume takes: it "
+                                  "extends the run), or start a new checkpoint path. Differences: " + "; ".join(diff))
         try:
             state = ServerState.from_dict(data["state"])
             if not isinstance(data.get("client_stores", {}), Mapping):
@@ -190,6 +195,7 @@ class FederationRunner:
             raise CheckpointError("the checkpoint's client states do not match this run's clients")
         self.state = state
         self.backend.load_state_dict(data.get("client_stores", {}))
+        self.lengthened = grew  # a finished run extended: more rounds (the last stage runs on)
 
     # ------------------------------------------------------------------ the loop
     def run(self, resume: bool = False, stop_after: int | None = None) -> FederatedResult:
@@ -200,6 +206,8 @@ class FederationRunner:
             if self.checkpoint_path.exists():
                 self.load_state_dict(load_checkpoint(self.checkpoint_path))
         last = self.rounds if stop_after is None else min(self.rounds, stop_after)
+        if self.lengthened and self.progress:
+            print(f"resuming round {self.state.round} with a longer schedule: {'; '.join(self.lengthened)}", flush=True)
         if self.logger:
             self.logger.hyperparams(self.fingerprint())
         self.bar = RoundProgress(self.rounds, self.state.round, self.progress)

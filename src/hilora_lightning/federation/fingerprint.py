@@ -22,7 +22,10 @@ from typing import Any
 
 from hilora_lightning.data.clients import ClientData
 
-__all__ = ["client_items", "config_items", "differences", "model_items"]
+__all__ = ["LENGTHENING_KEYS", "client_items", "config_items", "differences", "lengthened", "model_items"]
+
+#: keys whose growth only lengthens the schedule: a finished (or interrupted) run continues with more of them
+LENGTHENING_KEYS = ("federation.rounds",)
 
 
 def _text(value: Any) -> str:
@@ -74,3 +77,34 @@ def differences(saved: Mapping[str, str], current: Mapping[str, str], width: int
 
     return [f"{k}: checkpoint {cut(saved.get(k))}, this run {cut(current.get(k))}"
             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+
+
+def lengthened(saved: Mapping[str, str], current: Mapping[str, str]) -> tuple[list[str], set[str]]:
+    """Split the differences into changes that only lengthen the schedule and the rest.
+
+    Returns ``(["federation.rounds: 5 -> 7"], {other differing keys})``: a key of
+    :data:`LENGTHENING_KEYS` whose integer value grew is a lengthening; every other differing key
+    (one of those keys that shrank included) is in the second value, to be refused.
+
+    Example:
+        >>> grew, rest = lengthened({"federation.rounds": "5", "seed": "0"}, {"federation.rounds": "7", "seed": "0"})
+        >>> grew, rest
+        (['federation.rounds: 5 -> 7'], set())
+        >>> lengthened({"federation.rounds": "7"}, {"federation.rounds": "5"})[1]
+        {'federation.rounds'}
+    """
+    grew: list[str] = []
+    rest: set[str] = set()
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if old == new:
+            continue
+        if key in LENGTHENING_KEYS and old is not None and new is not None:
+            try:
+                if int(json.loads(new)) > int(json.loads(old)):
+                    grew.append(f"{key}: {old} -> {new}")
+                    continue
+            except (TypeError, ValueError):
+                pass
+        rest.add(key)
+    return grew, rest

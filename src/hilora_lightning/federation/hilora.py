@@ -30,7 +30,7 @@ from hilora_lightning.federation.client import client_seed, state_bytes
 from hilora_lightning.federation.config import FederationConfig
 from hilora_lightning.federation.engine import RoundContext
 from hilora_lightning.federation.fingerprint import config_items
-from hilora_lightning.federation.plan import Budget, HeadStart, Kind, LocalPlan, ScorePlan, Start, Step
+from hilora_lightning.federation.plan import Budget, ClientStore, HeadStart, Kind, LocalPlan, ScorePlan, Start, Step
 from hilora_lightning.federation.replies import Expected, Payload
 from hilora_lightning.federation.result import FederatedResult, accuracy_summary
 from hilora_lightning.federation.server_state import ClientState, ServerState
@@ -109,6 +109,30 @@ class HiLoRAStrategy:
         if tier is Tier.ROOT or not state.assignment:
             return state.global_head
         return state.cluster_heads[state.assignment[cid]]
+
+    def client_model(self, state: ServerState, cid: int, store: ClientStore, unseen: bool = False
+                     ) -> tuple[dict[Tier, State], State]:
+        """Client ``cid``'s deployed tiers (root, its cluster, its leaf as far as it has them) and head.
+
+        A training client uses its assigned cluster; an unseen one (``unseen=True``), after the run,
+        the cluster it was routed to, with its fine-tuned leaf and head from ``store``.
+        """
+        if unseen:
+            cluster = {int(k): int(v) for k, v in state.extra.get("routing", {}).items()}.get(cid)
+        else:
+            cluster = state.assignment.get(cid)
+        tiers: dict[Tier, State] = {Tier.ROOT: dict(state.root)}
+        if cluster is not None:
+            tiers[Tier.CLUSTER] = dict(state.clusters[cluster])
+        if cluster is not None and Tier.LEAF in store.kept:
+            tiers[Tier.LEAF] = dict(store.kept[Tier.LEAF])
+        if store.head is not None:  # its personal (or fine-tuned) head
+            head = store.head
+        elif cluster is not None and self.config.head_policy == "tier":
+            head = state.cluster_heads[cluster]  # also an unseen client's routed cluster (not in the assignment)
+        else:
+            head = self.head_for(state, cid, Tier.ROOT)
+        return tiers, dict(head)
 
     def leaf_seed(self, cid: int) -> int:
         """The seed of client ``cid``'s fresh leaf."""

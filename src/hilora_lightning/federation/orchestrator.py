@@ -240,27 +240,11 @@ class FederatedOrchestrator:
         it was routed to and its fine-tuned leaf and head. In process only (a remote client's leaf
         never reaches the server).
         """
-        state = self.state
-        if client_id in self.clients:
-            cluster = state.assignment.get(client_id)
-        elif client_id in self.unseen:
-            cluster = {int(k): int(v) for k, v in state.extra.get("routing", {}).items()}.get(client_id)
-        else:
+        if client_id not in self.clients and client_id not in self.unseen:
             raise ValueError(f"no client {client_id}: training clients {sorted(self.clients)}, unseen "
                              f"{sorted(self.unseen)}")
-        store = self.client_store(client_id)
-        tiers: dict[Tier, dict[str, Tensor]] = {Tier.ROOT: state.root}
-        if cluster is not None:
-            tiers[Tier.CLUSTER] = state.clusters[cluster]
-        if cluster is not None and Tier.LEAF in store.kept:
-            tiers[Tier.LEAF] = dict(store.kept[Tier.LEAF])
-        if store.head is not None:  # its personal (or fine-tuned) head
-            head = store.head
-        elif cluster is not None and self.config.head_policy == "tier":
-            head = state.cluster_heads[cluster]  # also an unseen client's routed cluster (not in the assignment)
-        else:
-            head = self.strategy.head_for(state, client_id, Tier.ROOT)
-        return tiers, dict(head)
+        return self.strategy.client_model(self.state, client_id, self.client_store(client_id),
+                                          unseen=client_id in self.unseen)
 
     def export_client(self, client_id: int, out_dir: str | Path, format: str = "timm") -> list[Path]:
         """Write client ``client_id``'s personalized model for deployment (``"timm"``, ``"peft"`` or
