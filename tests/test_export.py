@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import timm
@@ -51,19 +52,37 @@ def test_timm_export_predicts_what_the_federated_model_predicts(run, tmp_path, w
         got = plain(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert check_metadata(tmp_path / "model.safetensors", orch.model)["client_id"] == str(cid)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["pretrained_cfg"]["tag"] == f"hilora_client{cid}"
+    assert "license" not in config["pretrained_cfg"]  # nothing borrowed from timm's stock model
+    assert config["base_model"] == "hilora-lightning:hilora-digits-vit"
 
 
 def test_peft_export_loads_into_the_bare_timm_model_with_the_same_predictions(run, tmp_path) -> None:
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     orch, x = run
     cid = sorted(orch.clients)[0]
     want, _ = _reference(orch, cid, x)
     orch.export_client(cid, tmp_path, "peft")
-    base = orch.model.build_backbone().eval()  # the frozen backbone as timm builds it, original head
-    model = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "hilora-lightning:hilora-digits-vit"
+    recipe = (tmp_path / "README.md").read_text()  # the base as the export's README builds it, run as written
+    code = recipe.split("```python\n")[1].split("```")[0].replace("THIS_FOLDER", str(tmp_path))
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 - the README's own code block
     with torch.no_grad():
-        got = model(x)
+        got = scope["model"](x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_base_of_timm_pretrained_weights_is_the_timm_name() -> None:
+    from hilora_lightning.export import base_model_name, base_model_recipe
+
+    model = HiLoRAViT(backbone="test_vit", num_classes=10, backbone_kwargs={"img_size": 32})
+    assert base_model_name(model) == "hilora-lightning:test_vit"  # random init from the seed: only we rebuild it
+    model.hparams["pretrained"] = True  # (no download here: the name and the recipe only)
+    assert base_model_name(model) == "test_vit"
+    assert "timm.create_model('test_vit', pretrained=True, num_classes=10, img_size=32)" in base_model_recipe(model)
 
 
 def test_tier_files_and_the_backbone_check(run, tmp_path) -> None:

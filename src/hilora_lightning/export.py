@@ -10,7 +10,8 @@ head. Three formats:
   ``peft.PeftModel.from_pretrained(base_timm_model, DIR)``: the tiers as *one* LoRA per adapted
   Linear (rank = the tiers' summed rank, scales folded into ``B``, ``lora_alpha = r``), the paper's
   q/v row slices of the fused ``qkv`` as a ``qkv`` LoRA whose k rows are zero, and the head as a
-  module to save;
+  module to save; ``base_model_name_or_path`` names the base (timm's name for timm's pretrained weights,
+  else ``hilora-lightning:<backbone>``) and a ``README.md`` beside it holds the code that builds it;
 * ``"tiers"``: one ``.safetensors`` file per tier (``blocks.0...`` keys) and the head.
 
 Every file carries metadata in its safetensors header (backbone fingerprint, tier ranks, targets,
@@ -34,12 +35,14 @@ import torch
 from torch import Tensor
 
 from hilora_lightning.atomic import atomic_write
+from hilora_lightning.backbone import EMBEDDED_BACKBONES
 from hilora_lightning.errors import AdapterStateError
 from hilora_lightning.model import HiLoRAViT
 from hilora_lightning.state import import_tier
 from hilora_lightning.tiers import Tier
 
-__all__ = ["FORMATS", "check_metadata", "client_copy", "export_client_model", "file_metadata"]
+__all__ = ["FORMATS", "base_model_name", "base_model_recipe", "check_metadata", "client_copy", "export_client_model",
+           "file_metadata"]
 
 FORMATS = ("timm", "peft", "tiers")
 
@@ -142,6 +145,11 @@ def export_client_model(model: HiLoRAViT, tiers: Mapping[Tier, State], head: Sta
                            model_args=kwargs)
         cfg = json.loads((out / "config.json").read_text())
         cfg["architecture"] = arch  # the timm name (the embedded backbone is a configured vit_tiny)
+        pretrained = cfg.setdefault("pretrained_cfg", {})
+        for borrowed in ("license", "hf_hub_id", "url", "paper_ids", "paper_name", "origin_url", "notes"):
+            pretrained.pop(borrowed, None)  # the stock model's, not this one's: these weights are the client's
+        pretrained["tag"] = "hilora" if client_id is None else f"hilora_client{client_id}"
+        cfg["base_model"] = base_model_name(model)  # what the client's weights were fine-tuned from
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
         return [weights, out / "config.json"]
     return _export_peft(model, tiers, head, out, meta)
@@ -176,8 +184,63 @@ def _export_peft(model: HiLoRAViT, tiers: Mapping[Tier, State], head: State, out
         "target_modules": sorted(ranks), "rank_pattern": {k: v for k, v in ranks.items()},
         "alpha_pattern": {k: v for k, v in ranks.items()}, "modules_to_save": [head_prefix.rstrip(".")],
         "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
-        "base_model_name_or_path": None, "inference_mode": True,
+        "base_model_name_or_path": base_model_name(model), "inference_mode": True,
     }
     cfg_path = out / "adapter_config.json"
     cfg_path.write_text(json.dumps(config, indent=2))
-    return [_save(weights, out / "adapter_model.safetensors", meta), cfg_path]
+    readme = out / "README.md"
+    readme.write_text(base_model_recipe(model))
+    return [_save(weights, out / "adapter_model.safetensors", meta), cfg_path, readme]
+
+
+def base_model_name(model: HiLoRAViT) -> str:
+    """The base a PEFT export loads onto: the timm name of timm's pretrained weights, else
+    ``hilora-lightning:<backbone>`` (an embedded backbone, a local weights file or a seeded random init:
+    built by :func:`base_model_recipe`'s code).
+
+    Example:
+        >>> base_model_name(HiLoRAViT(backbone="hilora-digits-vit"))
+        'hilora-lightning:hilora-digits-vit'
+    """
+    hp = model.hparams
+    name = str(hp["backbone"])
+    if bool(hp["pretrained"]) and not hp["pretrained_file"] and name not in EMBEDDED_BACKBONES:
+        return name
+    return f"hilora-lightning:{name}"
+
+
+def base_model_recipe(model: HiLoRAViT) -> str:
+    """A README for an exported adapter: the code that builds its base model exactly (same frozen weights).
+
+    Example:
+        >>> "HiLoRAViT(backbone='hilora-digits-vit'" in base_model_recipe(HiLoRAViT())
+        True
+    """
+    hp = model.hparams
+    args = {"backbone": str(hp["backbone"]), "num_classes": int(hp["num_classes"]),
+            "pretrained": bool(hp["pretrained"]), "pretrained_file": hp["pretrained_file"],
+            "backbone_kwargs": dict(hp["backbone_kwargs"] or {}),
+            "seed": int(hp["seed"])}
+    call = ", ".join(f"{k}={v!r}" for k, v in args.items())
+    lines = [
+        f"# A PEFT LoRA adapter exported by hilora-lightning (base: {base_model_name(model)})",
+        "",
+        "The adapter holds one client's tiers (root + cluster + leaf, stacked as one LoRA per adapted Linear) and its",
+        "head. Build the base model exactly as the federation did (the same frozen weights), then load the adapter:",
+        "",
+        "```python",
+        "import peft",
+        "from hilora_lightning import HiLoRAViT",
+        "",
+        f"base = HiLoRAViT({call}).build_backbone().eval()",
+        "model = peft.PeftModel.from_pretrained(base, 'THIS_FOLDER').eval()",
+        "```",
+    ]
+    if base_model_name(model) == args["backbone"]:
+        arch, kwargs = _backbone_args(model)
+        extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+        lines += ["", "The frozen weights are timm's pretrained ones, so timm alone builds the base too:", "",
+                  "```python", "import timm", "",
+                  f"base = timm.create_model({args['backbone']!r}, pretrained=True, num_classes={args['num_classes']}"
+                  f"{extra}).eval()", "```"]
+    return "\n".join(lines) + "\n"
