@@ -209,3 +209,29 @@ def test_the_similarity_plot_survives_a_resume_past_clustering(tmp_path) -> None
     assert (res.distances == first.last_clustering[1].distances).all()
     paths = save_outputs(again, result, {}, tmp_path / "out")
     assert tmp_path / "out" / "client_similarity.png" in paths
+
+
+def test_a_client_that_cannot_be_scored_keeps_its_last_score() -> None:
+    """A client missing from a round's evaluation (a node that died) does not move the mean by leaving it:
+    its last score is carried, and the record says how many clients were scored."""
+    clients = digits_federation(3, num_groups=1)
+    config = FederationConfig(rounds=3, root_rounds=(1, 1), cluster_rounds=(1, 1), local_steps=1, batch_size=8)
+    orch = FederatedOrchestrator(HiLoRAViT(lr=3e-3), clients, config, progress=False)
+    real = orch.runner.ctx.evaluate
+    seen: dict[str, dict[int, float]] = {}
+
+    def flaky(plans, step="evaluate"):
+        got = real(plans, step)
+        seen[step] = {c: float(v) for c, v in got.items()}
+        if step == "round 2 evaluate":
+            got[2] = RuntimeError("node 7 is unavailable")
+        return got
+
+    orch.runner.ctx.evaluate = flaky
+    result = orch.run()
+    r1, r2 = result.records[0], result.records[1]
+    assert (r1.evaluated, r1.carried) == (3, []) and (r2.evaluated, r2.carried) == (2, [2])
+    kept = [seen["round 2 evaluate"][0], seen["round 2 evaluate"][1], seen["round 1 evaluate"][2]]
+    assert r2.acc_mean == pytest.approx(sum(kept) / 3, abs=1e-12)
+    assert "val acc mean" in r2.progress_line(3) and "(2 scored, 1 carried from their last round)" in \
+        r2.progress_line(3)

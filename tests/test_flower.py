@@ -216,3 +216,39 @@ def test_plans_and_stores_survive_the_wire_format() -> None:
     assert load_store(context_state) == store
     save_store(context_state, ClientStore(head={"w": torch.zeros(2)}))  # entries it no longer holds are removed
     assert load_store(context_state) == ClientStore(head={"w": torch.zeros(2)})
+
+
+class _DeadNodeGrid:
+    """A Grid whose node 12 died: the SuperLink answers its message itself (source node 0), with its reason."""
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Error, Message, MetricRecord, RecordDict
+
+        out = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{i}"  # as the Grid gives ids when it pushes
+            if msg.metadata.dst_node_id == 12:
+                reply = Message(Error(code=2, reason="node 12 is unavailable (offline since round 1)"), reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = 0
+            else:
+                reply = Message(RecordDict({"metrics": MetricRecord({"score": 0.5})}), reply_to=msg)
+            out.append(reply)
+        return out
+
+
+def test_a_dead_node_is_recorded_with_the_superlinks_reason(monkeypatch) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from hilora_lightning.federation.plan import ScorePlan
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # what a ServerApp's runtime sets
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
+
+    backend = FlowerBackend(_DeadNodeGrid(), {0: 11, 1: 12})  # type: ignore[arg-type]
+    plans = {c: ScorePlan(c, 1, (Tier.ROOT,), {Tier.ROOT: Start.server({})}, HeadStart(None)) for c in (0, 1)}
+    scores = backend.evaluate(plans)
+    assert scores[0] == 0.5
+    assert isinstance(scores[1], RuntimeError)
+    assert str(scores[1]) == "client error 2: node 12 is unavailable (offline since round 1)"  # not "no reply"
+

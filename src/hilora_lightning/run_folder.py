@@ -47,19 +47,23 @@ class RunExistsError(HiLoraError, FileExistsError):
 
 
 def check_out_dir(out: str | Path, resume: bool = False, overwrite: bool = False,
-                  markers: tuple[str, ...] = RUN_MARKERS) -> None:
+                  markers: tuple[str, ...] = RUN_MARKERS,
+                  flags: tuple[str, str, str] = ("--resume", "--overwrite", "out_dir=...")) -> None:
     """Refuse to start a new run into ``out`` when it holds one (unless it is continued or replaced).
 
-    ``markers`` are glob patterns of the files that mark a run (``"*/result.json"`` for a comparison).
+    ``markers`` are glob patterns of the files that mark a run (``"*/result.json"`` for a comparison);
+    ``flags`` how the caller's user resumes, overwrites and names another folder (the CLI's flags, or
+    a Flower run config's keys).
     """
+    resume_flag, overwrite_flag, other = flags
     if resume and overwrite:
-        raise ValueError("--resume continues the run in out_dir, --overwrite replaces it; give one of them")
+        raise ValueError(f"{resume_flag} continues the run in out_dir, {overwrite_flag} replaces it; give one of them")
     found = sorted({str(p.relative_to(out)) for m in markers for p in Path(out).glob(m)}) if Path(out).is_dir() else []
     if len(found) > 3:
         found = [*found[:3], f"... {len(found) - 3} more"]
     if found and not resume and not overwrite:
-        raise RunExistsError(f"{str(out)!r} already holds a run ({', '.join(found)}); continue it with --resume, "
-                             "replace it with --overwrite, or choose another out_dir=...")
+        raise RunExistsError(f"{str(out)!r} already holds a run ({', '.join(found)}); continue it with {resume_flag}, "
+                             f"replace it with {overwrite_flag}, or choose another {other}")
 
 
 def clear_run(out: str | Path, files: tuple[str, ...] = RUN_FILES) -> list[Path]:

@@ -327,6 +327,12 @@ class FederationRunner:
             results = self.ctx.evaluate(plans, f"round {t} evaluate")
             record.eval_failed = {c: failure_text(v) for c, v in results.items() if isinstance(v, Exception)}
             accs = {c: float(v) for c, v in results.items() if not isinstance(v, Exception)}
+            for c, acc in accs.items():
+                work.clients[c].last_score = acc
+            # a client that could not be scored keeps its last score: one that drops out cannot lift the mean
+            record.evaluated = len(accs)
+            record.carried = sorted(c for c in record.eval_failed if work.clients[c].last_score is not None)
+            accs.update({c: float(work.clients[c].last_score) for c in record.carried})  # type: ignore[arg-type]
             summary = accuracy_summary(list(accs.values()))
             record.acc_mean, record.acc_p10, record.acc_min, record.acc_std = (
                 summary["mean"], summary["p10"], summary["min"], summary["std"])

@@ -52,10 +52,16 @@ class RoundRecord:
     #: the client split the round's accuracy was measured on: ``"val"``, ``"test"`` (clients without a
     #: validation split, and records from before it existed) or ``"val+test"`` (some of each)
     split: str = "test"
+    #: clients scored in this round's evaluation (``None``: records from before this was counted)
+    evaluated: int | None = None
+    #: clients that could not be scored this round; the accuracy figures take their last score
+    carried: list[int] = dataclasses.field(default_factory=list)
 
     def progress_line(self, rounds: int) -> str:
         """One line for the round counter: stage, clients, failures, rho, accuracy, seconds."""
         acc = "" if self.acc_mean is None else f" {self.split} acc mean {self.acc_mean:.3f} p10 {self.acc_p10:.3f}"
+        if self.acc_mean is not None and self.eval_failed:  # taken over fewer fresh scores: say so
+            acc += f" ({self.evaluated} scored, {len(self.carried)} carried from their last round)"
         rho = "" if self.rho is None or not math.isfinite(self.rho) else f" rho {self.rho:.3f}"
         fails = f" failed {sorted(self.failed)}" if self.failed else ""
         fails += f" not evaluated {sorted(self.eval_failed)}" if self.eval_failed else ""

@@ -43,11 +43,13 @@ class ClientState:
             the cluster stage when re-clustering).
         rounds_trained: how many rounds the client took part in.
         study_features: with ``clustering.study``, every LSAC feature's EMA (``{feature: per matrix}``).
+        last_score: its latest per-round evaluation score (carried into a round it could not be scored in).
     """
 
     features: dict[str, Tensor] | None = None
     rounds_trained: int = 0
     study_features: dict[str, dict[str, Tensor]] | None = None
+    last_score: float | None = None
 
 
 def _copy(value: Any) -> Any:

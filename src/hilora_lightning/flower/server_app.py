@@ -38,7 +38,32 @@ from hilora_lightning.flower.client_app import config_from_run
 from hilora_lightning.flower.codec import from_record
 from hilora_lightning.flower.messages import encode_plan
 
-__all__ = ["FlowerBackend", "RemoteData", "make_server_app", "run_federation"]
+__all__ = ["DEFAULT_OUT_DIR", "FlowerBackend", "RemoteData", "flower_out_dir", "make_server_app", "run_federation"]
+
+#: where a ``flwr run`` writes its results unless the run config's ``out-dir`` says otherwise
+DEFAULT_OUT_DIR = "~/hilora-runs/flower"
+
+
+def flower_out_dir(out_dir: str) -> Path:
+    """The run config's ``out-dir`` as an absolute path (``~`` expanded); a relative one is refused.
+
+    The ServerApp runs in the SuperLink's working folder (the local SuperLink that ``flwr run``
+    starts stays in the folder it was first started from), so a relative path would land there.
+
+    Example:
+        >>> flower_out_dir("/tmp/runs/a").as_posix()
+        '/tmp/runs/a'
+        >>> flower_out_dir("runs/a")
+        Traceback (most recent call last):
+        ...
+        ValueError: out-dir 'runs/a' is relative: the ServerApp runs in the SuperLink's folder, not yours; ...
+    """
+    path = Path(out_dir).expanduser()
+    if not path.is_absolute():
+        raise ValueError(f"out-dir {out_dir!r} is relative: the ServerApp runs in the SuperLink's folder, not yours; "
+                         f"give an absolute path, e.g. --run-config \"out-dir='$PWD/{out_dir}'\" (or one starting "
+                         "with ~)")
+    return path
 
 MessageHook = Callable[[str, Message], None]
 
@@ -75,11 +100,15 @@ class FlowerBackend:
             for msg in messages.values():
                 self.message_hook("out", msg)
         by_node = {self.nodes[cid]: cid for cid in messages}
+        sent = list(messages.items())
         replies: dict[int, Message] = {}
-        for reply in self.grid.send_and_receive(list(messages.values()), timeout=self.timeout):
+        received = self.grid.send_and_receive([m for _, m in sent], timeout=self.timeout)
+        by_id = {m.metadata.message_id: cid for cid, m in sent}  # ids are given when the Grid pushes them
+        for reply in received:
             if self.message_hook is not None:
                 self.message_hook("in", reply)
-            cid = by_node.get(reply.metadata.src_node_id)
+            # by the message it answers: the SuperLink's own error reply (a node that died) comes from it, not the node
+            cid = by_id.get(reply.metadata.reply_to_message_id, by_node.get(reply.metadata.src_node_id))
             if cid is not None:
                 replies[cid] = reply
         return replies
@@ -137,17 +166,27 @@ class FlowerBackend:
         return None
 
 
-def discover_clients(grid: Grid, min_nodes: int = 1, timeout: float | None = None, wait_s: float = 600.0
-                     ) -> tuple[list[ClientData], list[ClientData], dict[int, int]]:
-    """Wait for ``min_nodes`` SuperNodes, then ask each which client it serves (training or unseen).
+def discover_clients(grid: Grid, min_nodes: int = 1, timeout: float | None = None, wait_s: float = 120.0,
+                     report_every: float = 5.0) -> tuple[list[ClientData], list[ClientData], dict[int, int]]:
+    """Wait for ``min_nodes`` SuperNodes (saying so every ``report_every`` seconds, giving up after
+    ``wait_s``), then ask each which client it serves (training or unseen).
 
     The server keeps the clients' sizes and groups, never their data.
     """
-    deadline = time.monotonic() + wait_s
+    start = time.monotonic()
+    said = -report_every
     while len(nodes := sorted(grid.get_node_ids())) < min_nodes:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(nodes)} of the {min_nodes} required SuperNodes connected within "
-                               f"{wait_s:.0f}s; start the ClientApps (flower-supernode) or lower min_nodes")
+        waited = time.monotonic() - start
+        if waited > wait_s:
+            raise RuntimeError(
+                f"only {len(nodes)} of the {min_nodes} SuperNodes that min-nodes asks for connected within "
+                f"{wait_s:.0f}s. In a simulation, start as many: flwr run . --federation-config "
+                f"\"num-supernodes={min_nodes}\"; in a deployment, start more flower-supernode processes (one per "
+                "client); or lower min-nodes")
+        if waited - said >= report_every:
+            print(f"hilora: waiting for {min_nodes} SuperNodes, {len(nodes)} connected (giving up in "
+                  f"{wait_s - waited:.0f}s)", flush=True)
+            said = waited
         time.sleep(0.5)
     queries = [Message(RecordDict({"config": ConfigRecord({})}), node, MessageType.QUERY) for node in nodes]
     clients: list[ClientData] = []
@@ -183,6 +222,7 @@ def run_federation(
     progress: bool = True,
     min_nodes: int = 1,
     stop_after: int | None = None,
+    wait_s: float = 120.0,
 ) -> tuple[Any, FederatedResult]:
     """Run the experiment ``cfg`` over the clients connected to ``grid`` (the ServerApp's main body).
 
@@ -197,7 +237,7 @@ def run_federation(
     """
     validate_config(cfg)
     config = build_federation_config(cfg)
-    clients, unseen, nodes = discover_clients(grid, max(min_nodes, config.min_clients), timeout)
+    clients, unseen, nodes = discover_clients(grid, max(min_nodes, config.min_clients), timeout, wait_s)
     backend = FlowerBackend(grid, nodes, timeout, message_hook)
     orch = build_runner(cfg, clients, unseen, checkpoint_path=checkpoint_path, backend=backend, progress=progress)
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
@@ -220,30 +260,44 @@ def make_server_app(
     """A ``ServerApp`` running the experiment ``cfg`` (``None``: read ``context.run_config``).
 
     With ``cfg=None`` (``flwr run`` of the example app) the run config names the YAML file
-    (``config``), its ``overrides``, the output folder (``out-dir``), ``resume`` and ``min-nodes``
-    (how many SuperNodes to wait for). Results (``result.json``,
-    ``rounds.csv``) and the checkpoint (``federation.pt``) go to ``out_dir``.
+    (``config``), its ``overrides``, the output folder (``out-dir``: absolute, or starting with
+    ``~``, since the ServerApp runs in the SuperLink's folder, not the user's; see
+    :func:`flower_out_dir`), ``resume`` / ``overwrite`` (as ``hilora-fl run``'s flags), ``min-nodes``
+    (how many SuperNodes to wait for) and ``wait-s`` (how long). ``out_dir`` gets ``config.yaml``
+    first, the checkpoint ``federation.pt`` after every round, and ``result.json``, ``rounds.csv``
+    and the plots at the end, as ``hilora-fl run`` writes them.
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_cfg, out, again, wait_for = cfg, out_dir, resume, min_nodes
+        run_cfg, out, again, wait_for, replace, wait = cfg, out_dir, resume, min_nodes, False, 120.0
         if run_cfg is None:
             rc = context.run_config
             run_cfg = config_from_run(rc, config_root)
-            out = str(rc.get("out-dir", run_cfg.get("out_dir", "runs/flower")))
-            again = bool(rc.get("resume", False))
+            out = flower_out_dir(str(rc.get("out-dir", DEFAULT_OUT_DIR)))
+            again, replace = bool(rc.get("resume", False)), bool(rc.get("overwrite", False))
             wait_for = int(rc.get("min-nodes", min_nodes))  # type: ignore[arg-type]
+            wait = float(rc.get("wait-s", wait))  # type: ignore[arg-type]
         path = Path(out) if out is not None else None
         if path is not None:
-            path.mkdir(parents=True, exist_ok=True)
+            from hilora_lightning.experiment import write_config
+            from hilora_lightning.run_folder import check_out_dir, clear_run
+
+            check_out_dir(path, resume=again, overwrite=replace, flags=(
+                '--run-config "resume=true"', '--run-config "overwrite=true"', "out-dir"))
+            if replace:
+                clear_run(path)
+            write_config({**run_cfg, "out_dir": str(path)}, path)
+            print(f"hilora: results go to {path}", flush=True)
         orch, result = run_federation(grid, run_cfg, path / "federation.pt" if path else None, again, timeout,
-                                      message_hook, min_nodes=wait_for, stop_after=stop_after)
+                                      message_hook, min_nodes=wait_for, stop_after=stop_after, wait_s=wait)
         print(result.summary(), flush=True)
         if path is not None:
-            result.to_json(path / "result.json")
-            result.to_csv(path / "rounds.csv")
+            from hilora_lightning.experiment import save_outputs
+
+            written = save_outputs(orch, result, {**run_cfg, "out_dir": str(path)}, path)
+            print(f"hilora: wrote {', '.join(p.name for p in written)} and federation.pt to {path}", flush=True)
         if on_result is not None:
             on_result(orch, result)
 
