@@ -219,7 +219,11 @@ def test_plans_and_stores_survive_the_wire_format() -> None:
 
 
 class _DeadNodeGrid:
-    """A Grid whose node 12 died: the SuperLink answers its message itself (source node 0), with its reason."""
+    """A Grid whose node 12 died (the SuperLink answers its message itself, from node 0, with its reason) and
+    whose node 13 left without a word."""
+
+    def get_node_ids(self):
+        return [11]
 
     def send_and_receive(self, messages, timeout=None):
         from flwr.app import Error, Message, MetricRecord, RecordDict
@@ -227,6 +231,8 @@ class _DeadNodeGrid:
         out = []
         for i, msg in enumerate(messages):
             msg.metadata.__dict__["_message_id"] = f"m{i}"  # as the Grid gives ids when it pushes
+            if msg.metadata.dst_node_id == 13:
+                continue
             if msg.metadata.dst_node_id == 12:
                 reply = Message(Error(code=2, reason="node 12 is unavailable (offline since round 1)"), reply_to=msg)
                 reply.metadata.__dict__["_src_node_id"] = 0
@@ -245,10 +251,12 @@ def test_a_dead_node_is_recorded_with_the_superlinks_reason(monkeypatch) -> None
     monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
 
-    backend = FlowerBackend(_DeadNodeGrid(), {0: 11, 1: 12})  # type: ignore[arg-type]
-    plans = {c: ScorePlan(c, 1, (Tier.ROOT,), {Tier.ROOT: Start.server({})}, HeadStart(None)) for c in (0, 1)}
+    backend = FlowerBackend(_DeadNodeGrid(), {0: 11, 1: 12, 2: 13})  # type: ignore[arg-type]
+    plans = {c: ScorePlan(c, 1, (Tier.ROOT,), {Tier.ROOT: Start.server({})}, HeadStart(None)) for c in (0, 1, 2)}
     scores = backend.evaluate(plans)
     assert scores[0] == 0.5
-    assert isinstance(scores[1], RuntimeError)
+    assert isinstance(scores[1], RuntimeError) and isinstance(scores[2], RuntimeError)
     assert str(scores[1]) == "client error 2: node 12 is unavailable (offline since round 1)"  # not "no reply"
+    assert str(scores[2]) == "no reply to its score plan of round 1 (its node 13 is no longer connected to the " \
+                             "SuperLink)"
 

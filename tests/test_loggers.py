@@ -34,10 +34,34 @@ def test_csv_logger_gets_every_round_at_its_step(tmp_path) -> None:
         assert float(got["fed/bytes_up"]) == pytest.approx(record.bytes_up_per_client)
         assert float(got["fed/stage"]) == {"root": 0, "cluster": 1, "leaf": 2}[record.stage]
     assert float(by_step[1]["fed/k"]) == 2 and float(by_step[1]["fed/ari"]) == pytest.approx(result.clustering_ari)
-    hparams = (tmp_path / "fed" / "version_0" / "hparams.yaml").read_text()
-    assert "federation.rounds" in hparams and "model.backbone_sha256" in hparams
+    import yaml
+
+    hparams = yaml.safe_load((tmp_path / "fed" / "version_0" / "hparams.yaml").read_text())
+    assert hparams["federation.rounds"] == 3 and hparams["model.lr"] == 0.003  # typed, not '3'
+    assert hparams["federation.clustering.method"] == "lsac" and len(hparams["model.backbone_sha256"]) == 64
+    final = by_step[3]
+    for view, summary in result.tierwise.items():
+        assert float(final[f"fed/final/{view}/mean"]) == pytest.approx(summary["mean"])
+    for cid, acc in result.client_accuracy.items():
+        assert float(final[f"fed/client/{cid}/final_acc"]) == pytest.approx(acc)
     pngs = sorted(p.name for p in (tmp_path / "fed" / "version_0").glob("*.png"))
-    assert pngs == ["accuracy_per_round_round3.png", "client_similarity_round3.png"]
+    assert pngs == ["accuracy_per_round_round3.png", "client_accuracy_round3.png", "client_similarity_round3.png"]
+
+
+def test_a_logger_in_trainer_kwargs_gets_each_client_under_its_id_at_the_round(tmp_path) -> None:
+    logger = CSVLogger(tmp_path, name="clients")
+    orch = FederatedOrchestrator(HiLoRAViT(lr=3e-3), digits_federation(3, num_groups=1), CFG, progress=False,
+                                 trainer_kwargs={"logger": logger, "log_every_n_steps": 1})
+    orch.run()
+    rows = list(csv.DictReader(open(logger.log_dir + "/metrics.csv")))
+    names = {k for row in rows for k, v in row.items() if v != ""} - {"step"}
+    assert names and all(k.startswith("client/") for k in names)
+    assert {"client/0/train/loss", "client/1/train/loss", "client/2/train/loss"} <= names
+    assert {int(r["step"]) for r in rows} == {1, 2, 3}  # the federation's rounds, not each fit's restart at 0
+    for row in rows:  # a client's row is at a round it trained in
+        cid = next(int(k.split("/")[1]) for k, v in row.items() if v != "" and k != "step")
+        assert 1 <= int(row["step"]) <= 3 and cid in (0, 1, 2)
+    assert not (tmp_path / "clients" / "version_0" / "hparams.yaml").exists()  # no client fit's own hparams
 
 
 def test_tensorboard_logger_gets_scalars_and_figures(tmp_path) -> None:
@@ -51,7 +75,10 @@ def test_tensorboard_logger_gets_scalars_and_figures(tmp_path) -> None:
     scalars = events.Tags()["scalars"]
     assert {"fed/acc_mean", "fed/bytes_down", "fed/k", "fed/ari", "fed/seconds"} <= set(scalars)
     assert [e.step for e in events.Scalars("fed/acc_mean")] == [1, 2, 3]
-    assert {"fed/accuracy_per_round", "fed/client_similarity"} <= set(events.Tags()["images"])
+    assert {"fed/accuracy_per_round", "fed/client_similarity", "fed/client_accuracy"} <= set(events.Tags()["images"])
+    assert [e.step for e in events.Images("fed/client_accuracy")] == [3]  # at the last round
+    assert events.Scalars("hp_metric")[-1].value > 0  # the final personalized accuracy, not -1
+    assert "fed/unseen/finetuned/mean" in scalars
 
 
 def test_progress_bar_draws_only_on_a_terminal() -> None:

@@ -133,6 +133,15 @@ class AdapterCheckpointMixin(_Base):
         return super().load_from_checkpoint(path, map_location, hparams, strict,  # type: ignore[misc]
                                             weights_only=True, **kwargs)
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; a non-strict load (Lightning's, of an adapter-only checkpoint) reports
+        only missing *adapter* keys: the frozen backbone is absent by design (rebuilt from the hyper-parameters
+        and checked by its fingerprint), so Lightning does not list its ~60 keys as missing."""
+        keys = super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]
+        if strict:
+            return keys
+        return type(keys)([k for k in keys.missing_keys if self._is_adapter_key(k)], keys.unexpected_keys)
+
     def adapter_state_dict(self) -> dict[str, Tensor]:
         """All tiers' factors and the head, as stored in checkpoints."""
         return {k: v.detach().clone() for k, v in self.state_dict().items() if self._is_adapter_key(k)}

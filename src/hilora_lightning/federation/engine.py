@@ -228,7 +228,8 @@ class FederationRunner:
         if self.checkpoint_path is not None:  # the unseen clients' stores (their fine-tuned leaves) too
             save_checkpoint(self.state_dict(), self.checkpoint_path)
         if self.logger:
-            self.logger.figures(self.state.records, self.state.extra.get("lsac"), self.state.round)
+            self.logger.results(result, self.state.round)
+            self.logger.figures(self.state.records, self.state.extra.get("lsac"), self.state.round, result)
             self.logger.finalize("success")
         return result
 

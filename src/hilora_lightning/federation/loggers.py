@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,10 +27,28 @@ from typing import Any
 
 from hilora_lightning.federation.result import RoundRecord
 
-__all__ = ["STAGE_INDEX", "RoundLogger", "as_loggers"]
+__all__ = ["STAGE_INDEX", "RoundLogger", "as_loggers", "typed_value"]
 
 #: ``fed/stage`` values.
 STAGE_INDEX = {"root": 0, "cluster": 1, "leaf": 2, "federated": 0, "local": 0}
+
+
+def typed_value(value: Any) -> Any:
+    """A hyper-parameter as loggers take it: a fingerprint's JSON text read back (numbers, booleans, strings);
+    lists and mappings stay JSON text (TensorBoard's hyper-parameters are scalars).
+
+    Example:
+        >>> typed_value("4"), typed_value("0.003"), typed_value('"lsac"'), typed_value("[2, 6]"), typed_value("null")
+        (4, 0.003, 'lsac', '[2, 6]', 'None')
+    """
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return value
+    if value is None:
+        return "None"
+    return value if isinstance(value, (bool, int, float, str)) else json.dumps(value, sort_keys=True)
 
 
 def as_loggers(logger: Any) -> list[Any]:
@@ -60,8 +79,25 @@ class RoundLogger:
                 lg.log_metrics(clean, step=step)
 
     def hyperparams(self, params: Mapping[str, Any]) -> None:
+        """The run's settings, with their types (a fingerprint's JSON text is read back: ``4``, not ``'4'``)."""
+        typed = {k: typed_value(v) for k, v in params.items()}
         for lg in self.loggers:
-            lg.log_hyperparams(dict(params))
+            lg.log_hyperparams(typed)
+
+    def results(self, result: Any, step: int) -> None:
+        """The final tables as numbers at ``step``: ``fed/final/<tiers>/<mean|p10|min|std>`` (test, tier-wise),
+        ``fed/unseen/<row>/...`` (unseen clients), ``fed/client/<id>/final_acc``; TensorBoard's
+        ``hp_metric`` (its hyper-parameter view) becomes the personalized mean accuracy."""
+        values: dict[str, float | None] = {}
+        for table, rows in (("final", result.tierwise), ("unseen", result.generalization)):
+            for row, summary in (rows or {}).items():
+                values.update({f"{table}/{row}/{stat}": summary.get(stat) for stat in ("mean", "p10", "min", "std")})
+        values.update({f"client/{cid}/final_acc": acc for cid, acc in (result.client_accuracy or {}).items()})
+        self.metrics(values, step)
+        headline = list((result.tierwise or {}).values())[-1].get("mean") if result.tierwise else None
+        for lg in self.loggers:
+            if type(lg).__name__ == "TensorBoardLogger" and headline is not None:
+                lg.log_metrics({"hp_metric": float(headline)}, step=step)
 
     def round(self, record: RoundRecord) -> None:
         """One committed round's numbers, the round as the step."""
@@ -92,8 +128,10 @@ class RoundLogger:
                 written.append(path)
         return written
 
-    def figures(self, records: Sequence[RoundRecord], lsac: Mapping[str, Any] | None, step: int) -> None:
-        """The final plots: accuracy per round and, after a clustering, the LSAC similarity heatmap."""
+    def figures(self, records: Sequence[RoundRecord], lsac: Mapping[str, Any] | None, step: int,
+                result: Any = None) -> None:
+        """The final plots: accuracy per round, after a clustering the LSAC similarity heatmap, and with a
+        ``result`` the per-client accuracy spread; all at ``step`` (the last round)."""
         if not self.loggers:
             return
         try:
@@ -113,6 +151,12 @@ class RoundLogger:
             fig = similarity_heatmap(1.0 - dist, [f"c{c}" for c in lsac["ids"]], np.asarray(lsac["labels"]),
                                      title=f"LSAC client similarity (K={lsac['k']})")
             self.figure("client_similarity", fig, step)
+            plt.close(fig)
+        if result is not None and result.client_accuracy:
+            from hilora_lightning.plots import client_spread
+
+            fig = client_spread(result)
+            self.figure("client_accuracy", fig, step)
             plt.close(fig)
 
     def finalize(self, status: str) -> None:

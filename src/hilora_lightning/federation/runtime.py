@@ -32,6 +32,7 @@ from torch import Tensor
 
 from hilora_lightning.data.clients import ClientData
 from hilora_lightning.errors import AdapterStateError
+from hilora_lightning.federation.client_logger import for_client
 from hilora_lightning.federation.local import LoaderSpec, eval_device, evaluate, fit_current, head_state, load_view
 from hilora_lightning.federation.plan import ClientStore, FitReply, LocalPlan, Origin, ScorePlan, State
 from hilora_lightning.model import HiLoRAViT
@@ -93,13 +94,14 @@ class ClientRuntime:
         model = self.model
         self._load(plan, store)
         total = plan.budget.total_steps(data.num_samples)
+        trainer_kwargs = for_client(self.trainer_kwargs, plan.client_id, plan.round)  # client/<id>/ at the round
         for step in plan.steps:
             model.set_tiers(step.active, step.train, head=step.head, gates=step.gates, penalty=step.penalty)
             if step.share is None:  # the whole budget: steps if given, else epochs
                 epochs, steps = plan.budget.epochs, plan.budget.steps
             else:
                 epochs, steps = 1, max(1, round(step.share * total))
-            fit_current(model, data.train, step.seed, plan.budget.batch_size, epochs, steps, self.trainer_kwargs,
+            fit_current(model, data.train, step.seed, plan.budget.batch_size, epochs, steps, trainer_kwargs,
                         self.loader_for(data))
         gates = model.gate_state() if plan.gates is not None else None
         return finish_plan(plan, data, store, {slot: export_tier(model, slot) for slot in plan.outputs},

@@ -94,12 +94,15 @@ class FlowerBackend:
     def __init__(self, grid: Grid, nodes: Mapping[int, int], timeout: float | None = None,
                  message_hook: MessageHook | None = None) -> None:
         self.grid, self.nodes, self.timeout, self.message_hook = grid, dict(nodes), timeout, message_hook
+        self.silent: dict[int, str] = {}  # client id -> why its last message got no reply
 
     def _exchange(self, messages: dict[int, Message]) -> dict[int, Message]:
         if self.message_hook is not None:
             for msg in messages.values():
                 self.message_hook("out", msg)
         by_node = {self.nodes[cid]: cid for cid in messages}
+        for cid in messages:
+            self.silent.pop(cid, None)
         sent = list(messages.items())
         replies: dict[int, Message] = {}
         received = self.grid.send_and_receive([m for _, m in sent], timeout=self.timeout)
@@ -111,6 +114,14 @@ class FlowerBackend:
             cid = by_id.get(reply.metadata.reply_to_message_id, by_node.get(reply.metadata.src_node_id))
             if cid is not None:
                 replies[cid] = reply
+        missing = [cid for cid in messages if cid not in replies]
+        if missing:  # why: the SuperLink's own view of the node, else the timeout
+            connected = set(self.grid.get_node_ids())
+            for cid in missing:
+                self.silent[cid] = (f"its node {self.nodes[cid]} is no longer connected to the SuperLink"
+                                    if self.nodes[cid] not in connected else
+                                    f"none within the timeout of {self.timeout:.0f}s" if self.timeout is not None
+                                    else "the SuperLink returned none")
         return replies
 
     def fit(self, requests: Mapping[int, LocalPlan]) -> dict[int, FitReply | Exception]:
@@ -123,16 +134,16 @@ class FlowerBackend:
             try:
                 if cid not in self.nodes:
                     raise RuntimeError(f"no SuperNode serves client {cid}")
-                out[cid] = self._fit_reply(replies.get(cid), req)
+                out[cid] = self._fit_reply(replies.get(cid), req, self.silent.get(cid, ""))
             except Exception as exc:  # malformed or failed: dropped and recorded by the runner
                 out[cid] = exc
         return out
 
     @staticmethod
-    def _fit_reply(reply: Message | None, req: LocalPlan) -> FitReply:
+    def _fit_reply(reply: Message | None, req: LocalPlan, why: str = "") -> FitReply:
         if reply is None:
             raise TimeoutError(f"no reply from client {req.client_id} for its {req.kind.value} plan of round "
-                               f"{req.round}")
+                               f"{req.round}" + (f" ({why})" if why else ""))
         if reply.has_error():
             raise RuntimeError(f"client error {reply.error.code}: {reply.error.reason}")
         content = reply.content
@@ -148,8 +159,12 @@ class FlowerBackend:
     def evaluate(self, requests: Mapping[int, ScorePlan]) -> dict[int, float | Exception]:
         messages = {cid: Message(encode_plan(req), self.nodes[cid], MessageType.EVALUATE, group_id=f"eval-{req.round}")
                     for cid, req in requests.items() if cid in self.nodes}
-        out: dict[int, float | Exception] = {cid: RuntimeError("no reply") for cid in requests}
-        for cid, reply in self._exchange(messages).items():
+        replies = self._exchange(messages)
+        out: dict[int, float | Exception] = {
+            cid: RuntimeError(f"no reply to its score plan of round {req.round}"
+                              + (f" ({self.silent[cid]})" if cid in self.silent else ""))
+            for cid, req in requests.items()}
+        for cid, reply in replies.items():
             if reply.has_error():
                 out[cid] = RuntimeError(f"client error {reply.error.code}: {reply.error.reason}")
             elif "metrics" in reply.content and "score" in reply.content["metrics"]:  # type: ignore[operator]
