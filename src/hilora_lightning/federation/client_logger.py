@@ -59,7 +59,7 @@ class ClientLogger(Logger):
 
     @property
     def experiment(self) -> Any:
-        return self.inner.experiment
+        return getattr(self.inner, "experiment", None)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self.inner.log_metrics({f"{self.prefix}{k}": v for k, v in metrics.items() if k != "epoch"}, step=self.step)

@@ -111,9 +111,9 @@ class FlowerBackend:
             if self.message_hook is not None:
                 self.message_hook("in", reply)
             # by the message it answers: the SuperLink's own error reply (a node that died) comes from it, not the node
-            cid = by_id.get(reply.metadata.reply_to_message_id, by_node.get(reply.metadata.src_node_id))
-            if cid is not None:
-                replies[cid] = reply
+            answered = by_id.get(reply.metadata.reply_to_message_id, by_node.get(reply.metadata.src_node_id))
+            if answered is not None:
+                replies[answered] = reply
         missing = [cid for cid in messages if cid not in replies]
         if missing:  # why: the SuperLink's own view of the node, else the timeout
             connected = set(self.grid.get_node_ids())
