@@ -271,6 +271,7 @@ def make_server_app(
     min_nodes: int = 1,
     config_root: str | Path | None = None,
     stop_after: int | None = None,
+    overwrite: bool = False,
 ) -> ServerApp:
     """A ``ServerApp`` running the experiment ``cfg`` (``None``: read ``context.run_config``).
 
@@ -286,7 +287,7 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_cfg, out, again, wait_for, replace, wait = cfg, out_dir, resume, min_nodes, False, 120.0
+        run_cfg, out, again, wait_for, replace, wait = cfg, out_dir, resume, min_nodes, overwrite, 120.0
         if run_cfg is None:
             rc = context.run_config
             run_cfg = config_from_run(rc, config_root)

@@ -33,6 +33,7 @@ def run_simulation(
     verbose: bool = False,
     resume: bool = False,
     stop_after: int | None = None,
+    overwrite: bool = False,
 ) -> tuple[Any, FederatedResult]:
     """Simulate the federation of ``cfg`` with one virtual SuperNode per client (training, then unseen).
 
@@ -43,6 +44,7 @@ def run_simulation(
         num_cpus_per_client: Ray resources per ClientApp (how many train at once).
         fault, message_hook: see :func:`make_client_app` and :class:`FlowerBackend`.
         resume, stop_after: continue from ``out_dir/federation.pt``; stop after that many rounds.
+        overwrite: replace the run that ``out_dir`` holds (without it, or ``resume``, such a folder is refused).
     """
     clients, unseen = build_clients(cfg.get("data", {}), int(cfg.get("seed", 0)))
     n = num_supernodes or len(clients) + len(unseen)
@@ -55,7 +57,7 @@ def run_simulation(
         captured["orch"], captured["result"] = orch, result
 
     server = make_server_app(cfg, out_dir=out_dir, resume=resume, on_result=keep, message_hook=message_hook,
-                             min_nodes=n, stop_after=stop_after)
+                             min_nodes=n, stop_after=stop_after, overwrite=overwrite)
     backend: dict[str, Any] = {"client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": 0.0}}
     flwr_run_simulation(server, make_client_app(cfg, fault), num_supernodes=n, backend_config=backend,
                         verbose_logging=verbose)
