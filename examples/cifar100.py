@@ -25,11 +25,13 @@ def main() -> None:
     parser.add_argument("--partition", choices=["gl-dir", "sc-dir", "patho"], default="gl-dir")
     parser.add_argument("--cpu", action="store_true", help="use the small CPU variant of the config")
     parser.add_argument("--download", action="store_true", help="download CIFAR-100 with torchvision if missing")
+    parser.add_argument("--resume", action="store_true", help="continue the run in out_dir (or extend it)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run that out_dir holds")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args()
     name = f"cifar100_{args.partition.replace('-', '_')}{'_cpu' if args.cpu else ''}.yaml"
     cfg = load_config(CONFIGS / name, [f"data.root={args.root}", f"data.download={args.download}", *args.overrides])
-    run_and_report(cfg)
+    run_and_report(cfg, resume=args.resume, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

@@ -60,11 +60,12 @@ def _dataclass_types(cls: type) -> dict[str, str]:
 
 def _schema() -> dict[str, Any]:
     from hilora_lightning.config import TierConfig
-    from hilora_lightning.federation.config import ClusteringConfig, FederationConfig
+    from hilora_lightning.federation.config import ClusteringConfig, FederationConfig, RobustConfig
 
     tier = _dataclass_types(TierConfig)
     federation: dict[str, Any] = _dataclass_types(FederationConfig)
     federation["clustering"] = _dataclass_types(ClusteringConfig)
+    federation["robust"] = _dataclass_types(RobustConfig)
     model: dict[str, Any] = dict(_MODEL)
     model["adapter"] = {"targets": "any", "root": tier, "cluster": tier, "leaf": tier}
     return {**_TOP, "data": _DATA, "model": model, "federation": federation, "loader": _LOADER, "logger": _LOGGER,
@@ -83,7 +84,7 @@ def _check(key: str, value: Any, spec: str) -> None:
             return
         raise ConfigError(f"{key}: expected a value ({spec.replace(' | None', '')}), got null")
     base = next((o for o in options if o != "None"), "any")
-    if base == "any" or base.startswith(("Mapping[int", "ClusteringConfig", "TargetsLike")):
+    if base == "any" or base.startswith(("Mapping[int", "ClusteringConfig", "RobustConfig", "TargetsLike")):
         return
     if base == "int":
         if isinstance(value, bool) or not isinstance(value, int):
@@ -104,7 +105,7 @@ def _check(key: str, value: Any, spec: str) -> None:
             raise ConfigError(f"{key}: expected a [min, max] pair of integers, got {_describe(value)}")
         for i, v in enumerate(value):
             _check(f"{key}[{i}]", v, "int")
-    elif base.startswith("list"):
+    elif base.startswith(("list", "tuple[str")):
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{key}: expected a list of strings, got {_describe(value)}")
     elif base.startswith(("dict", "Mapping")) and not isinstance(value, Mapping):

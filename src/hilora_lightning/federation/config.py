@@ -18,7 +18,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["AGGREGATIONS", "CLUSTERINGS", "HEAD_POLICIES", "SCHEDULES", "ClusteringConfig", "FederationConfig"]
+__all__ = ["AGGREGATIONS", "CLUSTERINGS", "HEAD_POLICIES", "SCHEDULES", "ClusteringConfig", "FederationConfig",
+           "RobustConfig"]
 
 SCHEDULES = ("stagewise", "per_round")
 AGGREGATIONS = ("product", "fedavg")
@@ -108,6 +109,47 @@ class ClusteringConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RobustConfig:
+    """How a shared tier's uploads are combined when some clients may be hostile
+    (:mod:`hilora_lightning.strategy.robust`; every rule works on the updates ``B_i A_i - B_0 A_0``).
+
+    Attributes:
+        rule: ``"none"`` (the sample-weighted product sum), ``"clip"`` (each update's norm bounded by
+            ``clip_norm``), ``"trim"`` (the ``trim_fraction`` farthest from the geometric median
+            dropped), ``"multi_krum"`` (``krum_m`` of the lowest Krum scores, ``krum_f`` hostile
+            assumed), ``"geomed"`` (the geometric median), or on the dense products, one adapted
+            matrix at a time, ``"coord_median"`` / ``"coord_trimmed_mean"`` (Flower's ``FedMedian`` /
+            ``FedTrimmedAvg`` in product space). A group too small for multi-Krum (fewer than
+            ``krum_f + 3`` uploads, e.g. a cluster of two) takes the geometric median instead.
+        tiers: the shared tiers it applies to (``root``, ``cluster``).
+    """
+
+    rule: str = "none"
+    clip_norm: float | None = None
+    trim_fraction: float = 0.1
+    krum_f: int = 1
+    krum_m: int | None = None
+    tiers: tuple[str, ...] = ("root", "cluster")
+
+    def __post_init__(self) -> None:
+        from hilora_lightning.strategy.robust import COORDINATE_RULES, ROBUST_RULES
+
+        if self.rule not in (*ROBUST_RULES, *COORDINATE_RULES):
+            raise ValueError(f"robust.rule must be one of {(*ROBUST_RULES, *COORDINATE_RULES)}, got {self.rule!r}")
+        if self.rule == "clip" and not (_is_number(self.clip_norm) and self.clip_norm > 0):  # type: ignore[operator]
+            raise ValueError(f"robust.rule 'clip' needs robust.clip_norm > 0, got {self.clip_norm!r}")
+        if not _is_number(self.trim_fraction) or not 0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"robust.trim_fraction must be in [0, 0.5), got {self.trim_fraction!r}")
+        _check_int("robust.krum_f", self.krum_f, 0)
+        if self.krum_m is not None:
+            _check_int("robust.krum_m", self.krum_m, 1)
+        tiers = tuple(self.tiers)
+        if not tiers or any(t not in ("root", "cluster") for t in tiers):
+            raise ValueError(f"robust.tiers must name shared tiers ('root', 'cluster'), got {list(tiers)}")
+        object.__setattr__(self, "tiers", tiers)
+
+
+@dataclasses.dataclass(frozen=True)
 class FederationConfig:
     """Schedule, participation, local training and aggregation of a federated HiLoRA run.
 
@@ -152,6 +194,8 @@ class FederationConfig:
             transition without root-stage features): ``"cluster"`` (the paper's reading: a fresh LoRA in
             the cluster slot on the frozen root, from ``B = 0``, penalty on) or ``"root"`` (built like the
             training clients' features: the root slot trained from the final root, no penalty).
+        robust: how the shared tiers' uploads are combined against hostile clients
+            (:class:`RobustConfig`; default ``rule="none"``, the paper's sample-weighted sum).
     """
 
     rounds: int = 50
@@ -176,6 +220,7 @@ class FederationConfig:
     probe_steps: int = 20
     route_by: str = "loss"
     probe: str = "cluster"
+    robust: RobustConfig = dataclasses.field(default_factory=RobustConfig)
 
     def __post_init__(self) -> None:
         _check_int("rounds", self.rounds, 1)
@@ -210,6 +255,9 @@ class FederationConfig:
         _check_int("batch_size", self.batch_size, 1)
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.robust.rule != "none" and self.aggregation != "product":
+            raise ValueError(f"robust.rule {self.robust.rule!r} aggregates in product space; set aggregation: product "
+                             f"(got {self.aggregation!r})")
         if self.head_policy not in HEAD_POLICIES:
             raise ValueError(f"head_policy must be one of {HEAD_POLICIES}, got {self.head_policy!r}")
         if self.max_update_norm is not None and not (_is_number(self.max_update_norm) and

@@ -40,10 +40,21 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
         out[prefix] = _text(value)
 
 
+#: nested settings added after checkpoints existed: left out while at their defaults, so a run that does not
+#: use them has the fingerprint it had before (and resumes an older checkpoint)
+OPTIONAL_SECTIONS = ("robust",)
+
+
 def config_items(config: Any, prefix: str = "federation") -> dict[str, str]:
-    """Every field of a config dataclass (nested ones flattened), e.g. ``federation.clustering.k_max``."""
+    """Every field of a config dataclass (nested ones flattened), e.g. ``federation.clustering.k_max``;
+    an :data:`OPTIONAL_SECTIONS` section at its defaults is left out."""
+    data = dataclasses.asdict(config)
+    for name in OPTIONAL_SECTIONS:
+        value = getattr(config, name, None)
+        if dataclasses.is_dataclass(value) and value == type(value)():  # type: ignore[misc]
+            data.pop(name, None)
     out: dict[str, str] = {}
-    _flatten(prefix, dataclasses.asdict(config), out)
+    _flatten(prefix, data, out)
     return out
 
 

@@ -41,6 +41,7 @@ from hilora_lightning.strategy.aggregation import (
     relative_change,
     subspace_change,
 )
+from hilora_lightning.strategy.robust import COORDINATE_RULES, coordinate_aggregate_states, robust_weights, update_gram
 from hilora_lightning.tiers import Tier
 
 __all__ = ["TIER_VIEWS", "HiLoRAStrategy"]
@@ -201,12 +202,26 @@ class HiLoRAStrategy:
                         self.config.outlier_norm)
 
     # ------------------------------------------------------------------ aggregation and stages
-    def _aggregate_group(self, payloads: list[Payload], tier: Tier) -> State:
+    def _aggregate_group(self, payloads: list[Payload], tier: Tier, start: State) -> State:
+        """The new state of a shared tier from its uploads; ``start``: the state the round began from."""
         weights = [p.num_samples for p in payloads]
         states = [p.factors for p in payloads]
-        if self.config.aggregation == "product":
-            return product_space_aggregate_states(states, weights, self.spec.rank(tier))
-        return fedavg_states(states, weights)
+        if self.config.aggregation != "product":
+            return fedavg_states(states, weights)
+        robust, rank = self.config.robust, self.spec.rank(tier)
+        if robust.rule == "none" or tier.value not in robust.tiers:
+            return product_space_aggregate_states(states, weights, rank)
+        if robust.rule in COORDINATE_RULES:
+            return coordinate_aggregate_states(states, start, robust.rule, rank, robust.trim_fraction)
+        rule = robust.rule
+        if rule == "multi_krum" and len(states) < robust.krum_f + 3:  # a small cluster: Krum has no quorum
+            rule = "geomed"
+        w, w_start = robust_weights(rule, update_gram(states, start), weights, robust.clip_norm,
+                                    robust.trim_fraction, robust.krum_f, robust.krum_m)
+        if w_start > 0:  # clipping keeps part of the start: B_0 A_0 enters the sum as one more term
+            return product_space_aggregate_states([*states, start], [*w.tolist(), w_start], rank)
+        keep = [i for i, wi in enumerate(w.tolist()) if wi > 0]
+        return product_space_aggregate_states([states[i] for i in keep], [float(w[i]) for i in keep], rank)
 
     def aggregate_fit(self, state: ServerState, t: int, tier: Tier, payloads: Mapping[int, Payload],
                       ok: Sequence[int]) -> float | None:
@@ -233,7 +248,7 @@ class HiLoRAStrategy:
                                                          folded)
         share_head = cfg.head_policy == "tier"
         if tier is Tier.ROOT:
-            new_root = self._aggregate_group(list(payloads.values()), tier)
+            new_root = self._aggregate_group(list(payloads.values()), tier, state.root)
             rho = self.stage_statistic(state.root, new_root)
             state.root = new_root
             if share_head:
@@ -243,7 +258,7 @@ class HiLoRAStrategy:
         rhos = []
         for j in sorted(set(state.assignment[c] for c in payloads)):
             members = [p for c, p in payloads.items() if state.assignment[c] == j]
-            new = self._aggregate_group(members, tier)
+            new = self._aggregate_group(members, tier, state.clusters[j])
             rhos.append(self.stage_statistic(state.clusters[j], new))
             state.clusters[j] = new
             if share_head:
