@@ -55,17 +55,17 @@ def test_ctrl_c_exits_130_with_the_resume_hint_and_resume_continues_bitwise(tmp_
 
 def test_a_finished_run_is_extended_and_equals_the_longer_run(tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
-    assert main(["run", str(CONFIG), *SMALL, "federation.rounds=3", f"out_dir={run}"]) == 0
-    assert main(["run", str(CONFIG), *SMALL, "federation.rounds=5", f"out_dir={run}", "--resume"]) == 0
-    assert "resuming round 3 with a longer schedule: federation.rounds: 3 -> 5" in capsys.readouterr().out
+    assert main(["run", str(CONFIG), *SMALL, "federation.rounds=5", f"out_dir={run}"]) == 0
+    assert main(["run", str(CONFIG), *SMALL, "federation.rounds=7", f"out_dir={run}", "--resume"]) == 0
+    assert "resuming round 5 with a longer schedule: federation.rounds: 5 -> 7" in capsys.readouterr().out
     longer = tmp_path / "longer"
-    assert main(["run", str(CONFIG), *SMALL, "federation.rounds=5", f"out_dir={longer}"]) == 0
+    assert main(["run", str(CONFIG), *SMALL, "federation.rounds=7", f"out_dir={longer}"]) == 0
     assert _outcome(run) == _outcome(longer)  # the leaf stage simply ran on
     before = (run / "config.yaml").read_bytes(), (run / "federation.pt").read_bytes()
     capsys.readouterr()
-    assert main(["run", str(CONFIG), *SMALL, "federation.rounds=4", f"out_dir={run}", "--resume"]) == 2
+    assert main(["run", str(CONFIG), *SMALL, "federation.rounds=6", f"out_dir={run}", "--resume"]) == 2
     err = capsys.readouterr().err
-    assert "federation.rounds: checkpoint 5, this run 4" in err and "more federation.rounds is the one change" in err
+    assert "federation.rounds: checkpoint 7, this run 6" in err and "more federation.rounds is the one change" in err
     assert ((run / "config.yaml").read_bytes(), (run / "federation.pt").read_bytes()) == before  # nothing lost
 
 
