@@ -304,7 +304,8 @@ def make_server_app(
                 '--run-config "resume=true"', '--run-config "overwrite=true"', "out-dir"))
             if replace:
                 clear_run(path)
-            write_config({**run_cfg, "out_dir": str(path)}, path)
+            if not (again and (path / "federation.pt").exists()):  # a resume keeps the run's config until accepted
+                write_config({**run_cfg, "out_dir": str(path)}, path)
             print(f"hilora: results go to {path}", flush=True)
         orch, result = run_federation(grid, run_cfg, path / "federation.pt" if path else None, again, timeout,
                                       message_hook, min_nodes=wait_for, stop_after=stop_after, wait_s=wait)
