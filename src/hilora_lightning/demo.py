@@ -32,7 +32,6 @@ import lightning.pytorch as pl
 
 from hilora_lightning.experiment import run_experiment, save_outputs
 from hilora_lightning.federation import FederatedOrchestrator, FederatedResult
-from hilora_lightning.run_folder import check_out_dir
 
 __all__ = ["build_parser", "demo_config", "main", "run_demo"]
 
@@ -89,7 +88,6 @@ def run_demo(args: argparse.Namespace) -> tuple[FederatedOrchestrator, Federated
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     cfg = demo_config(args)
-    check_out_dir(args.out, overwrite=args.overwrite)
     print(f"HiLoRA demo: {args.clients} clients in {args.groups} rotation groups, {args.unseen} unseen, "
           f"{args.rounds} rounds of {args.local_steps} local steps (embedded digits, no network)")
     orch, result = run_demo(args)

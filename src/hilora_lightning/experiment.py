@@ -259,14 +259,14 @@ def hold_out(clients: Sequence[ClientData], data: Mapping[str, Any], seed: int
     if not isinstance(ids, Sequence) or isinstance(ids, str) or not all(
             isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise ValueError(f"data.unseen must be a list of client ids, got {ids!r}")
-    known = {c.client_id for c in clients}
-    missing = sorted(set(ids) - known)
+    known, held = {c.client_id for c in clients}, set(ids)
+    missing = sorted(held - known)
     if missing:
         raise ValueError(f"data.unseen names clients {missing} that the data does not have (client ids "
                          f"{min(known)}..{max(known)})")
-    if len(set(ids)) >= len(known):
+    if len(held) >= len(known):
         raise ValueError(f"data.unseen holds out all {len(known)} clients; leave some to train")
-    return [c for c in clients if c.client_id not in set(ids)], [c for c in clients if c.client_id in set(ids)]
+    return [c for c in clients if c.client_id not in held], [c for c in clients if c.client_id in held]
 
 
 def _built_clients(data: Mapping[str, Any], seed: int, partition: tuple[int, int] | None

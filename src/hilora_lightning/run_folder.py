@@ -115,12 +115,11 @@ class SavedRun:
         from hilora_lightning.cli import load_config
         from hilora_lightning.config_check import ConfigError
         from hilora_lightning.experiment import build_federation_config, build_model, validate_config
+        from hilora_lightning.federation.backend import InProcessBackend
         from hilora_lightning.federation.checkpoint import CheckpointError, load_checkpoint
-        from hilora_lightning.federation.engine import CHECKPOINT_VERSION
+        from hilora_lightning.federation.engine import check_version, read_state
         from hilora_lightning.federation.fingerprint import differences
         from hilora_lightning.federation.hilora import HiLoRAStrategy
-        from hilora_lightning.federation.plan import ClientStore
-        from hilora_lightning.federation.server_state import ServerState
 
         run = Path(run_dir)
         for name in ("config.yaml", "federation.pt"):
@@ -132,11 +131,10 @@ class SavedRun:
             raise ConfigError(f"{str(run)!r} holds a {cfg['method']} run; export and predict serve HiLoRA runs")
         validate_config(cfg)
         data = load_checkpoint(run / "federation.pt")
+        check_version(data)  # before the model is built
+        state, flat_stores = read_state(data)
         model = build_model(cfg)
         strategy = HiLoRAStrategy(model, build_federation_config(cfg))
-        if data.get("version") != CHECKPOINT_VERSION:
-            raise CheckpointError(f"{str(run / 'federation.pt')!r} has checkpoint format {data.get('version')!r}, "
-                                  f"this code reads {CHECKPOINT_VERSION}")
         saved = {str(k): str(v) for k, v in dict(data.get("fingerprint", {})).items()}
         mine = strategy.fingerprint()  # method, federation settings, model and adapter settings, backbone SHA-256
         diff = differences({k: saved[k] for k in mine if k in saved}, mine)
@@ -144,13 +142,14 @@ class SavedRun:
             raise CheckpointError(f"{str(run / 'config.yaml')!r} does not describe {str(run / 'federation.pt')!r} "
                                   "(edited after the run, or another run's checkpoint); restore the run's own "
                                   "config.yaml. Differences: " + "; ".join(diff))
+        held = InProcessBackend()  # its stores, as the run's in-process backend read them back
         try:
-            state = ServerState.from_dict(data["state"])
-            stores = {int(c): ClientStore.from_dict(s) for c, s in dict(data.get("client_stores", {})).items()}
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise CheckpointError(f"{str(run / 'federation.pt')!r} is malformed ({type(exc).__name__}: {exc})") from exc
+            held.load_state_dict(flat_stores)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{str(run / 'federation.pt')!r} holds a malformed client store "
+                                  f"({type(exc).__name__}: {exc})") from exc
         unseen = [int(row[0]) for row in json.loads(saved.get("data.unseen", "[]"))]
-        return cls(run, cfg, model, strategy, state, stores, sorted(int(c) for c in data.get("client_ids", [])),
+        return cls(run, cfg, model, strategy, state, held.stores, sorted(int(c) for c in data.get("client_ids", [])),
                    sorted(unseen))
 
     def client_model(self, client_id: int) -> tuple[dict[Any, Any], dict[str, Any]]:

@@ -171,9 +171,7 @@ class FederationRunner:
 
     def load_state_dict(self, data: Mapping[str, Any]) -> None:
         """Restore a checkpoint of *this* run; any difference in what shapes the result is refused, listed."""
-        if data.get("version") != CHECKPOINT_VERSION:
-            raise CheckpointError(f"checkpoint format version {data.get('version')!r}, this code reads "
-                                  f"{CHECKPOINT_VERSION}; start a new checkpoint path")
+        check_version(data)
         saved, current = dict(data.get("fingerprint", {})), self.fingerprint()
         grew, rest = lengthened(saved, current)
         diff = differences({k: saved[k] for k in rest if k in saved}, {k: current[k] for k in rest if k in current})
@@ -181,20 +179,14 @@ class FederationRunner:
             raise CheckpointError("the checkpoint belongs to a different run; resume with the same settings, "
                                   "model and clients (more federation.rounds is the one change a resume takes: it "
                                   "extends the run), or start a new checkpoint path. Differences: " + "; ".join(diff))
-        try:
-            state = ServerState.from_dict(data["state"])
-            if not isinstance(data.get("client_stores", {}), Mapping):
-                raise TypeError("client_stores is not a mapping")
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise CheckpointError(f"the checkpoint's state is malformed ({type(exc).__name__}: {exc}); "
-                                  "start a new checkpoint path") from exc
+        state, stores = read_state(data)
         if not 0 <= state.round <= self.rounds or len(state.records) != state.round:
             raise CheckpointError(f"the checkpoint says round {state.round} with {len(state.records)} records, "
                                   f"but this run has {self.rounds} rounds; start a new checkpoint path")
         if set(state.clients) != set(self.clients):
             raise CheckpointError("the checkpoint's client states do not match this run's clients")
         self.state = state
-        self.backend.load_state_dict(data.get("client_stores", {}))
+        self.backend.load_state_dict(stores)
         self.lengthened = grew  # a finished run extended: more rounds (the last stage runs on)
 
     # ------------------------------------------------------------------ the loop
@@ -349,6 +341,26 @@ class FederationRunner:
         ids = list(plans) if plans is not None else list(self.clients)
         splits = {self.clients[c].eval_split for c in ids if c in self.clients}
         return "val+test" if len(splits) > 1 else (splits.pop() if splits else "test")
+
+
+def check_version(data: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint written in another format than this code reads."""
+    if data.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"checkpoint format version {data.get('version')!r}, this code reads "
+                              f"{CHECKPOINT_VERSION}; start a new checkpoint path")
+
+
+def read_state(data: Mapping[str, Any]) -> tuple[ServerState, Mapping[str, Any]]:
+    """A checkpoint's server state and its (flat) client stores; a malformed one is refused."""
+    try:
+        state = ServerState.from_dict(data["state"])
+        stores = data.get("client_stores", {})
+        if not isinstance(stores, Mapping):
+            raise TypeError("client_stores is not a mapping")
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"the checkpoint's state is malformed ({type(exc).__name__}: {exc}); "
+                              "start a new checkpoint path") from exc
+    return state, stores
 
 
 def in_process_runner(strategy: Strategy, model: Any, clients: Sequence[ClientData], unseen: Sequence[ClientData],

@@ -213,10 +213,7 @@ class HiLoRAStrategy:
             return product_space_aggregate_states(states, weights, rank)
         if robust.rule in COORDINATE_RULES:
             return coordinate_aggregate_states(states, start, robust.rule, rank, robust.trim_fraction)
-        rule = robust.rule
-        if rule == "multi_krum" and len(states) < robust.krum_f + 3:  # a small cluster: Krum has no quorum
-            rule = "geomed"
-        w, w_start = robust_weights(rule, update_gram(states, start), weights, robust.clip_norm,
+        w, w_start = robust_weights(robust.rule, update_gram(states, start), weights, robust.clip_norm,
                                     robust.trim_fraction, robust.krum_f, robust.krum_m)
         if w_start > 0:  # clipping keeps part of the start: B_0 A_0 enters the sum as one more term
             return product_space_aggregate_states([*states, start], [*w.tolist(), w_start], rank)

@@ -97,6 +97,11 @@ def update_norms(gram: Tensor) -> Tensor:
     return gram.diagonal().clamp_min(0).sqrt()
 
 
+def _distances_sq_to(gram: Tensor, w: Tensor) -> Tensor:
+    """``||U_i - z||^2`` for ``z = sum_j w_j U_j``, from the Gram matrix."""
+    return (gram.diagonal() - 2 * (gram @ w) + w @ gram @ w).clamp_min(0)
+
+
 def _squared_distances(gram: Tensor) -> Tensor:
     diag = gram.diagonal()
     return (diag[:, None] + diag[None, :] - 2 * gram).clamp_min(0)
@@ -121,8 +126,7 @@ def geometric_median_weights(gram: Tensor, pi: Tensor, iters: int = 200, tol: fl
     w = pi.clone()
     scale = float(gram.diagonal().max().clamp_min(1e-300))
     for _ in range(iters):
-        dist_sq = gram.diagonal() - 2 * (gram @ w) + w @ gram @ w
-        dist = dist_sq.clamp_min(0).sqrt()
+        dist = _distances_sq_to(gram, w).sqrt()
         inv = pi / dist.clamp_min(1e-12 * math.sqrt(scale))  # an update at the median: Weiszfeld's guard
         new = inv / inv.sum()
         if float((new - w).abs().sum()) < tol:
@@ -161,8 +165,7 @@ def trimmed_weights(gram: Tensor, pi: Tensor, fraction: float) -> Tensor:
     drop = min(math.ceil(fraction * n), n - 1)
     if drop == 0:
         return pi.clone()
-    z = geometric_median_weights(gram, pi)
-    dist = (gram.diagonal() - 2 * (gram @ z) + z @ gram @ z).clamp_min(0)
+    dist = _distances_sq_to(gram, geometric_median_weights(gram, pi))
     far = dist.argsort(descending=True, stable=True)[:drop]
     w = pi.clone()
     w[far] = 0
@@ -171,7 +174,11 @@ def trimmed_weights(gram: Tensor, pi: Tensor, fraction: float) -> Tensor:
 
 def robust_weights(rule: str, gram: Tensor, weights: Sequence[float], clip_norm: float | None = None,
                    trim_fraction: float = 0.1, krum_f: int = 1, krum_m: int | None = None) -> tuple[Tensor, float]:
-    """The client weights and the start's weight of ``rule`` (:data:`ROBUST_RULES`); they sum to one."""
+    """The client weights and the start's weight of ``rule`` (:data:`ROBUST_RULES`); they sum to one.
+
+    ``multi_krum`` on fewer than ``krum_f + 3`` updates (a small cluster: Krum has no quorum) takes the
+    geometric median.
+    """
     pi = normalize_weights(weights)
     if len(pi) != gram.shape[0]:
         raise ValueError(f"got {len(pi)} weights for {gram.shape[0]} updates")
@@ -182,6 +189,8 @@ def robust_weights(rule: str, gram: Tensor, weights: Sequence[float], clip_norm:
             raise ValueError("the clip rule needs clip_norm (the largest update norm ||B A - B_0 A_0||_F kept)")
         return clip_weights(gram, pi, clip_norm)
     if rule == "geomed":
+        return geometric_median_weights(gram, pi), 0.0
+    if rule == "multi_krum" and len(pi) < krum_f + 3:
         return geometric_median_weights(gram, pi), 0.0
     if rule == "multi_krum":
         return multi_krum_weights(gram, pi, krum_f, krum_m), 0.0
