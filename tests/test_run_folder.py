@@ -190,3 +190,6 @@ def test_the_demo_folder_is_a_run(tmp_path: Path, capsys) -> None:
     assert len(json.loads((out / "result.json").read_text())["records"]) == 4
     with pytest.raises(Exception, match="already holds a run"):
         demo(small)
+    capsys.readouterr()
+    assert main(["demo", *small]) == 2  # the console command: one line, no traceback
+    assert "hilora-fl: error: " in capsys.readouterr().err

@@ -85,10 +85,8 @@ def _run(args: argparse.Namespace) -> int:
               f"unseen, method {cfg.get('method', 'hilora')}; {_data_line(cfg)})")
         return 0
     from hilora_lightning.interrupt import Interrupted, interrupt_signals
-    from hilora_lightning.run_folder import check_out_dir
 
-    check_out_dir(cfg["out_dir"], resume=args.resume, overwrite=args.overwrite)  # before anything is built
-    print(f"hilora-fl: {args.config} -> {cfg['out_dir']}")
+    print(f"hilora-fl: {args.config} -> {cfg['out_dir']}")  # run_experiment checks out_dir before building
     with interrupt_signals():
         try:
             run_and_report(cfg, resume=args.resume, raise_client_errors=args.fail_fast, overwrite=args.overwrite)
@@ -205,8 +203,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:
         from hilora_lightning.demo import main as demo_main
+        from hilora_lightning.errors import HiLoraError
 
-        demo_main(argv[1:])
+        try:
+            demo_main(argv[1:])
+        except (HiLoraError, ValueError, TypeError, OSError) as exc:  # e.g. its --out holds a run: exit 2
+            return _report(exc)
         return 0
     parser = argparse.ArgumentParser(prog="hilora-fl", description="Federated HiLoRA experiments.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -245,11 +247,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (HiLoraError, ValueError, TypeError, OSError) as exc:  # project and input errors: exit 2
         if getattr(args, "fail_fast", False):
             raise
-        lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-        print(f"hilora-fl: error: {lines[0]}", file=sys.stderr)
-        for line in lines[1:]:  # a round's failures: one client per line
-            print(f"  {line}", file=sys.stderr)
-        return 2
+        return _report(exc)
+
+
+def _report(exc: BaseException) -> int:
+    """A project or input error as ``hilora-fl: error: ...`` (a round's failures one client per line); exit 2."""
+    lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    print(f"hilora-fl: error: {lines[0]}", file=sys.stderr)
+    for line in lines[1:]:
+        print(f"  {line}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
