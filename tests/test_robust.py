@@ -181,7 +181,7 @@ def test_coordinate_rules_match_numpy_and_refactor_to_the_rank() -> None:
 def test_rule_errors_say_what_is_expected() -> None:
     states, start = _federation(n=4)
     gram = update_gram(states, start)
-    with pytest.raises(ValueError, match="the clip rule needs clip_norm"):
+    with pytest.raises(ValueError, match="the clip rule needs clip_norm .* or clip_factor"):
         robust_weights("clip", gram, [1] * 4)
     with pytest.raises(ValueError, match="robust rule must be one of"):
         robust_weights("krum", gram, [1] * 4)
@@ -199,8 +199,12 @@ def test_robust_config_is_validated_and_reaches_the_strategy() -> None:
     assert fed.robust == RobustConfig(rule="multi_krum", krum_f=1, tiers=("root",))
     with pytest.raises(ValueError, match="robust.rule must be one of"):
         RobustConfig(rule="krum")
-    with pytest.raises(ValueError, match="robust.rule 'clip' needs robust.clip_norm > 0"):
+    with pytest.raises(ValueError, match="robust.rule 'clip' needs exactly one of robust.clip_norm > 0"):
         RobustConfig(rule="clip")
+    with pytest.raises(ValueError, match="needs exactly one of .* got clip_norm=1.0, clip_factor=2.0"):
+        RobustConfig(rule="clip", clip_norm=1.0, clip_factor=2.0)
+    with pytest.raises(ValueError, match="robust.clip_factor must be a number > 0, got nan"):
+        RobustConfig(rule="clip", clip_factor=float("nan"))
     with pytest.raises(ValueError, match="robust.tiers must name shared tiers"):
         RobustConfig(tiers=("leaf",))
     with pytest.raises(ValueError, match="aggregates in product space; set aggregation: product"):
@@ -238,7 +242,7 @@ def test_hilora_aggregates_the_root_robustly(rule: str) -> None:
     base = dict(rounds=3, root_rounds=(1, 1), cluster_rounds=(1, 1))
     robust = HiLoRAStrategy(model, FederationConfig(**base, robust=RobustConfig(rule=rule, trim_fraction=0.2)))
     plain = HiLoRAStrategy(model, FederationConfig(**base))
-    honest_mean = plain._aggregate_group(payloads[:-1], Tier.ROOT, start)
+    honest_mean, _ = plain._aggregate_group(payloads[:-1], Tier.ROOT, start, None)
 
     def gap(state) -> float:  # relative distance of the aggregated products to the honest clients' aggregate
         num = den = 0.0
@@ -249,8 +253,47 @@ def test_hilora_aggregates_the_root_robustly(rule: str) -> None:
             den += float(want.norm() ** 2)
         return (num / den) ** 0.5
 
-    assert gap(plain._aggregate_group(payloads, Tier.ROOT, start)) > 0.5  # the default follows the attacker
-    assert gap(robust._aggregate_group(payloads, Tier.ROOT, start)) < 0.2, rule
+    assert gap(plain._aggregate_group(payloads, Tier.ROOT, start, None)[0]) > 0.5  # the default follows the attacker
+    assert gap(robust._aggregate_group(payloads, Tier.ROOT, start, None)[0]) < 0.2, rule
+
+
+def test_clip_factor_clips_at_a_multiple_of_the_median_norm() -> None:
+    states, start = _federation(n=5, seed=3)
+    states[4] = {k: start[k] + 4 * (v - start[k]) for k, v in states[4].items()}  # one update far larger
+    norms = np.linalg.norm(_dense_updates(states, start), axis=1)
+    gram = update_gram(states, start)
+    w, w0 = robust_weights("clip", gram, [1] * 5, clip_factor=1.5)
+    want_scale = np.minimum(1.0, 1.5 * np.median(norms) / norms)  # numpy reference of the bound
+    np.testing.assert_allclose(w.numpy(), want_scale / 5, rtol=1e-9)
+    assert w0 == pytest.approx(1 - want_scale.sum() / 5, rel=1e-9)
+    assert want_scale[4] < 1 and (want_scale[:4] == 1).sum() >= 2  # the large one is clipped, most are not
+
+
+def test_heads_join_the_update_so_a_hostile_head_is_dropped_with_its_factors() -> None:
+    """The whole upload is the update: the Gram matrix gains the heads' inner products (numpy reference),
+    the rule's weights combine the heads, and a client whose head alone is hostile is caught."""
+    from hilora_lightning.strategy.robust import aggregate_uploads, dense_gram
+
+    states, start = _federation(n=7, seed=4)
+    gen = torch.Generator().manual_seed(9)
+    head0 = {"weight": torch.randn(3, 4, generator=gen, dtype=torch.float64),
+             "bias": torch.zeros(3, dtype=torch.float64)}
+    heads = [{k: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in head0.items()}
+             for _ in range(7)]
+    heads[6] = {k: v - 400 * (heads[0][k] - v) for k, v in head0.items()}  # only the head is hostile
+    flat = np.stack([np.concatenate([(h[k] - head0[k]).numpy().ravel() for k in head0]) for h in heads])
+    np.testing.assert_allclose(dense_gram(heads, head0).numpy(), flat @ flat.T, rtol=1e-12)
+    _, plain_head = aggregate_uploads(states, [1] * 7, start, RANK, "none", heads, head0)
+    new, head = aggregate_uploads(states, [1] * 7, start, RANK, "multi_krum", heads, head0, {"krum_f": 1})
+    honest = {k: np.mean([h[k].numpy() for h in heads[:6]], axis=0) for k in head0}
+    for k in head0:
+        assert np.abs(plain_head[k].numpy() - honest[k]).max() > 1.0  # the mean follows the hostile head
+    # multi-Krum keeps n - f = 6 updates: exactly the honest ones, equally weighted
+    for k in head0:
+        np.testing.assert_allclose(head[k].numpy(), honest[k], rtol=1e-9, atol=1e-12)
+    med = aggregate_uploads(states, [1] * 7, start, RANK, "coord_median", heads, head0)[1]
+    for k in head0:
+        np.testing.assert_allclose(med[k].numpy(), np.median(np.stack([h[k].numpy() for h in heads]), axis=0))
 
 
 def test_a_run_with_a_robust_rule_end_to_end_and_the_default_fingerprint_unchanged(tmp_path) -> None:

@@ -115,17 +115,22 @@ class RobustConfig:
 
     Attributes:
         rule: ``"none"`` (the sample-weighted product sum), ``"clip"`` (each update's norm bounded by
-            ``clip_norm``), ``"trim"`` (the ``trim_fraction`` farthest from the geometric median
-            dropped), ``"multi_krum"`` (``krum_m`` of the lowest Krum scores, ``krum_f`` hostile
-            assumed), ``"geomed"`` (the geometric median), or on the dense products, one adapted
-            matrix at a time, ``"coord_median"`` / ``"coord_trimmed_mean"`` (Flower's ``FedMedian`` /
-            ``FedTrimmedAvg`` in product space). A group too small for multi-Krum (fewer than
-            ``krum_f + 3`` uploads, e.g. a cluster of two) takes the geometric median instead.
+            ``clip_norm``, or by ``clip_factor`` times the round's median update norm), ``"trim"`` (the
+            ``trim_fraction`` farthest from the geometric median dropped), ``"multi_krum"`` (``krum_m``
+            of the lowest Krum scores, ``krum_f`` hostile assumed), ``"geomed"`` (the geometric median),
+            or on the dense products, one adapted matrix at a time, ``"coord_median"`` /
+            ``"coord_trimmed_mean"`` (Flower's ``FedMedian`` / ``FedTrimmedAvg`` in product space). A
+            group too small for multi-Krum (fewer than ``krum_f + 3`` uploads, e.g. a cluster of two)
+            takes the geometric median instead.
         tiers: the shared tiers it applies to (``root``, ``cluster``).
+
+    A client's update is its whole upload: the tier's factors and, with ``head_policy: tier``, its
+    head (``h_i - h_0`` joins the Gram matrix), so the rule's weights combine the heads too.
     """
 
     rule: str = "none"
     clip_norm: float | None = None
+    clip_factor: float | None = None
     trim_fraction: float = 0.1
     krum_f: int = 1
     krum_m: int | None = None
@@ -136,8 +141,14 @@ class RobustConfig:
 
         if self.rule not in (*ROBUST_RULES, *COORDINATE_RULES):
             raise ValueError(f"robust.rule must be one of {(*ROBUST_RULES, *COORDINATE_RULES)}, got {self.rule!r}")
-        if self.rule == "clip" and not (_is_number(self.clip_norm) and self.clip_norm > 0):  # type: ignore[operator]
-            raise ValueError(f"robust.rule 'clip' needs robust.clip_norm > 0, got {self.clip_norm!r}")
+        for name in ("clip_norm", "clip_factor"):
+            value = getattr(self, name)
+            if value is not None and not (_is_number(value) and math.isfinite(value) and value > 0):
+                raise ValueError(f"robust.{name} must be a number > 0, got {value!r}")
+        if self.rule == "clip" and (self.clip_norm is None) == (self.clip_factor is None):
+            raise ValueError("robust.rule 'clip' needs exactly one of robust.clip_norm > 0 (an absolute bound "
+                             "on ||B A - B_0 A_0||_F) or robust.clip_factor > 0 (a multiple of the round's median "
+                             f"update norm), got clip_norm={self.clip_norm!r}, clip_factor={self.clip_factor!r}")
         if not _is_number(self.trim_fraction) or not 0 <= self.trim_fraction < 0.5:
             raise ValueError(f"robust.trim_fraction must be in [0, 0.5), got {self.trim_fraction!r}")
         _check_int("robust.krum_f", self.krum_f, 0)
@@ -147,6 +158,11 @@ class RobustConfig:
         if not tiers or any(t not in ("root", "cluster") for t in tiers):
             raise ValueError(f"robust.tiers must name shared tiers ('root', 'cluster'), got {list(tiers)}")
         object.__setattr__(self, "tiers", tiers)
+
+    def options(self) -> dict[str, Any]:
+        """The rule's settings, as :func:`~hilora_lightning.strategy.robust.aggregate_uploads` takes them."""
+        return {"clip_norm": self.clip_norm, "clip_factor": self.clip_factor, "trim_fraction": self.trim_fraction,
+                "krum_f": self.krum_f, "krum_m": self.krum_m}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,11 +37,10 @@ from hilora_lightning.federation.server_state import ClientState, ServerState
 from hilora_lightning.model import HiLoRAViT
 from hilora_lightning.strategy.aggregation import (
     fedavg_states,
-    product_space_aggregate_states,
     relative_change,
     subspace_change,
 )
-from hilora_lightning.strategy.robust import COORDINATE_RULES, coordinate_aggregate_states, robust_weights, update_gram
+from hilora_lightning.strategy.robust import aggregate_uploads
 from hilora_lightning.tiers import Tier
 
 __all__ = ["TIER_VIEWS", "HiLoRAStrategy"]
@@ -202,23 +201,19 @@ class HiLoRAStrategy:
                         self.config.outlier_norm)
 
     # ------------------------------------------------------------------ aggregation and stages
-    def _aggregate_group(self, payloads: list[Payload], tier: Tier, start: State) -> State:
-        """The new state of a shared tier from its uploads; ``start``: the state the round began from."""
+    def _aggregate_group(self, payloads: list[Payload], tier: Tier, start: State, head_start: State | None
+                         ) -> tuple[State, State | None]:
+        """The new state of a shared tier and its head (``None`` when heads are not shared) from its
+        uploads; ``start`` / ``head_start``: what the round began from."""
         weights = [p.num_samples for p in payloads]
         states = [p.factors for p in payloads]
+        heads = [p.head for p in payloads] if head_start is not None else None
+        robust = self.config.robust
         if self.config.aggregation != "product":
-            return fedavg_states(states, weights)
-        robust, rank = self.config.robust, self.spec.rank(tier)
-        if robust.rule == "none" or tier.value not in robust.tiers:
-            return product_space_aggregate_states(states, weights, rank)
-        if robust.rule in COORDINATE_RULES:
-            return coordinate_aggregate_states(states, start, robust.rule, rank, robust.trim_fraction)
-        w, w_start = robust_weights(robust.rule, update_gram(states, start), weights, robust.clip_norm,
-                                    robust.trim_fraction, robust.krum_f, robust.krum_m)
-        if w_start > 0:  # clipping keeps part of the start: B_0 A_0 enters the sum as one more term
-            return product_space_aggregate_states([*states, start], [*w.tolist(), w_start], rank)
-        keep = [i for i, wi in enumerate(w.tolist()) if wi > 0]
-        return product_space_aggregate_states([states[i] for i in keep], [float(w[i]) for i in keep], rank)
+            return fedavg_states(states, weights), None if heads is None else fedavg_states(heads, weights)  # type: ignore
+        rule = robust.rule if tier.value in robust.tiers else "none"
+        return aggregate_uploads(states, weights, start, self.spec.rank(tier), rule, heads, head_start,  # type: ignore
+                                 robust.options())
 
     def aggregate_fit(self, state: ServerState, t: int, tier: Tier, payloads: Mapping[int, Payload],
                       ok: Sequence[int]) -> float | None:
@@ -245,22 +240,22 @@ class HiLoRAStrategy:
                                                          folded)
         share_head = cfg.head_policy == "tier"
         if tier is Tier.ROOT:
-            new_root = self._aggregate_group(list(payloads.values()), tier, state.root)
+            new_root, head = self._aggregate_group(list(payloads.values()), tier, state.root,
+                                                   state.global_head if share_head else None)
             rho = self.stage_statistic(state.root, new_root)
             state.root = new_root
-            if share_head:
-                state.global_head = fedavg_states([p.head for p in payloads.values()],  # type: ignore[misc]
-                                                  [p.num_samples for p in payloads.values()])
+            if head is not None:
+                state.global_head = head
             return rho
         rhos = []
         for j in sorted(set(state.assignment[c] for c in payloads)):
             members = [p for c, p in payloads.items() if state.assignment[c] == j]
-            new = self._aggregate_group(members, tier, state.clusters[j])
+            new, head = self._aggregate_group(members, tier, state.clusters[j],
+                                              state.cluster_heads[j] if share_head else None)
             rhos.append(self.stage_statistic(state.clusters[j], new))
             state.clusters[j] = new
-            if share_head:
-                state.cluster_heads[j] = fedavg_states([p.head for p in members],  # type: ignore[misc]
-                                                       [p.num_samples for p in members])
+            if head is not None:
+                state.cluster_heads[j] = head
         return float(np.mean(rhos)) if rhos else float("nan")
 
     def stage_statistic(self, previous: Mapping[str, Tensor], current: Mapping[str, Tensor]) -> float:

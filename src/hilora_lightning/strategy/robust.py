@@ -6,7 +6,8 @@ a ``d_out x d_in`` matrix that is never formed: ``U_i = L_i R_i`` with ``L_i = [
 ``<U_i, U_j>_F = tr((L_i^T L_j)(R_j R_i^T))``, summed over the tier's adapted matrices. From that
 Gram matrix ``G``:
 
-* ``clip``: each update scaled to at most ``clip_norm`` (``||U_i|| = sqrt(G_ii)``); the aggregate
+* ``clip``: each update scaled to at most ``clip_norm`` (``||U_i|| = sqrt(G_ii)``), or to
+  ``clip_factor`` times the round's median update norm; the aggregate
   ``B_0 A_0 + sum_i pi_i s_i U_i`` is ``sum_i pi_i s_i B_i A_i + (1 - sum_i pi_i s_i) B_0 A_0``, a
   weighted sum of products the factored SVD already takes (the start as one more term);
 * ``geomed``: the geometric median of the updates (Weiszfeld's iteration on the distances
@@ -36,17 +37,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from hilora_lightning.strategy.aggregation import factor_pairs, normalize_weights
+from hilora_lightning.strategy.aggregation import (
+    factor_pairs,
+    fedavg_states,
+    normalize_weights,
+    product_space_aggregate_states,
+)
 
 __all__ = [
     "COORDINATE_RULES",
+    "aggregate_uploads",
     "ROBUST_RULES",
     "clip_weights",
+    "combine_dense",
+    "coordinate_aggregate_dense",
     "coordinate_aggregate_states",
+    "dense_gram",
     "geometric_median_weights",
     "multi_krum_weights",
     "robust_weights",
@@ -90,6 +101,45 @@ def update_gram(states: Sequence[State], start: State) -> Tensor:
         blocks = (left.T @ left) * (right @ right.T)  # (k n) x (k n); block (i, j) sums to <U_i, U_j>
         gram += blocks.reshape(n, k, n, k).sum(dim=(1, 3))
     return (gram + gram.T) / 2
+
+
+def dense_gram(states: Sequence[State], start: State) -> Tensor:
+    """``G_ij = <x_i - x_0, x_j - x_0>`` over every tensor of small dense states (a classifier head), float64.
+
+    Added to :func:`update_gram` it makes a client's whole upload (factors and head) one update, so a
+    rule's weights bound both: a head that moved against the others is caught as its factors are.
+    """
+    if not states:
+        raise ValueError("dense_gram needs at least one client state")
+    flat = torch.stack([torch.cat([(st[k].double() - start[k].double()).reshape(-1) for k in start])
+                        for st in states])
+    gram = flat @ flat.T
+    return (gram + gram.T) / 2
+
+
+def combine_dense(states: Sequence[State], start: State, weights: Tensor, w_start: float) -> dict[str, Tensor]:
+    """``sum_i w_i x_i + w_start x_0`` of dense states (a head), in their dtype (the rule's weights applied)."""
+    return {k: (sum(float(w) * st[k].double() for w, st in zip(weights, states))
+                + w_start * start[k].double()).to(start[k].dtype) for k in start}
+
+
+def coordinate_aggregate_dense(states: Sequence[State], start: State, rule: str,
+                               trim_fraction: float = 0.1) -> dict[str, Tensor]:
+    """The coordinate-wise median or trimmed mean of dense states (a head), as Flower's ``FedMedian`` /
+    ``FedTrimmedAvg`` on flat vectors (the median of an even count: the mean of the middle two)."""
+    if rule not in COORDINATE_RULES:
+        raise ValueError(f"coordinate rule must be one of {COORDINATE_RULES}, got {rule!r}")
+    return {k: _coordinate(torch.stack([st[k].double() for st in states]), rule, trim_fraction).to(start[k].dtype)
+            for k in start}
+
+
+def _coordinate(stacked: Tensor, rule: str, trim_fraction: float) -> Tensor:
+    n = stacked.shape[0]
+    ordered = stacked.sort(dim=0).values
+    if rule == "coord_median":
+        return ordered[n // 2] if n % 2 else ordered[n // 2 - 1: n // 2 + 1].mean(dim=0)
+    cut = int(math.floor(trim_fraction * n))
+    return ordered[cut: n - cut].mean(dim=0)
 
 
 def update_norms(gram: Tensor) -> Tensor:
@@ -173,9 +223,12 @@ def trimmed_weights(gram: Tensor, pi: Tensor, fraction: float) -> Tensor:
 
 
 def robust_weights(rule: str, gram: Tensor, weights: Sequence[float], clip_norm: float | None = None,
-                   trim_fraction: float = 0.1, krum_f: int = 1, krum_m: int | None = None) -> tuple[Tensor, float]:
+                   trim_fraction: float = 0.1, krum_f: int = 1, krum_m: int | None = None,
+                   clip_factor: float | None = None) -> tuple[Tensor, float]:
     """The client weights and the start's weight of ``rule`` (:data:`ROBUST_RULES`); they sum to one.
 
+    ``clip`` bounds each update's norm by ``clip_norm``, or (``clip_factor``) by that multiple of the
+    round's median update norm, which holds while fewer than half the clients are hostile.
     ``multi_krum`` on fewer than ``krum_f + 3`` updates (a small cluster: Krum has no quorum) takes the
     geometric median.
     """
@@ -185,8 +238,14 @@ def robust_weights(rule: str, gram: Tensor, weights: Sequence[float], clip_norm:
     if rule == "none":
         return pi, 0.0
     if rule == "clip":
+        if clip_norm is None and clip_factor is None:
+            raise ValueError("the clip rule needs clip_norm (the largest update norm ||B A - B_0 A_0||_F kept) "
+                             "or clip_factor (that bound as a multiple of the round's median update norm)")
         if clip_norm is None:
-            raise ValueError("the clip rule needs clip_norm (the largest update norm ||B A - B_0 A_0||_F kept)")
+            median = float(update_norms(gram).median())
+            if median <= 0:  # every update (or most) is zero: nothing to scale
+                return pi, 0.0
+            clip_norm = float(clip_factor) * median  # type: ignore[arg-type]
         return clip_weights(gram, pi, clip_norm)
     if rule == "geomed":
         return geometric_median_weights(gram, pi), 0.0
@@ -212,17 +271,12 @@ def coordinate_aggregate_states(states: Sequence[State], start: State, rule: str
     if not 0 <= trim_fraction < 0.5:
         raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction!r}")
     out: dict[str, Tensor] = {}
-    n = len(states)
     for prefix in factor_pairs(list(start)):
         b0, a0 = start[f"{prefix}.lora_B"].double(), start[f"{prefix}.lora_A"].double()
         base = b0 @ a0
         updates = torch.stack([st[f"{prefix}.lora_B"].double() @ st[f"{prefix}.lora_A"].double() - base
                                for st in states])
-        if rule == "coord_median":
-            agg = updates.median(dim=0).values if n % 2 else updates.sort(dim=0).values[n // 2 - 1: n // 2 + 1].mean(0)
-        else:
-            cut = int(math.floor(trim_fraction * n))
-            agg = updates.sort(dim=0).values[cut: n - cut].mean(dim=0)
+        agg = _coordinate(updates, rule, trim_fraction)
         u, s, vh = torch.linalg.svd(base + agg, full_matrices=False)
         k = min(rank, s.numel())
         new_b = torch.zeros(base.shape[0], rank, dtype=torch.float64)
@@ -230,3 +284,45 @@ def coordinate_aggregate_states(states: Sequence[State], start: State, rule: str
         new_b[:, :k], new_a[:k] = u[:, :k], s[:k, None] * vh[:k]
         out[f"{prefix}.lora_A"], out[f"{prefix}.lora_B"] = new_a.float(), new_b.float()
     return {k: out[k] for k in start}
+
+
+def aggregate_uploads(states: Sequence[State], weights: Sequence[float], start: State, rank: int, rule: str = "none",
+                      heads: Sequence[State] | None = None, head_start: State | None = None,
+                      options: Mapping[str, Any] | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+    """A shared tier's new factors (rank ``rank``) and head from the clients' uploads under ``rule``.
+
+    ``start`` / ``head_start``: the tier and head the round began from; ``heads``: the uploaded heads
+    (``None``: heads are not shared, the second result is ``None``). ``options``: the rule's settings
+    (``clip_norm``, ``clip_factor``, ``trim_fraction``, ``krum_f``, ``krum_m``). A client's update is
+    its whole upload: with heads, ``h_i - h_0`` joins the Gram matrix and the rule's weights combine
+    the heads as they combine the products; the coordinate rules take the heads' coordinate-wise
+    median / trimmed mean. ``"none"``: the sample-weighted product sum and the weighted mean head.
+
+    Example:
+        >>> import torch
+        >>> start = {"m.lora_A": torch.randn(2, 5), "m.lora_B": torch.zeros(6, 2)}
+        >>> ups = [{"m.lora_A": start["m.lora_A"], "m.lora_B": torch.randn(6, 2)} for _ in range(5)]
+        >>> new, head = aggregate_uploads(ups, [1] * 5, start, rank=2, rule="geomed")
+        >>> tuple(new["m.lora_B"].shape), head is None
+        ((6, 2), True)
+    """
+    opts = dict(options or {})
+    trim = float(opts.get("trim_fraction", 0.1))
+    if rule == "none":
+        head = None if heads is None else fedavg_states(heads, weights)
+        return product_space_aggregate_states(states, weights, rank), head
+    if heads is not None and head_start is None:
+        raise ValueError("robust aggregation of heads needs the head the round began from (head_start)")
+    if rule in COORDINATE_RULES:
+        head = None if heads is None else coordinate_aggregate_dense(heads, head_start, rule, trim)  # type: ignore
+        return coordinate_aggregate_states(states, start, rule, rank, trim), head
+    gram = update_gram(states, start)
+    if heads is not None:
+        gram = gram + dense_gram(heads, head_start)  # type: ignore[arg-type]
+    w, w_start = robust_weights(rule, gram, weights, opts.get("clip_norm"), trim, int(opts.get("krum_f", 1)),
+                                opts.get("krum_m"), opts.get("clip_factor"))
+    head = None if heads is None else combine_dense(heads, head_start, w, w_start)  # type: ignore[arg-type]
+    if w_start > 0:  # clipping keeps part of the start: B_0 A_0 enters the sum as one more term
+        return product_space_aggregate_states([*states, start], [*w.tolist(), w_start], rank), head
+    keep = [i for i, wi in enumerate(w.tolist()) if wi > 0]
+    return product_space_aggregate_states([states[i] for i in keep], [float(w[i]) for i in keep], rank), head
