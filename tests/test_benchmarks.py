@@ -16,6 +16,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 #: script -> (a line its table prints, figures its JSON must hold)
 EXPECTED = {
     "adapter_overhead.py": ("", {"tiny32_hilora_over_peft"}),
+    "attacks.py": ("| sign_flip |", {"drop_one_default_sign_flip", "drop_10pct_robust_backdoor",
+                                     "backdoor_asr_one_default", "clean_robust_minus_default"}),
     "clustering.py": ("LSAC step, 20 clients", {"lsac_seconds_20", "ari_20", "speedup_vs_dense"}),
     "faults.py": ("silent accepts", {"cases", "tracebacks", "silent_accepts"}),
     "federation_memory.py": ("per_client_over_state_max", {"rss_gib_vit_tiny_4", "per_client_over_state_max"}),
