@@ -1,10 +1,11 @@
 """Hostile clients against HiLoRA: what one attacker and 10% colluding attackers cost the honest clients.
 
 The federation is the Fashion-MNIST SC-Dir analogue (``examples/configs/fmnist_sc_dir.yaml``) cut to fit
-about 20 minutes on 2 cores: 20 clients (16 training, 4 unseen) of 620 images, 12 rounds (root and
-cluster stages of 2-4 rounds each), 10 local steps of batch 32, one fine-tune epoch for the unseen clients,
-no LSAC study. Each attacked run is compared with the clean run of the same seed and defence; the
-hostile clients are drawn per seed from the training clients (1, and ``ceil(10%)`` = 2 colluding).
+about 20 minutes on 2 cores: 16 clients (13 training, 3 unseen) of 400 images (at least 100 test images
+each), 10 rounds (root and cluster stages of 2-3 rounds each), 8 local steps of batch 32, one fine-tune
+epoch for the unseen clients, no LSAC study. Each attacked run is compared with the clean run of the
+same seed and defence; the hostile clients are drawn per seed from the training clients (1, and
+``ceil(10%)`` = 2 colluding).
 
 Attacks (:mod:`hilora_lightning.federation.attacks`): ``sign_flip``, ``scale`` (x5, under the default
 outlier bound), ``noise`` (of the honest update's norm), ``label_flip``, ``free_ride`` and the targeted
@@ -48,8 +49,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "configs" / "fmnist_sc_dir.yaml"
-REDUCED = ["data.num_clients=20", "federation.rounds=12", "federation.root_rounds=[2,4]",
-           "federation.cluster_rounds=[2,4]", "federation.local_steps=10", "federation.eval_every=100",
+REDUCED = ["data.num_clients=16", "data.per_client=400", "federation.rounds=10", "federation.root_rounds=[2,3]",
+           "federation.cluster_rounds=[2,3]", "federation.local_steps=8", "federation.eval_every=100",
            "federation.finetune_epochs=1", "federation.clustering.study=false"]
 SMOKE_CONFIG = ROOT / "examples" / "configs" / "digits_cpu.yaml"
 SMOKE = ["data.num_clients=8", "data.num_groups=2", "federation.rounds=4", "federation.root_rounds=[1,1]",

@@ -60,12 +60,13 @@ def _dataclass_types(cls: type) -> dict[str, str]:
 
 def _schema() -> dict[str, Any]:
     from hilora_lightning.config import TierConfig
-    from hilora_lightning.federation.config import ClusteringConfig, FederationConfig, RobustConfig
+    from hilora_lightning.federation.config import ClusteringConfig, FederationConfig, PrivacyConfig, RobustConfig
 
     tier = _dataclass_types(TierConfig)
     federation: dict[str, Any] = _dataclass_types(FederationConfig)
     federation["clustering"] = _dataclass_types(ClusteringConfig)
     federation["robust"] = _dataclass_types(RobustConfig)
+    federation["privacy"] = _dataclass_types(PrivacyConfig)
     model: dict[str, Any] = dict(_MODEL)
     model["adapter"] = {"targets": "any", "root": tier, "cluster": tier, "leaf": tier}
     return {**_TOP, "data": _DATA, "model": model, "federation": federation, "loader": _LOADER, "logger": _LOGGER,
@@ -84,7 +85,8 @@ def _check(key: str, value: Any, spec: str) -> None:
             return
         raise ConfigError(f"{key}: expected a value ({spec.replace(' | None', '')}), got null")
     base = next((o for o in options if o != "None"), "any")
-    if base == "any" or base.startswith(("Mapping[int", "ClusteringConfig", "RobustConfig", "TargetsLike")):
+    if base == "any" or base.startswith(("Mapping[int", "ClusteringConfig", "RobustConfig", "PrivacyConfig",
+                                         "TargetsLike")):
         return
     if base == "int":
         if isinstance(value, bool) or not isinstance(value, int):

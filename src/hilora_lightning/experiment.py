@@ -33,7 +33,7 @@ from hilora_lightning.federation import (
     FederationConfig,
     split_unseen,
 )
-from hilora_lightning.federation.config import RobustConfig
+from hilora_lightning.federation.config import PrivacyConfig, RobustConfig
 from hilora_lightning.model import HiLoRAViT
 
 __all__ = [
@@ -132,6 +132,7 @@ def _schema() -> dict[str, Any]:
     federation = dict.fromkeys(_fields(FederationConfig))
     federation["clustering"] = dict.fromkeys(_fields(ClusteringConfig))
     federation["robust"] = dict.fromkeys(_fields(RobustConfig))
+    federation["privacy"] = dict.fromkeys(_fields(PrivacyConfig))
     return {"seed": None, "out_dir": None, "method": None, "data": dict.fromkeys(_DATA_KEYS), "model": model,
             "federation": federation, "trainer": "*", "loader": dict.fromkeys(_LOADER_KEYS),
             "logger": dict.fromkeys(_LOGGER_KEYS), "backend": {"name": None, "clients_per_pass": None},
@@ -342,11 +343,12 @@ def build_federation_config(cfg: Mapping[str, Any]) -> FederationConfig:
                 fed[key] = tuple(fed[key])
         if "clustering" in fed:
             fed["clustering"] = ClusteringConfig(**dict(fed["clustering"] or {}))
-        if "robust" in fed:
-            robust = dict(fed["robust"] or {})
-            if "tiers" in robust:
-                robust["tiers"] = tuple(robust["tiers"])
-            fed["robust"] = RobustConfig(**robust)
+        for key, cls in (("robust", RobustConfig), ("privacy", PrivacyConfig)):
+            if key in fed:
+                section = dict(fed[key] or {})
+                if "tiers" in section:
+                    section["tiers"] = tuple(section["tiers"])
+                fed[key] = cls(**section)
         return FederationConfig(**{"seed": int(cfg.get("seed", 0)), **fed})
     except (ValueError, TypeError) as exc:
         raise prefixed("federation", exc) from exc

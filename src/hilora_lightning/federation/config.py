@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["AGGREGATIONS", "CLUSTERINGS", "HEAD_POLICIES", "SCHEDULES", "ClusteringConfig", "FederationConfig",
-           "RobustConfig"]
+           "PrivacyConfig", "RobustConfig"]
 
 SCHEDULES = ("stagewise", "per_round")
 AGGREGATIONS = ("product", "fedavg")
@@ -166,6 +166,67 @@ class RobustConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PrivacyConfig:
+    """Client-level differential privacy of the shared tiers (DP-FedAvg, trusted server;
+    :mod:`hilora_lightning.strategy.privacy`). Off unless ``epsilon`` or ``noise_multiplier`` is set.
+
+    Attributes:
+        epsilon, delta: the target ``(epsilon, delta)`` over the run; the noise multiplier is chosen by
+            the accountant for the most noised rounds the schedule allows (the stages' maximums) at the
+            round's sampling rate ``fraction_fit``.
+        noise_multiplier: ``z`` given directly instead of ``epsilon`` (the spent epsilon is still logged).
+        clip_norm: the bound ``S`` on each client's update norm ``||B A - B_0 A_0||_F`` (with its head's
+            ``||h - h_0||``, when heads are shared); required, and it must not be chosen from the
+            private data of this run.
+        accountant: Opacus's ``"rdp"`` or ``"prv"``.
+        seed: seeds the noise for a reproducible study; ``None`` (the default) draws it from the
+            operating system, as a deployment must (a known seed lets anyone subtract the noise).
+        tiers: the shared tiers that are released privately (``root``, ``cluster``).
+    """
+
+    epsilon: float | None = None
+    delta: float = 1e-5
+    noise_multiplier: float | None = None
+    clip_norm: float | None = None
+    accountant: str = "rdp"
+    seed: int | None = None
+    tiers: tuple[str, ...] = ("root", "cluster")
+
+    def __post_init__(self) -> None:
+        if self.epsilon is not None and self.noise_multiplier is not None:
+            raise ValueError("privacy takes a target epsilon or a noise_multiplier, not both "
+                             f"(got epsilon={self.epsilon!r}, noise_multiplier={self.noise_multiplier!r})")
+        if self.epsilon is not None and not (_is_number(self.epsilon) and 0 < self.epsilon < math.inf):
+            raise ValueError(f"privacy.epsilon must be a finite number > 0 (leave it unset for no privacy), "
+                             f"got {self.epsilon!r}")
+        if self.noise_multiplier is not None and not (_is_number(self.noise_multiplier) and
+                                                      0 <= self.noise_multiplier < math.inf):
+            raise ValueError(f"privacy.noise_multiplier must be a finite number >= 0, got {self.noise_multiplier!r}")
+        if not (_is_number(self.delta) and 0 < self.delta < 1):
+            raise ValueError(f"privacy.delta must be in (0, 1), got {self.delta!r}")
+        if self.enabled and not (_is_number(self.clip_norm) and math.isfinite(self.clip_norm)  # type: ignore
+                                 and self.clip_norm > 0):  # type: ignore[operator]
+            raise ValueError(f"privacy needs clip_norm > 0, the bound on each client's update norm "
+                             f"||B A - B_0 A_0||_F (with its head's), got {self.clip_norm!r}; take it from a "
+                             "non-private pilot run or public data, not from this run's clients")
+        from hilora_lightning.strategy.privacy import ACCOUNTANTS
+
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"privacy.accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
+        if self.seed is not None:
+            _check_int("privacy.seed", self.seed, 0)
+        tiers = tuple(self.tiers)
+        if not tiers or any(t not in ("root", "cluster") for t in tiers):
+            raise ValueError(f"privacy.tiers must name shared tiers ('root', 'cluster'), got {list(tiers)}")
+        object.__setattr__(self, "tiers", tiers)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the shared tiers are released with noise."""
+        return self.epsilon is not None or self.noise_multiplier is not None
+
+
+@dataclasses.dataclass(frozen=True)
 class FederationConfig:
     """Schedule, participation, local training and aggregation of a federated HiLoRA run.
 
@@ -212,6 +273,8 @@ class FederationConfig:
             training clients' features: the root slot trained from the final root, no penalty).
         robust: how the shared tiers' uploads are combined against hostile clients
             (:class:`RobustConfig`; default ``rule="none"``, the paper's sample-weighted sum).
+        privacy: client-level differential privacy of the shared tiers (:class:`PrivacyConfig`; off by
+            default). With it on, each update is clipped instead of the outlier rule rejecting it.
     """
 
     rounds: int = 50
@@ -237,6 +300,7 @@ class FederationConfig:
     route_by: str = "loss"
     probe: str = "cluster"
     robust: RobustConfig = dataclasses.field(default_factory=RobustConfig)
+    privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         _check_int("rounds", self.rounds, 1)
@@ -274,6 +338,13 @@ class FederationConfig:
         if self.robust.rule != "none" and self.aggregation != "product":
             raise ValueError(f"robust.rule {self.robust.rule!r} aggregates in product space; set aggregation: product "
                              f"(got {self.aggregation!r})")
+        if self.privacy.enabled and self.aggregation != "product":
+            raise ValueError(f"privacy releases products (B A) with noise; set aggregation: product "
+                             f"(got {self.aggregation!r})")
+        if self.privacy.enabled and self.robust.rule != "none":
+            raise ValueError(f"privacy and robust.rule {self.robust.rule!r} do not combine: privacy clips every "
+                             "update already, and a rule's data-dependent weights would void the accounting; "
+                             "drop one of them")
         if self.head_policy not in HEAD_POLICIES:
             raise ValueError(f"head_policy must be one of {HEAD_POLICIES}, got {self.head_policy!r}")
         if self.max_update_norm is not None and not (_is_number(self.max_update_norm) and

@@ -314,6 +314,8 @@ class FederationRunner:
                              bytes_down_per_client=down / max(len(succeeded), 1))
         work.round = t - 1  # end_of_round reads the rounds completed before this one
         strategy.end_of_round(work, t, rho, self.ctx)
+        spent = work.extra.get("privacy", {}).get("epsilon")  # a private strategy's ledger (federation.privacy)
+        record.epsilon = None if spent is None else float(spent)
         if t % self.eval_every == 0 or t == self.rounds:
             plans = {c: dataclasses.replace(p, split="val") for c, p in strategy.configure_evaluate(work).items()}
             record.split = self.eval_split(plans)

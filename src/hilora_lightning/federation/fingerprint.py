@@ -42,7 +42,7 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
 
 #: nested settings added after checkpoints existed: left out while at their defaults, so a run that does not
 #: use them has the fingerprint it had before (and resumes an older checkpoint)
-OPTIONAL_SECTIONS = ("robust",)
+OPTIONAL_SECTIONS = ("robust", "privacy")
 
 
 def config_items(config: Any, prefix: str = "federation") -> dict[str, str]:

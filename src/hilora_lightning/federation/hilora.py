@@ -31,6 +31,7 @@ from hilora_lightning.federation.config import FederationConfig
 from hilora_lightning.federation.engine import RoundContext
 from hilora_lightning.federation.fingerprint import config_items
 from hilora_lightning.federation.plan import Budget, ClientStore, HeadStart, Kind, LocalPlan, ScorePlan, Start, Step
+from hilora_lightning.federation.private import PrivacyLedger, privacy_summary
 from hilora_lightning.federation.replies import Expected, Payload
 from hilora_lightning.federation.result import FederatedResult, accuracy_summary
 from hilora_lightning.federation.server_state import ClientState, ServerState
@@ -40,6 +41,7 @@ from hilora_lightning.strategy.aggregation import (
     relative_change,
     subspace_change,
 )
+from hilora_lightning.strategy.privacy import dp_aggregate
 from hilora_lightning.strategy.robust import aggregate_uploads
 from hilora_lightning.tiers import Tier
 
@@ -80,6 +82,7 @@ class HiLoRAStrategy:
         else:
             self.probe_start = self.spec.fresh(Tier.CLUSTER, config.seed)
         self.last_clustering: tuple[list[int], Any] | None = None  # (client ids, ClusteringResult), for plots
+        self.privacy = PrivacyLedger(config) if config.privacy.enabled else None
 
     # ------------------------------------------------------------------ identity and state
     def fingerprint(self) -> dict[str, str]:
@@ -197,18 +200,24 @@ class HiLoRAStrategy:
         if tier is Tier.LEAF:  # leaf and personal head never leave the client
             return Expected(None, None)
         head = self.head_shapes if self.config.head_policy == "tier" else None
+        private = self.privacy is not None and self.privacy.applies(tier.value)  # clipped, not rejected
         return Expected(self.spec.shapes(tier), head, self.config.max_update_norm,
-                        self.config.outlier_norm)
+                        None if private else self.config.outlier_norm)
 
     # ------------------------------------------------------------------ aggregation and stages
-    def _aggregate_group(self, payloads: list[Payload], tier: Tier, start: State, head_start: State | None
-                         ) -> tuple[State, State | None]:
+    def _aggregate_group(self, payloads: list[Payload], tier: Tier, start: State, head_start: State | None,
+                         noise: torch.Generator | None = None) -> tuple[State, State | None]:
         """The new state of a shared tier and its head (``None`` when heads are not shared) from its
-        uploads; ``start`` / ``head_start``: what the round began from."""
+        uploads; ``start`` / ``head_start``: what the round began from; ``noise``: the generator of a
+        private release (``config.privacy``)."""
         weights = [p.num_samples for p in payloads]
         states = [p.factors for p in payloads]
         heads = [p.head for p in payloads] if head_start is not None else None
         robust = self.config.robust
+        if self.privacy is not None and noise is not None:
+            new, head, _ = dp_aggregate(states, start, self.spec.rank(tier), self.privacy.clip_norm,
+                                        self.privacy.noise_multiplier, noise, heads, head_start)  # type: ignore
+            return new, head
         if self.config.aggregation != "product":
             return fedavg_states(states, weights), None if heads is None else fedavg_states(heads, weights)  # type: ignore
         rule = robust.rule if tier.value in robust.tiers else "none"
@@ -239,9 +248,13 @@ class HiLoRAStrategy:
                 cs.features = transition.update_features(cs.features, p.factors, before, cfg.clustering, rank,
                                                          folded)
         share_head = cfg.head_policy == "tier"
+        private = self.privacy is not None and self.privacy.applies(tier.value)
+        if private:
+            self.privacy.spend(state)  # type: ignore[union-attr]  # each client is in one aggregate per round
         if tier is Tier.ROOT:
             new_root, head = self._aggregate_group(list(payloads.values()), tier, state.root,
-                                                   state.global_head if share_head else None)
+                                                   state.global_head if share_head else None,
+                                                   self.privacy.generator(t, -1) if private else None)  # type: ignore
             rho = self.stage_statistic(state.root, new_root)
             state.root = new_root
             if head is not None:
@@ -251,7 +264,8 @@ class HiLoRAStrategy:
         for j in sorted(set(state.assignment[c] for c in payloads)):
             members = [p for c, p in payloads.items() if state.assignment[c] == j]
             new, head = self._aggregate_group(members, tier, state.clusters[j],
-                                              state.cluster_heads[j] if share_head else None)
+                                              state.cluster_heads[j] if share_head else None,
+                                              self.privacy.generator(t, j) if private else None)  # type: ignore
             rhos.append(self.stage_statistic(state.clusters[j], new))
             state.clusters[j] = new
             if head is not None:
@@ -341,7 +355,8 @@ class HiLoRAStrategy:
         state.extra["routing"] = dict(routing)  # unseen client -> cluster, for exporting their models
         return FederatedResult(list(state.records), final, tierwise, dict(state.assignment), state.num_clusters,
                                state.clustering_ari, generalization, routing, state.elapsed,
-                               tierwise_fixed_head=fixed, lsac_study=dict(state.extra.get("lsac_study", {})))
+                               tierwise_fixed_head=fixed, lsac_study=dict(state.extra.get("lsac_study", {})),
+                               privacy=privacy_summary(state))
 
     def probe_features(self, state: ServerState, ctx: RoundContext, ids: Sequence[int], head: Mapping[str, Tensor],
                        step: str) -> dict[int, dict[str, Tensor]]:

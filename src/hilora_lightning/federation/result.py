@@ -56,6 +56,8 @@ class RoundRecord:
     evaluated: int | None = None
     #: clients that could not be scored this round; the accuracy figures take their last score
     carried: list[int] = dataclasses.field(default_factory=list)
+    #: with ``federation.privacy``: the epsilon spent after this round (``None``: no privacy)
+    epsilon: float | None = None
 
     def progress_line(self, rounds: int) -> str:
         """One line for the round counter: stage, clients, failures, rho, accuracy, seconds."""
@@ -65,8 +67,9 @@ class RoundRecord:
         rho = "" if self.rho is None or not math.isfinite(self.rho) else f" rho {self.rho:.3f}"
         fails = f" failed {sorted(self.failed)}" if self.failed else ""
         fails += f" not evaluated {sorted(self.eval_failed)}" if self.eval_failed else ""
+        eps = "" if self.epsilon is None else f" epsilon {self.epsilon:.2f}"
         return (f"round {self.round}/{rounds} [{self.stage}] clients {len(self.succeeded)}/{len(self.selected)}"
-                f"{fails}{rho}{acc} ({self.seconds:.1f}s)")
+                f"{fails}{rho}{acc}{eps} ({self.seconds:.1f}s)")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -113,6 +116,8 @@ class FederatedResult:
             that failed it and why (they are left out of that step's table).
         splits: which client split each figure comes from: ``{"rounds": "val", "final": "test"}``
             (per-round records on validation, the tables above on test).
+        privacy: with ``federation.privacy``, the ``epsilon`` spent at ``delta``, the
+            ``noise_multiplier``, ``clip_norm``, ``noised_rounds`` (and ``target_epsilon``); else empty.
     """
 
     records: list[RoundRecord]
@@ -128,6 +133,7 @@ class FederatedResult:
     tierwise_fixed_head: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     lsac_study: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     splits: dict[str, str] = dataclasses.field(default_factory=lambda: {"rounds": "test", "final": "test"})
+    privacy: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
