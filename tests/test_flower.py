@@ -49,7 +49,7 @@ def flower_run(tmp_path_factory):
         seen.append((direction, tier, content))
 
     out = tmp_path_factory.mktemp("flower")
-    orch, result = run_simulation(CFG, num_supernodes=4, out_dir=out, message_hook=hook)
+    orch, result = run_simulation(CFG, num_supernodes=4, out_dir=out, message_hook=hook, audit_dir=out / "audit")
     return orch, result, seen, out
 
 
@@ -87,6 +87,47 @@ def test_no_leaf_or_personal_head_in_any_message(flower_run) -> None:
                str(c)]
     assert all(set(c) == {"metrics"} for c in replies)  # leaf-stage replies: a sample count, nothing else
     assert sum(1 for d, _, c in seen if d == "in" and "factors" in c) == 8  # root and cluster rounds, 4 clients
+
+
+def test_every_message_on_every_node_is_audited_and_nothing_personal_travels(flower_run) -> None:
+    """The nodes' own audit (a ClientApp mod): every request and reply, checked by value against the leaf and
+    personal head the node holds in ``context.state``, and every array against the shared factor and head
+    shapes (raw data has neither)."""
+    _, _, seen, out = flower_run
+    entries = [json.loads(line) for path in sorted((out / "audit").glob("node-*.jsonl"))
+               for line in path.read_text().splitlines()]
+    assert len(list((out / "audit").glob("node-*.jsonl"))) == 4
+    sent = sum(1 for d, _, _ in seen if d == "out")
+    assert len(entries) >= sent  # every plan the server sent (and the discovery queries) was audited
+    assert {e["type"] for e in entries} >= {"query", "train", "evaluate"}
+    assert [e for e in entries if e["problems"]] == []
+    assert sum(1 for e in entries if e["private_arrays"] > 0) >= 8  # the leaf stage: the check had a leaf to find
+
+
+def test_the_audit_flags_a_leaked_leaf_head_or_raw_image() -> None:
+    from flwr.app import ConfigRecord, RecordDict
+
+    from hilora_lightning.federation.plan import ClientStore
+    from hilora_lightning.flower.audit import audit_message
+
+    leaf = {"m.lora_A": torch.randn(2, 3), "m.lora_B": torch.randn(4, 2)}
+    head = {"weight": torch.randn(5, 4), "bias": torch.randn(5)}
+    store = ClientStore(kept={Tier.LEAF: leaf}, head=head)
+    factor_shapes = {k: [tuple(v.shape)] for k, v in leaf.items()}
+    head_shapes = {k: [tuple(v.shape)] for k, v in head.items()}
+    fine = RecordDict({"factors": to_record({k: v + 1 for k, v in leaf.items()}),
+                       "metrics": ConfigRecord({"num_samples": 3})})
+    assert audit_message(fine, store, factor_shapes, head_shapes) == []
+    leaked = RecordDict({"head": to_record(head), "metrics": ConfigRecord({"num_samples": 3, "loss_per_image": 1})})
+    assert audit_message(leaked, store, factor_shapes, head_shapes) == [
+        "head/weight equals the client's own personal head/weight",
+        "head/bias equals the client's own personal head/bias",
+        "metrics ['loss_per_image'] are not among ['num_examples', 'num_samples', 'score']"]
+    image = RecordDict({"factors": to_record({"m.lora_A": torch.rand(1, 8, 8)}), "slot-leaf": to_record(leaf)})
+    assert audit_message(image, store, factor_shapes, head_shapes) == [
+        "factors/m.lora_A of shape (1, 8, 8) is not a shared factor array",
+        "record 'slot-leaf' may not travel (allowed: ['config', 'factors', 'gates', 'head', 'info', 'metrics', "
+        "'slot-cluster', 'slot-root'])"]
 
 
 def test_a_failing_client_is_dropped_and_the_run_completes() -> None:

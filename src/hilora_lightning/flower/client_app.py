@@ -132,7 +132,7 @@ def config_from_run(run_config: Mapping[str, Any], root: str | Path | None = Non
 
 def make_client_app(
     cfg: Mapping[str, Any] | None = None, fault: Callable[[int, int, str], None] | None = None,
-    config_root: str | Path | None = None,
+    config_root: str | Path | None = None, audit_dir: str | Path | None = None,
 ) -> ClientApp:
     """A ``ClientApp`` for the experiment config ``cfg`` (sections ``seed``, ``data``, ``model``, ``trainer``).
 
@@ -142,9 +142,22 @@ def make_client_app(
             (:func:`config_from_run`, paths relative to ``config_root``) on the first message.
         fault: called as ``fault(client_id, round, message_type)`` before a request is served; raise in
             it to inject a failure (tests, chaos drills). The error goes back as a Flower error reply.
+        audit_dir: audit every message this node receives and sends (:mod:`hilora_lightning.flower.audit`:
+            no leaf, personal head or raw data may travel), one JSON line per message into this folder.
     """
-    app = ClientApp()
     resolved: dict[str, Any] = {}
+    mods = []
+    if audit_dir is not None:
+        from hilora_lightning.adapter_spec import AdapterSpec
+        from hilora_lightning.flower.audit import audit_mod, shared_shapes
+
+        def shapes(context: Context) -> Any:
+            if "shapes" not in resolved:
+                resolved["shapes"] = shared_shapes(AdapterSpec.from_model(setup(context)[1].model))
+            return resolved["shapes"]
+
+        mods.append(audit_mod(audit_dir, shapes))
+    app = ClientApp(mods=mods)
 
     def setup(context: Context) -> tuple[Mapping[str, Any], ClientRuntime]:
         if "cfg" not in resolved:

@@ -34,6 +34,7 @@ def run_simulation(
     resume: bool = False,
     stop_after: int | None = None,
     overwrite: bool = False,
+    audit_dir: str | Path | None = None,
 ) -> tuple[Any, FederatedResult]:
     """Simulate the federation of ``cfg`` with one virtual SuperNode per client (training, then unseen).
 
@@ -45,6 +46,8 @@ def run_simulation(
         fault, message_hook: see :func:`make_client_app` and :class:`FlowerBackend`.
         resume, stop_after: continue from ``out_dir/federation.pt``; stop after that many rounds.
         overwrite: replace the run that ``out_dir`` holds (without it, or ``resume``, such a folder is refused).
+        audit_dir: every node audits every message it receives and sends into this folder
+            (:mod:`hilora_lightning.flower.audit`).
     """
     clients, unseen = build_clients(cfg.get("data", {}), int(cfg.get("seed", 0)))
     n = num_supernodes or len(clients) + len(unseen)
@@ -59,8 +62,8 @@ def run_simulation(
     server = make_server_app(cfg, out_dir=out_dir, resume=resume, on_result=keep, message_hook=message_hook,
                              min_nodes=n, stop_after=stop_after, overwrite=overwrite)
     backend: dict[str, Any] = {"client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": 0.0}}
-    flwr_run_simulation(server, make_client_app(cfg, fault), num_supernodes=n, backend_config=backend,
-                        verbose_logging=verbose)
+    flwr_run_simulation(server, make_client_app(cfg, fault, audit_dir=audit_dir), num_supernodes=n,
+                        backend_config=backend, verbose_logging=verbose)
     if "result" not in captured:
         raise RuntimeError("the Flower simulation ended without a result; see the log above for the ServerApp error")
     return captured["orch"], captured["result"]
