@@ -22,6 +22,8 @@ EXPECTED = {
     "faults.py": ("silent accepts", {"cases", "tracebacks", "silent_accepts"}),
     "federation_memory.py": ("per_client_over_state_max", {"rss_gib_vit_tiny_4", "per_client_over_state_max"}),
     "federation_overhead.py": ("overhead ratio", {"round_seconds", "plain_loop_seconds", "overhead_ratio"}),
+    "privacy.py": ("| epsilon = 1 |", {"acc_no_dp", "acc_eps_1", "shared_acc_eps_8", "epsilon_spent_eps_4",
+                                       "clip_norm"}),
     "quality.py": ("hilora", {"lsac_ari"}),
     "simulation_throughput.py": ("seq/batched", {"batched_speedup_2", "batched_over_floor_2", "peak_rss_mib"}),
 }

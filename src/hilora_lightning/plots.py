@@ -54,8 +54,9 @@ def similarity_heatmap(
     return fig
 
 
-def accuracy_per_round(rounds: Sequence[int], series: Mapping[str, Sequence[float | None]], title: str = "") -> Any:
-    """Lines of accuracy per round (one per name in ``series``; ``None`` points are skipped)."""
+def accuracy_per_round(rounds: Sequence[float], series: Mapping[str, Sequence[float | None]], title: str = "",
+                       xlabel: str = "round") -> Any:
+    """Lines of accuracy per round, or per any ``xlabel`` (one per name in ``series``; ``None`` points skipped)."""
     plt = _plt()
     many = len(series) > 6  # a method comparison: legend outside, line styles beyond the 10 colors
     fig, ax = plt.subplots(figsize=(10, 5) if many else (7, 4))
@@ -64,7 +65,7 @@ def accuracy_per_round(rounds: Sequence[int], series: Mapping[str, Sequence[floa
         if pts:
             style = ("-", "--", ":")[(i // 10) % 3]
             ax.plot(*zip(*pts), marker="o", ms=3, ls=style, lw=2.2 if name == "hilora" else 1.2, label=name)
-    ax.set_xlabel("round")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
