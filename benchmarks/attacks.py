@@ -214,8 +214,10 @@ def figures(done: Mapping[str, Mapping[str, Any]], seeds: Sequence[int], attacks
             out[f"sweep_{defence}_clean"] = mean_acc(done[f"s{s}_clean_{d}"])
             for attack in attacks:
                 name = f"s{s}_{attack}_10pct_{d}"
-                if name in done:  # against the default's clean run: what the rule costs and saves in all
-                    out[f"sweep_{defence}_{attack}"] = mean_acc(done[f"s{s}_clean_default"]) - mean_acc(done[name])
+                if name in done:  # against the default's clean run (the same honest clients): cost and gain in all
+                    honest = list(done[name]["honest"])
+                    out[f"sweep_{defence}_{attack}"] = (mean_acc(done[f"s{s}_clean_default"], honest)
+                                                        - mean_acc(done[name]))
     out["seconds"] = float(sum(r["seconds"] for r in done.values()))
     return out
 

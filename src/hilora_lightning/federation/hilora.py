@@ -30,6 +30,7 @@ from hilora_lightning.federation.client import client_seed, state_bytes
 from hilora_lightning.federation.config import FederationConfig
 from hilora_lightning.federation.engine import RoundContext
 from hilora_lightning.federation.fingerprint import config_items
+from hilora_lightning.federation.newcomers import Newcomers
 from hilora_lightning.federation.plan import Budget, ClientStore, HeadStart, Kind, LocalPlan, ScorePlan, Start, Step
 from hilora_lightning.federation.private import PrivacyLedger, privacy_summary
 from hilora_lightning.federation.replies import Expected, Payload
@@ -53,7 +54,7 @@ TIER_VIEWS = (("root", [Tier.ROOT]), ("root+cluster", [Tier.ROOT, Tier.CLUSTER])
 State = dict[str, Tensor]
 
 
-class HiLoRAStrategy:
+class HiLoRAStrategy(Newcomers):
     """The paper's method: root, then cluster on the residual, then leaf; LSAC at the transition.
 
     Args:
@@ -357,76 +358,3 @@ class HiLoRAStrategy:
                                state.clustering_ari, generalization, routing, state.elapsed,
                                tierwise_fixed_head=fixed, lsac_study=dict(state.extra.get("lsac_study", {})),
                                privacy=privacy_summary(state))
-
-    def probe_features(self, state: ServerState, ctx: RoundContext, ids: Sequence[int], head: Mapping[str, Tensor],
-                       step: str) -> dict[int, dict[str, Tensor]]:
-        """LSAC features of a short probe update per client (``config.probe``: cluster or root slot)."""
-        cfg, rank = self.config, self.spec.rank(Tier.ROOT)
-        plans = {c: self.probe_plan(state, c, head) for c in ids}
-        start = state.root if cfg.probe == "root" else self.probe_start
-        return transition.route_by_probe(ctx.fit(plans, step), start, cfg, rank)
-
-    def probe_plan(self, state: ServerState, cid: int, head: Mapping[str, Tensor]) -> LocalPlan:
-        """``config.probe_steps`` local steps of a probe, uploaded and forgotten by the client.
-
-        ``probe="cluster"``: a fresh LoRA in the cluster slot on top of the frozen root, starting exactly
-        as the root did in round 1 (``B = 0``, the shared-seed ``A``), so its factors compare with the
-        training clients' root-stage features, which the first rounds (from ``B = 0``) dominate.
-        ``probe="root"``: the root slot trained from the final root (the root stage has no penalty),
-        folded against that root exactly as a root-stage update is.
-        """
-        cfg = self.config
-        slots = {Tier.ROOT: Start.server(state.root)}
-        slot = Tier.ROOT
-        if cfg.probe == "cluster":
-            slots[Tier.CLUSTER], slot = Start.server(self.probe_start), Tier.CLUSTER
-        return LocalPlan(Kind.PROBE, cid, state.round + 1, slots, HeadStart(head),
-                         (self.stage_step(slot, client_seed(cfg.seed, -1, cid, "probe")),),
-                         Budget(cfg.batch_size, 1, cfg.probe_steps), upload=(slot, "AB"))
-
-    def route_unseen(self, state: ServerState, ctx: RoundContext, ids: Sequence[int]) -> dict[int, int]:
-        """The cluster of each new client: by probe subspace (the paper) or by loss; failures join cluster 0."""
-        cfg, rank = self.config, self.spec.rank(Tier.ROOT)
-        if state.num_clusters <= 1:
-            return dict.fromkeys(ids, 0)
-        if cfg.route_by == "loss":
-            heads = {j: state.cluster_heads[j] if cfg.head_policy == "tier" else self.initial_head
-                     for j in state.clusters}
-            routed = transition.route_by_loss(ids, state, heads, lambda r: ctx.scores(r, "unseen loss routing"))
-        else:
-            head = state.global_head if cfg.head_policy == "tier" else self.initial_head
-            features = self.probe_features(state, ctx, ids, head, "unseen probe")
-            routed = {c: transition.route_to_cluster(transition.client_subspaces(f, rank), state.cluster_centers)[0]
-                      for c, f in features.items()}
-        return {c: routed.get(c, 0) for c in ids}
-
-    def evaluate_unseen(self, state: ServerState, ctx: RoundContext
-                        ) -> tuple[dict[str, dict[str, float]], dict[int, int]]:
-        """Route each unseen client, then score root only, root + routed cluster, and a leaf fine-tune."""
-        cfg = self.config
-        ids = sorted(ctx.unseen)
-        routing = self.route_unseen(state, ctx, ids)
-        tier_head = cfg.head_policy == "tier"
-        root_head = state.global_head if tier_head else self.initial_head
-        heads = {c: state.cluster_heads[routing[c]] if tier_head else self.initial_head for c in ids}
-        rnd = state.round + 1
-        root_only = {c: ScorePlan(c, rnd, (Tier.ROOT,), {Tier.ROOT: Start.server(state.root)}, HeadStart(root_head))
-                     for c in ids}
-        views = {c: {Tier.ROOT: Start.server(state.root), Tier.CLUSTER: Start.server(state.clusters[routing[c]])}
-                 for c in ids}
-        zero_leaf = {c: ScorePlan(c, rnd, (Tier.ROOT, Tier.CLUSTER), views[c], HeadStart(heads[c])) for c in ids}
-        accs: dict[str, list[float]] = {"root": list(ctx.scores(root_only, "unseen root").values()),
-                                        "zero_leaf": list(ctx.scores(zero_leaf, "unseen zero_leaf").values()),
-                                        "finetuned": []}
-        if cfg.finetune_epochs > 0:
-            fits = {c: LocalPlan(  # a fresh leaf, whatever the client held before
-                Kind.FINETUNE, c, rnd, {**views[c], Tier.LEAF: Start.fresh(self.leaf_seed(c))}, HeadStart(heads[c]),
-                (self.stage_step(Tier.LEAF, client_seed(cfg.seed, -2, c, "finetune")),),
-                Budget(cfg.batch_size, cfg.finetune_epochs), keep=((Tier.LEAF, "AB"),), keep_head=True)
-                for c in ids}
-            done = [c for c, r in ctx.fit(fits, "unseen finetune").items() if not isinstance(r, Exception)]
-            tuned = {c: ScorePlan(c, rnd, tuple(Tier), {**views[c], Tier.LEAF: Start.kept(self.leaf_seed(c))},
-                                  HeadStart(heads[c], own=True)) for c in done}
-            accs["finetuned"] = list(ctx.scores(tuned, "unseen finetuned").values())
-        summary: dict[str, Any] = {k: accuracy_summary(v) for k, v in accs.items() if v}
-        return summary, routing
