@@ -36,3 +36,22 @@ def write_png_sites(root, data, classes=("a", "b", "c", "d", "e", "f", "g", "h",
             folder.mkdir(parents=True, exist_ok=True)
             pixels = ((img.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).to(torch.uint8).numpy()
             Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+#: the smallest Flower federation config the deployment tests run (2 clients, the three stages)
+TINY_FLOWER = """seed: 0
+data: {name: digits, num_clients: 2, num_groups: 2, unseen_fraction: 0.0}
+model: {backbone: hilora-digits-vit, num_classes: 10, lr: 0.003}
+federation: {rounds: 3, root_rounds: [1, 1], cluster_rounds: [1, 1], local_steps: 2, batch_size: 16,
+             finetune_epochs: 0, clustering: {k_min: 2, k_max: 2}}
+trainer: {precision: 32-true, accelerator: cpu}
+"""
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,24 +16,12 @@ import pytest
 
 pytest.importorskip("flwr")
 
+from helpers import TINY_FLOWER, free_port  # noqa: E402
 from hilora_lightning.cli import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "examples" / "flower_app"
 BIN = Path(sys.executable).parent
-TINY = """seed: 0
-data: {name: digits, num_clients: 2, num_groups: 2, unseen_fraction: 0.0}
-model: {backbone: hilora-digits-vit, num_classes: 10, lr: 0.003}
-federation: {rounds: 3, root_rounds: [1, 1], cluster_rounds: [1, 1], local_steps: 2, batch_size: 16,
-             finetune_epochs: 0, clustering: {k_min: 2, k_max: 2}}
-trainer: {precision: 32-true, accelerator: cpu}
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _ours(port: int) -> list[int]:
@@ -55,11 +42,11 @@ def _ours(port: int) -> list[int]:
 @pytest.fixture
 def flower(tmp_path: Path):
     """An isolated Flower home on free ports; afterwards every process of its local SuperLink is stopped."""
-    http, control = _free_port(), _free_port()
+    http, control = free_port(), free_port()
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http),
            "FLWR_LOCAL_CONTROL_API_PORT": str(control), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FLWR_DISABLE_UPDATE_CHECK": "1", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    (tmp_path / "tiny.yaml").write_text(TINY)
+    (tmp_path / "tiny.yaml").write_text(TINY_FLOWER)
 
     def flwr(*args: str, timeout: float = 420) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(BIN / "flwr"), *args], cwd=APP, env=env, capture_output=True, text=True,

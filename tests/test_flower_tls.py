@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,22 +16,11 @@ import pytest
 
 pytest.importorskip("flwr")
 
+from helpers import TINY_FLOWER, free_port  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "examples" / "flower_app"
 BIN = Path(sys.executable).parent
-TINY = """seed: 0
-data: {name: digits, num_clients: 2, num_groups: 2, unseen_fraction: 0.0}
-model: {backbone: hilora-digits-vit, num_classes: 10, lr: 0.003}
-federation: {rounds: 3, root_rounds: [1, 1], cluster_rounds: [1, 1], local_steps: 2, batch_size: 16,
-             finetune_epochs: 0, clustering: {k_min: 2, k_max: 2}}
-trainer: {precision: 32-true, accelerator: cpu}
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 90) -> None:
@@ -53,7 +41,7 @@ def deployment(tmp_path: Path):
     made = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_deployment_keys.py"), "--out", str(keys),
                            "--supernodes", "3"], capture_output=True, text=True, timeout=120)
     assert made.returncode == 0, made.stderr
-    port = _free_port()
+    port = free_port()
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(f'[superlink]\ndefault = "tls"\n\n[superlink.tls]\naddress = "127.0.0.1:{port}"\n'
@@ -104,18 +92,18 @@ def test_the_tls_deployment_runs_and_refuses_unknown_and_plaintext_nodes(deploym
     for i in (0, 1):
         start(f"node{i}", "flower-supernode", "--superlink", link, "--root-certificates", str(keys / "ca.crt"),
               "--auth-supernode-private-key", str(keys / f"supernode-{i}"), "--node-config", f"partition-id={i}",
-              "--port", str(_free_port()))
+              "--port", str(free_port()))
     stranger, stranger_log = start("stranger", "flower-supernode", "--superlink", link, "--root-certificates",
                                    str(keys / "ca.crt"), "--auth-supernode-private-key", str(keys / "supernode-2"),
-                                   "--node-config", "partition-id=1", "--port", str(_free_port()), "--max-retries", "1")
+                                   "--node-config", "partition-id=1", "--port", str(free_port()), "--max-retries", "1")
     plain, plain_log = start("plaintext", "flower-supernode", "--superlink", link, "--insecure", "--node-config",
-                             "partition-id=1", "--port", str(_free_port()), "--max-retries", "1")
+                             "partition-id=1", "--port", str(free_port()), "--max-retries", "1")
     assert stranger.wait(timeout=180) != 0 and plain.wait(timeout=180) != 0
     assert "Failed to activate SuperNode" in stranger_log.read_text()  # a key the SuperLink does not know
     assert "No SuperNode found with the given public key" in d["link_log"].read_text()
     assert "Failed to initialize the connection to the SuperLink" in plain_log.read_text()  # no TLS: no talk
     out = d["tmp"] / "out"
-    (d["tmp"] / "tiny.yaml").write_text(TINY)
+    (d["tmp"] / "tiny.yaml").write_text(TINY_FLOWER)
     run = flwr("run", ".", "tls", "--stream", "--run-config",
                f"config='{d['tmp'] / 'tiny.yaml'}' min-nodes=2 wait-s=240 out-dir='{out}'")
     log = run.stdout + run.stderr

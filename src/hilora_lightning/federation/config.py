@@ -108,6 +108,14 @@ class ClusteringConfig:
             raise ValueError(f"clustering.study must be true or false, got {self.study!r}")
 
 
+def _shared_tiers(name: str, tiers: Any) -> tuple[str, ...]:
+    """``tiers`` as a tuple naming only shared tiers (``root``, ``cluster``)."""
+    out = tuple(tiers)
+    if not out or any(t not in ("root", "cluster") for t in out):
+        raise ValueError(f"{name} must name shared tiers ('root', 'cluster'), got {list(out)}")
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class RobustConfig:
     """How a shared tier's uploads are combined when some clients may be hostile
@@ -154,10 +162,7 @@ class RobustConfig:
         _check_int("robust.krum_f", self.krum_f, 0)
         if self.krum_m is not None:
             _check_int("robust.krum_m", self.krum_m, 1)
-        tiers = tuple(self.tiers)
-        if not tiers or any(t not in ("root", "cluster") for t in tiers):
-            raise ValueError(f"robust.tiers must name shared tiers ('root', 'cluster'), got {list(tiers)}")
-        object.__setattr__(self, "tiers", tiers)
+        object.__setattr__(self, "tiers", _shared_tiers("robust.tiers", self.tiers))
 
     def options(self) -> dict[str, Any]:
         """The rule's settings, as :func:`~hilora_lightning.strategy.robust.aggregate_uploads` takes them."""
@@ -215,10 +220,7 @@ class PrivacyConfig:
             raise ValueError(f"privacy.accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
         if self.seed is not None:
             _check_int("privacy.seed", self.seed, 0)
-        tiers = tuple(self.tiers)
-        if not tiers or any(t not in ("root", "cluster") for t in tiers):
-            raise ValueError(f"privacy.tiers must name shared tiers ('root', 'cluster'), got {list(tiers)}")
-        object.__setattr__(self, "tiers", tiers)
+        object.__setattr__(self, "tiers", _shared_tiers("privacy.tiers", self.tiers))
 
     @property
     def enabled(self) -> bool:
