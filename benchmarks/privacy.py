@@ -43,8 +43,8 @@ REDUCED = ["data.per_client=400", "federation.rounds=10", "federation.root_round
            "federation.cluster_rounds=[2,3]", "federation.local_steps=8", "federation.eval_every=100",
            "federation.finetune_epochs=1", "federation.clustering.study=false"]
 SMOKE_CONFIG = ROOT / "examples" / "configs" / "digits_cpu.yaml"
-SMOKE = ["data.num_clients=8", "data.num_groups=2", "federation.rounds=3", "federation.root_rounds=[1,1]",
-         "federation.cluster_rounds=[1,1]", "federation.local_steps=2", "federation.finetune_epochs=1",
+SMOKE = ["data.num_clients=6", "data.num_groups=2", "federation.rounds=3", "federation.root_rounds=[1,1]",
+         "federation.cluster_rounds=[1,1]", "federation.local_steps=1", "federation.finetune_epochs=1",
          "federation.eval_every=100"]
 ROWS: dict[str, float | None] = {"no_dp": None, "eps_inf": float("inf"), "eps_8": 8.0, "eps_4": 4.0, "eps_1": 1.0}
 DELTA = 1e-3
@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; --smoke: 0)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "privacy")
-    parser.add_argument("--smoke", action="store_true", help="digits, 8 clients, 3 rounds: a check that it runs")
+    parser.add_argument("--smoke", action="store_true", help="digits, 6 clients, 3 rounds: a check that it runs")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="write the accuracy-against-epsilon curve here")
     args = parser.parse_args(argv)

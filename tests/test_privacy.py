@@ -181,3 +181,18 @@ def test_the_privacy_section_of_a_config_reaches_the_strategy() -> None:
     assert not [k for k in config_items(build_federation_config({})) if ".privacy." in k]  # old runs resume
     with pytest.raises(ValueError, match="did you mean 'federation.privacy.epsilon'"):
         validate_config({"federation": {"privacy": {"epsilonn": 4}}})
+
+
+def test_a_resumed_private_run_goes_on_counting_epsilon(tmp_path) -> None:
+    """The ledger lives in the checkpointed server state: a run stopped after round 1 and resumed from its
+    checkpoint has spent, after each round, what the accountant gives for that many noised rounds."""
+    first = _private_run(tmp_path, epsilon=6.0, clip_norm=0.5, seed=2)
+    first.checkpoint_path = tmp_path / "fed.pt"
+    first.run(stop_after=1)
+    again = _private_run(tmp_path, epsilon=6.0, clip_norm=0.5, seed=2)
+    again.checkpoint_path = tmp_path / "fed.pt"
+    resumed = again.run(resume=True)
+    z = resumed.privacy["noise_multiplier"]
+    want = [epsilon_spent([(z, 1.0, k)], 1e-5) for k in (1, 2, 3, 3)]  # root, root, cluster, leaf (no release)
+    assert [r.epsilon for r in resumed.records] == pytest.approx(want, rel=1e-12)
+    assert resumed.privacy["noised_rounds"] == 3 and resumed.privacy["epsilon"] <= 6.0
