@@ -41,7 +41,7 @@ import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +146,20 @@ def plan_runs(seeds: Sequence[int], attacks: Sequence[str], robust: str, sweep: 
     return list(dict.fromkeys(runs))
 
 
+def results_of(fn: Callable[..., dict[str, Any]], tasks: Sequence[tuple[Any, ...]], jobs: int
+               ) -> Iterator[dict[str, Any]]:
+    """``fn(*task)`` of every task as it finishes: ``jobs`` child processes at a time, or in this process
+    one after another with ``jobs=1`` (no child to start: what ``--smoke`` uses)."""
+    if jobs <= 1:
+        for task in tasks:
+            yield fn(*task)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        for fut in concurrent.futures.as_completed([pool.submit(fn, *task) for task in tasks]):
+            yield fut.result()
+
+
 def execute(runs: Sequence[tuple[str, int, str | None, int, str]], cfg: Mapping[str, Any], out: Path, jobs: int
             ) -> dict[str, dict[str, Any]]:
     """Run what is not cached in ``out``, ``jobs`` at a time; every run's figures by name."""
@@ -161,15 +175,12 @@ def execute(runs: Sequence[tuple[str, int, str | None, int, str]], cfg: Mapping[
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
     print(f"{len(runs)} runs, {len(done)} cached, {len(todo)} to go ({jobs} at a time, {threads} threads each)",
           flush=True)
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        futures = {pool.submit(run_one, run[0], cfg, run[1], run[2], run[3], run[4], threads): run for run in todo}
-        for i, fut in enumerate(concurrent.futures.as_completed(futures), 1):
-            res = fut.result()
-            (out / f"{res['name']}.json").write_text(json.dumps(res))
-            done[res["name"]] = res
-            mean = np.mean(list(res["honest"].values()))
-            print(f"[{i}/{len(todo)}] {res['name']}: honest mean {mean:.3f} ({res['seconds']:.0f} s)", flush=True)
+    tasks = [(run[0], cfg, run[1], run[2], run[3], run[4], threads) for run in todo]
+    for i, res in enumerate(results_of(run_one, tasks, jobs), 1):
+        (out / f"{res['name']}.json").write_text(json.dumps(res))
+        done[res["name"]] = res
+        mean = np.mean(list(res["honest"].values()))
+        print(f"[{i}/{len(todo)}] {res['name']}: honest mean {mean:.3f} ({res['seconds']:.0f} s)", flush=True)
     return done
 
 
@@ -262,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--attacks", default=",".join(ATTACK_NAMES))
     parser.add_argument("--robust", default="multi_krum", choices=[d for d in DEFENCES if d != "default"])
     parser.add_argument("--sweep", action="store_true", help="every robust rule against 10%% colluders, first seed")
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--jobs", type=int, default=None, help="runs side by side (default 2; --smoke: 1)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "attacks")
     parser.add_argument("--smoke", action="store_true", help="digits, 6 clients, 3 rounds: a check that it runs")
     parser.add_argument("--json", type=Path, default=None)
@@ -285,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_train = len(build_clients(cfg["data"], seeds[0])[0])
     runs = plan_runs(seeds, attacks, args.robust, args.sweep, n_train)
     start = time.perf_counter()
-    done = execute(runs, cfg, out, args.jobs)
+    done = execute(runs, cfg, out, args.jobs or (1 if args.smoke else min(2, os.cpu_count() or 1)))
     fig = figures(done, seeds, attacks, args.robust, args.sweep)
     fig["wall_seconds"] = time.perf_counter() - start
     print()

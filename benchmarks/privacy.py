@@ -25,9 +25,7 @@ JSON (``--json``), flat: ``acc_<row>``, ``shared_acc_<row>``, ``unseen_acc_<row>
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
-import multiprocessing
 import os
 import sys
 import time
@@ -36,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from attacks import results_of  # the sibling benchmark's runner: child processes, or in process with --jobs 1
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "configs" / "fmnist_sc_dir.yaml"
@@ -122,7 +122,7 @@ def run_one(cfg: Mapping[str, Any], seed: int, row: str, clip: float, threads: i
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; --smoke: 0)")
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--jobs", type=int, default=None, help="runs side by side (default 2; --smoke: 1)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "privacy")
     parser.add_argument("--smoke", action="store_true", help="digits, 6 clients, 3 rounds: a check that it runs")
     parser.add_argument("--json", type=Path, default=None)
@@ -135,7 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = load_config(SMOKE_CONFIG, SMOKE) if args.smoke else load_config(CONFIG, REDUCED)
     out = args.out.with_name(args.out.name + "_smoke") if args.smoke else args.out
     out.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    jobs = args.jobs or (1 if args.smoke else min(2, os.cpu_count() or 1))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
     start = time.perf_counter()
     pilot = out / "pilot.json"
     if pilot.exists():
@@ -153,15 +154,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 done[(seed, row)] = json.loads(path.read_text())
             else:
                 todo.append((seed, row))
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-        futures = {pool.submit(run_one, cfg, seed, row, clip, threads): (seed, row) for seed, row in todo}
-        for i, fut in enumerate(concurrent.futures.as_completed(futures), 1):
-            res = fut.result()
-            (out / f"s{res['seed']}_{res['row']}.json").write_text(json.dumps(res))
-            done[(res["seed"], res["row"])] = res
-            print(f"[{i}/{len(todo)}] seed {res['seed']} {res['row']}: acc {res['acc']:.3f}, shared "
-                  f"{res['shared_acc']:.3f}, epsilon {res['epsilon_spent']:.2f} ({res['seconds']:.0f} s)", flush=True)
+    tasks = [(cfg, seed, row, clip, threads) for seed, row in todo]
+    for i, res in enumerate(results_of(run_one, tasks, jobs), 1):
+        (out / f"s{res['seed']}_{res['row']}.json").write_text(json.dumps(res))
+        done[(res["seed"], res["row"])] = res
+        print(f"[{i}/{len(todo)}] seed {res['seed']} {res['row']}: acc {res['acc']:.3f}, shared "
+              f"{res['shared_acc']:.3f}, epsilon {res['epsilon_spent']:.2f} ({res['seconds']:.0f} s)", flush=True)
     fig: dict[str, float] = {"clip_norm": clip}
     print(f"\naccuracy against epsilon (delta = {DELTA}, mean over seeds {seeds}):")
     print("| privacy | personalized acc | released tiers acc | unseen acc | epsilon spent | noise multiplier |")
