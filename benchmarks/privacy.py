@@ -35,17 +35,13 @@ from typing import Any
 
 import numpy as np
 
-from attacks import results_of  # the sibling benchmark's runner: child processes, or in process with --jobs 1
+from attacks import SMOKE, SMOKE_CONFIG, results_of  # the sibling benchmark's smoke federation and runner
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "configs" / "fmnist_sc_dir.yaml"
 REDUCED = ["data.per_client=400", "federation.rounds=10", "federation.root_rounds=[2,3]",
            "federation.cluster_rounds=[2,3]", "federation.local_steps=8", "federation.eval_every=100",
            "federation.finetune_epochs=1", "federation.clustering.study=false"]
-SMOKE_CONFIG = ROOT / "examples" / "configs" / "digits_cpu.yaml"
-SMOKE = ["data.num_clients=6", "data.num_groups=2", "federation.rounds=3", "federation.root_rounds=[1,1]",
-         "federation.cluster_rounds=[1,1]", "federation.local_steps=1", "federation.finetune_epochs=1",
-         "federation.eval_every=100"]
 ROWS: dict[str, float | None] = {"no_dp": None, "eps_inf": float("inf"), "eps_8": 8.0, "eps_4": 4.0, "eps_1": 1.0}
 DELTA = 1e-3
 PILOT_SEED = 100
