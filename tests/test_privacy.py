@@ -54,14 +54,32 @@ def test_the_noiseless_release_is_the_clipped_equal_weight_mean_of_the_products(
 
 
 def test_one_client_moves_the_noiseless_release_by_at_most_clip_over_m() -> None:
+    """Add/remove adjacency with the fixed denominator: one client more or less, whatever its data, moves the
+    release by at most S / m; with the upload count as denominator it could move it by ~2 S / m."""
     ups, start = _federation(n=4, seed=1)
-    clip = 0.5
-    base, _, _ = dp_aggregate(ups, start, FULL, clip, 0.0, torch.Generator())
-    wild = [*ups[:3], {k: v * 50 for k, v in ups[3].items()}]  # one client changes its data arbitrarily
-    moved, _, _ = dp_aggregate(wild, start, FULL, clip, 0.0, torch.Generator())
-    shift = math.sqrt(sum(np.sum((_prod(moved, n) - _prod(base, n)) ** 2) for n in SHAPES))
-    assert shift <= 2 * clip / 4 * (1 + 1e-5)  # its clipped update changed by at most 2 S, divided by m
-    assert shift > 0.1 * clip / 4
+    clip, m = 0.5, 4.0
+
+    def release(states, expected):
+        new, _, _ = dp_aggregate(states, start, FULL, clip, 0.0, torch.Generator(), expected=expected)
+        return new
+
+    def shift(a, b):
+        return math.sqrt(sum(np.sum((_prod(a, n) - _prod(b, n)) ** 2) for n in SHAPES))
+
+    without = release(ups[:3], m)
+    for scale in (1.0, 50.0, -50.0):  # the added client's update, small, huge, reversed
+        added = [*ups[:3], {k: start[k] + scale * (v - start[k]) for k, v in ups[3].items()}]
+        assert shift(release(added, m), without) <= clip / m * (1 + 1e-5)
+    gen = torch.Generator().manual_seed(7)  # updates linear in their B: U = dB A_0, so -50 dB is -50 U
+    step = {k: (torch.randn(v.shape, generator=gen, dtype=torch.float64) if k.endswith("lora_B") else 0 * v)
+            for k, v in start.items()}
+    same = [{k: start[k] + 5 * step[k] for k in start}] * 3  # three equal updates (clipped to S) ...
+    wild = {k: start[k] - 50 * step[k] for k in start}  # ... and a fourth exactly against them
+    counted = shift(release([*same, wild], None), release(same, None))  # denominators 4 and 3
+    assert counted == pytest.approx(2 * clip / m, rel=1e-4)  # why the denominator is fixed
+    assert shift(release([*same, wild], m), release(same, m)) == pytest.approx(clip / m, rel=1e-4)
+    with pytest.raises(ValueError, match="expected number of clients must be > 0"):
+        release(ups, 0.0)
 
 
 def test_the_released_noise_has_the_variance_of_the_mechanism() -> None:

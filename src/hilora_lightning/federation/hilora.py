@@ -207,17 +207,19 @@ class HiLoRAStrategy(Newcomers):
 
     # ------------------------------------------------------------------ aggregation and stages
     def _aggregate_group(self, payloads: list[Payload], tier: Tier, start: State, head_start: State | None,
-                         noise: torch.Generator | None = None) -> tuple[State, State | None]:
+                         noise: torch.Generator | None = None, members: int = 0) -> tuple[State, State | None]:
         """The new state of a shared tier and its head (``None`` when heads are not shared) from its
         uploads; ``start`` / ``head_start``: what the round began from; ``noise``: the generator of a
-        private release (``config.privacy``)."""
+        private release (``config.privacy``), whose fixed denominator is ``fraction_fit`` of the
+        group's ``members``."""
         weights = [p.num_samples for p in payloads]
         states = [p.factors for p in payloads]
         heads = [p.head for p in payloads] if head_start is not None else None
         robust = self.config.robust
         if self.privacy is not None and noise is not None:
             new, head, _ = dp_aggregate(states, start, self.spec.rank(tier), self.privacy.clip_norm,
-                                        self.privacy.noise_multiplier, noise, heads, head_start)  # type: ignore
+                                        self.privacy.noise_multiplier, noise, heads, head_start,  # type: ignore
+                                        self.privacy.expected(members))
             return new, head
         if self.config.aggregation != "product":
             return fedavg_states(states, weights), None if heads is None else fedavg_states(heads, weights)  # type: ignore
@@ -255,7 +257,8 @@ class HiLoRAStrategy(Newcomers):
         if tier is Tier.ROOT:
             new_root, head = self._aggregate_group(list(payloads.values()), tier, state.root,
                                                    state.global_head if share_head else None,
-                                                   self.privacy.generator(t, -1) if private else None)  # type: ignore
+                                                   self.privacy.generator(t, -1) if private else None,  # type: ignore
+                                                   len(state.clients))
             rho = self.stage_statistic(state.root, new_root)
             state.root = new_root
             if head is not None:
@@ -266,7 +269,8 @@ class HiLoRAStrategy(Newcomers):
             members = [p for c, p in payloads.items() if state.assignment[c] == j]
             new, head = self._aggregate_group(members, tier, state.clusters[j],
                                               state.cluster_heads[j] if share_head else None,
-                                              self.privacy.generator(t, j) if private else None)  # type: ignore
+                                              self.privacy.generator(t, j) if private else None,  # type: ignore
+                                              sum(1 for k in state.assignment.values() if k == j))
             rhos.append(self.stage_statistic(state.clusters[j], new))
             state.clusters[j] = new
             if head is not None:

@@ -56,6 +56,11 @@ class PrivacyLedger:
                                                          self.rounds, cfg.accountant)
         self.clip_norm = float(cfg.clip_norm)  # type: ignore[arg-type]
 
+    def expected(self, members: int) -> float:
+        """The fixed denominator of an aggregate over a group of ``members`` clients: the number a round
+        selects of them, ``fraction_fit * members`` (at least one), fixed before the round."""
+        return max(1.0, self.sample_rate * members)
+
     def applies(self, tier_name: str) -> bool:
         """Whether ``tier_name`` (``"root"``, ``"cluster"``) is released privately."""
         return tier_name in self.config.tiers

@@ -4,16 +4,19 @@ Each client's update is its whole upload against what the round started from: th
 ``U_i = B_i A_i - B_0 A_0`` (every adapted matrix) and its head ``h_i - h_0``. The server clips each
 update to norm ``S`` (one joint Frobenius norm, from the ``2r x 2r`` Gram blocks of
 :func:`~hilora_lightning.strategy.robust.update_gram`), averages the clipped updates with equal weights
-over the ``m`` uploads, and adds Gaussian noise of standard deviation ``z S / m`` to every coordinate
-of the dense aggregate, one adapted matrix at a time:
+with the fixed denominator ``m`` (the number of clients expected in the aggregate, set before the
+round: DP-FedAvg's fixed-denominator estimator), and adds Gaussian noise of standard deviation
+``z S / m`` to every coordinate of the dense aggregate, one adapted matrix at a time:
 
     P = B_0 A_0 + (1/m) sum_i c_i U_i + N(0, (z S / m)^2),   c_i = min(1, S / ||U_i||)
 
 then releases the rank-``r`` truncated SVD of ``P`` (post-processing: the guarantee holds for the
-factors). A client changes the average by at most ``S / m``, so each round is a Gaussian mechanism of
-noise multiplier ``z`` for it, and over the rounds the accountant (Opacus's RDP or PRV, with the
-round's client sampling rate) gives the ``(epsilon, delta)`` spent. Equal weights, not sample counts:
-a client's weight would otherwise scale its sensitivity.
+factors). Adding or removing one client changes the sum by at most ``S``, so the average by at most
+``S / m`` whatever the others do (a denominator that counted the uploads would move with the client
+and double that), so each round is a Gaussian mechanism of noise multiplier ``z`` for it, and over
+the rounds the accountant (Opacus's RDP or PRV, with the round's client sampling rate) gives the
+``(epsilon, delta)`` spent. Equal weights, not sample counts: a client's weight would otherwise
+scale its sensitivity.
 
 The noise is drawn from ``generator``; a deployment seeds it from the operating system (a known seed
 lets anyone subtract the noise), a test or a reproducible study from a fixed seed.
@@ -48,15 +51,20 @@ State = Mapping[str, Tensor]
 
 
 def dp_aggregate(states: Sequence[State], start: State, rank: int, clip_norm: float, noise_multiplier: float,
-                 generator: torch.Generator, heads: Sequence[State] | None = None, head_start: State | None = None
-                 ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None, list[float]]:
+                 generator: torch.Generator, heads: Sequence[State] | None = None, head_start: State | None = None,
+                 expected: float | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor] | None, list[float]]:
     """The released tier (rank ``rank``), head (``None`` without ``heads``) and each update's norm before clipping.
 
+    ``expected``: the fixed denominator ``m``, the number of clients expected in this aggregate, decided
+    before the round (``None``: the number of uploads, right only when every expected client uploaded).
+
     Raises:
-        ValueError: no uploads, ``clip_norm <= 0`` or ``noise_multiplier < 0``.
+        ValueError: no uploads, ``clip_norm <= 0``, ``noise_multiplier < 0`` or ``expected <= 0``.
     """
     if not states:
         raise ValueError("dp_aggregate needs at least one upload")
+    if expected is not None and not expected > 0:
+        raise ValueError(f"the expected number of clients must be > 0, got {expected!r}")
     if not clip_norm > 0 or not noise_multiplier >= 0:
         raise ValueError(f"clip_norm must be > 0 and noise_multiplier >= 0, got {clip_norm!r}, {noise_multiplier!r}")
     if heads is not None and head_start is None:
@@ -65,7 +73,7 @@ def dp_aggregate(states: Sequence[State], start: State, rank: int, clip_norm: fl
     if heads is not None:
         gram = gram + dense_gram(heads, head_start)  # type: ignore[arg-type]
     norms = update_norms(gram)
-    m = len(states)
+    m = float(len(states) if expected is None else expected)
     coef = torch.clamp(clip_norm / norms.clamp_min(1e-300), max=1.0) / m  # c_i / m
     std = noise_multiplier * clip_norm / m
     out: dict[str, Tensor] = {}
