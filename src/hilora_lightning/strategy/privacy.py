@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from hilora_lightning.strategy.aggregation import factor_pairs
-from hilora_lightning.strategy.robust import dense_gram, update_gram, update_norms
+from hilora_lightning.strategy.robust import combine_dense, dense_factors, dense_gram, update_gram, update_norms
 
 __all__ = ["ACCOUNTANTS", "dp_aggregate", "epsilon_spent", "noise_multiplier_for"]
 
@@ -84,19 +84,12 @@ def dp_aggregate(states: Sequence[State], start: State, rank: int, clip_norm: fl
         for c, st in zip(coef.tolist(), states):
             agg += c * (st[f"{prefix}.lora_B"].double() @ st[f"{prefix}.lora_A"].double() - base)
         agg += std * torch.randn(agg.shape, generator=generator, dtype=torch.float64)
-        u, s, vh = torch.linalg.svd(agg, full_matrices=False)
-        k = min(rank, s.numel())
-        new_b = torch.zeros(base.shape[0], rank, dtype=torch.float64)
-        new_a = torch.zeros(rank, base.shape[1], dtype=torch.float64)
-        new_b[:, :k], new_a[:k] = u[:, :k], s[:k, None] * vh[:k]
-        out[f"{prefix}.lora_A"], out[f"{prefix}.lora_B"] = new_a.float(), new_b.float()
+        out[f"{prefix}.lora_B"], out[f"{prefix}.lora_A"] = dense_factors(agg, rank)
     head = None
-    if heads is not None:
-        head = {}
-        for key, h0 in head_start.items():  # type: ignore[union-attr]
-            x = h0.double() + sum(c * (h[key].double() - h0.double()) for c, h in zip(coef.tolist(), heads))
-            x = x + std * torch.randn(h0.shape, generator=generator, dtype=torch.float64)
-            head[key] = x.to(h0.dtype)
+    if heads is not None:  # h_0 + sum_i (c_i / m) (h_i - h_0) + noise
+        mean = combine_dense(heads, head_start, coef, 1.0 - float(coef.sum()))  # type: ignore[arg-type]
+        head = {key: (x.double() + std * torch.randn(x.shape, generator=generator, dtype=torch.float64)
+                      ).to(x.dtype) for key, x in mean.items()}
     return {k: out[k] for k in start}, head, norms.tolist()
 
 

@@ -57,6 +57,7 @@ __all__ = [
     "combine_dense",
     "coordinate_aggregate_dense",
     "coordinate_aggregate_states",
+    "dense_factors",
     "dense_gram",
     "geometric_median_weights",
     "multi_krum_weights",
@@ -277,13 +278,19 @@ def coordinate_aggregate_states(states: Sequence[State], start: State, rule: str
         updates = torch.stack([st[f"{prefix}.lora_B"].double() @ st[f"{prefix}.lora_A"].double() - base
                                for st in states])
         agg = _coordinate(updates, rule, trim_fraction)
-        u, s, vh = torch.linalg.svd(base + agg, full_matrices=False)
-        k = min(rank, s.numel())
-        new_b = torch.zeros(base.shape[0], rank, dtype=torch.float64)
-        new_a = torch.zeros(rank, base.shape[1], dtype=torch.float64)
-        new_b[:, :k], new_a[:k] = u[:, :k], s[:k, None] * vh[:k]
-        out[f"{prefix}.lora_A"], out[f"{prefix}.lora_B"] = new_a.float(), new_b.float()
+        out[f"{prefix}.lora_B"], out[f"{prefix}.lora_A"] = dense_factors(base + agg, rank)
     return {k: out[k] for k in start}
+
+
+def dense_factors(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """``(B, A)`` in float32 of the rank-``rank`` truncated SVD of a dense matrix, split as the product
+    rule splits (``B = U_r``, ``A = S_r V_r^T``); zero-padded when the matrix has fewer directions."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    k = min(rank, s.numel())
+    new_b = torch.zeros(matrix.shape[0], rank, dtype=torch.float64)
+    new_a = torch.zeros(rank, matrix.shape[1], dtype=torch.float64)
+    new_b[:, :k], new_a[:k] = u[:, :k].double(), (s[:k, None] * vh[:k]).double()
+    return new_b.float(), new_a.float()
 
 
 def aggregate_uploads(states: Sequence[State], weights: Sequence[float], start: State, rank: int, rule: str = "none",
