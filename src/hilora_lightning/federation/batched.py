@@ -1,18 +1,23 @@
 """The batched backend: a round's clients trained together, in one pass over the shared frozen backbone.
 
 Sequential simulation runs one Lightning fit per client. Here the plans of a round that share a
-structure (the same steps, budget and uploads; HiLoRA's stage plans do, and the baselines' without
-gates) run as *one* pass: the clients' samples are concatenated in equal segments, every tiered layer
-adds each client's own factors to its segment (:mod:`hilora_lightning.batched_lora`), slots every
-client shares (the frozen root in the cluster stage) are merged into the base weight for the pass,
-the heads are stacked, and the loss is the sum of the per-client mean losses (plus each client's
+structure (the same steps, budget and uploads; HiLoRA's stage plans and unseen fine-tunes do, and the
+baselines' without gates) run as *one* pass: the clients' samples are concatenated in equal segments,
+every tiered layer adds each client's own factors to its segment (:mod:`hilora_lightning.batched_lora`),
+slots every client shares (the frozen root in the cluster stage) are merged into the base weight for the
+pass, the heads are stacked, and the loss is the sum of the per-client mean losses (plus each client's
 orthogonality penalty), so each client's gradient is exactly its own. One AdamW over the stacked
 parameters equals per-client AdamWs (it is elementwise). Each client draws its batches from its own
 seeded sampler as the sequential executor does, so the two agree up to float32 summation order.
 
+Clients with different numbers of batches (epoch budgets over data sets of different sizes) share a
+pass too: a short batch (an epoch's last) is padded with weight 0, and a client's rows are put back to
+their state after its last batch (AdamW moves a parameter on a zero gradient as well). Gradient clipping
+(``gradient_clip_val``, by norm or value) clips each client's own gradient.
+
 What cannot batch runs one client at a time through the sequential executor, with a one-line notice
-naming why (epoch budgets, gates, dropout, batch norm, Lightning callbacks or loggers, gradient
-clipping, an overridden training step or loss). A client whose data raises fails alone: the pass
+naming why (gates, dropout, batch norm, Lightning callbacks or loggers, other Trainer options, an
+overridden training step or loss). A client whose data raises fails alone: the pass
 runs again without it. Precision and device come from the ``trainer_kwargs`` through Lightning Fabric.
 
 Example:
@@ -36,6 +41,7 @@ from torch import nn
 from hilora_lightning.adapter_spec import AdapterSpec
 from hilora_lightning.federation.backend import InProcessBackend
 from hilora_lightning.federation.batched_pass import ClientDataError, Job, fit_pass, score_pass
+from hilora_lightning.federation.local import LoaderSpec
 from hilora_lightning.federation.plan import ClientStore, FitReply, LocalPlan, ScorePlan
 from hilora_lightning.federation.runtime import ClientRuntime, resolve_head, resolve_slots
 from hilora_lightning.model import HiLoRAViT
@@ -46,7 +52,7 @@ log = logging.getLogger(__name__)
 
 #: Trainer options the batched pass honours (through Fabric); any other means one client at a time.
 _PASSED = {"precision", "accelerator", "devices", "enable_progress_bar", "enable_model_summary",
-           "enable_checkpointing", "logger", "barebones"}
+           "enable_checkpointing", "logger", "barebones", "gradient_clip_val", "gradient_clip_algorithm"}
 
 
 def batch_refusal(model: HiLoRAViT, trainer_kwargs: Mapping[str, Any]) -> str | None:
@@ -61,6 +67,12 @@ def batch_refusal(model: HiLoRAViT, trainer_kwargs: Mapping[str, Any]) -> str | 
         return f"Trainer options {extra} need a Lightning fit per client"
     if trainer_kwargs.get("logger") not in (None, False):
         return "a logger in trainer_kwargs needs a Lightning fit per client"
+    clip = trainer_kwargs.get("gradient_clip_val")
+    if clip not in (None, 0, 0.0):
+        if str(trainer_kwargs.get("gradient_clip_algorithm") or "norm") not in ("norm", "value"):
+            return f"gradient_clip_algorithm={trainer_kwargs.get('gradient_clip_algorithm')!r}"
+        if str(trainer_kwargs.get("precision", "32-true")).startswith("16"):
+            return "gradient clipping under fp16 loss scaling"
     if str(trainer_kwargs.get("devices", 1)) not in ("1", "auto"):
         return "the batched pass runs on one device"
     for m in model.model.modules():
@@ -77,11 +89,11 @@ def batch_refusal(model: HiLoRAViT, trainer_kwargs: Mapping[str, Any]) -> str | 
     return None
 
 
-def _plan_refusal(model: HiLoRAViT, plan: LocalPlan) -> str | None:
+def _plan_refusal(model: HiLoRAViT, plan: LocalPlan, loader: LoaderSpec) -> str | None:
     if plan.gates is not None or any(s.gates for s in plan.steps):
         return "gated plans"
-    if plan.budget.steps is None:
-        return "epoch budgets (clients draw different numbers of batches)"
+    if plan.budget.steps is None and loader.persistent_workers:
+        return "epoch budgets with persistent loader workers (they draw another epoch order)"
     acfg = model.adapter_config
     if any(acfg.tier(t).dropout > 0 for s in plan.steps for t in s.active):
         return "LoRA dropout"
@@ -135,7 +147,7 @@ class BatchedBackend(InProcessBackend):
         groups: dict[tuple[Any, ...], list[int]] = {}
         alone: list[int] = []
         for cid, plan in requests.items():
-            reason = model_reason or _plan_refusal(runtime.model, plan)
+            reason = model_reason or _plan_refusal(runtime.model, plan, runtime.loader)
             if reason is not None or len(requests) == 1:
                 if reason is not None:
                     self._say(reason)

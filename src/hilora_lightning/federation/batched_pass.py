@@ -27,7 +27,7 @@ from torch.utils.data import TensorDataset
 from hilora_lightning.batched_lora import StackedDelta, stacked_head
 from hilora_lightning.data.clients import ClientData
 from hilora_lightning.data.samples import XYCollate
-from hilora_lightning.federation.local import StepSampler
+from hilora_lightning.federation.local import batch_order
 from hilora_lightning.federation.plan import ClientStore, FitReply, LocalPlan, ScorePlan
 from hilora_lightning.federation.runtime import ClientRuntime, finish_plan
 from hilora_lightning.model import HiLoRAViT
@@ -131,21 +131,43 @@ def _stacked_heads(jobs: Sequence[Job], device: torch.device) -> tuple[Tensor, T
     return weight, bias
 
 
-def _batches(jobs: Sequence[Job], seeds: Sequence[int], steps: int, batch_size: int
-             ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Each client's batches exactly as its own fit draws them (its seeded sampler), concatenated per step."""
-    orders = [list(StepSampler(len(j.data.train), steps * batch_size,  # type: ignore[arg-type]
-                               torch.Generator().manual_seed(seed))) for j, seed in zip(jobs, seeds)]
-    for k in range(steps):
-        xs, ys = [], []
-        for j, order in zip(jobs, orders):
+def _schedules(jobs: Sequence[Job], i: int) -> list[list[list[int]]]:
+    """Each client's index batches of step ``i``, exactly as its own fit draws them (its seeded loader)."""
+    out = []
+    for j in jobs:
+        plan = j.plan
+        assert isinstance(plan, LocalPlan)
+        step, n = plan.steps[i], j.data.num_samples
+        epochs, steps = plan.budget.of_step(step.share, n)
+        out.append(batch_order(n, step.seed, plan.budget.batch_size, epochs, steps))
+    return out
+
+
+def _batches(jobs: Sequence[Job], schedules: Sequence[list[list[int]]]
+             ) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+    """Per pass step: every client's batch concatenated in equal segments, and the per-sample loss weights.
+
+    A short batch (an epoch's last) is padded with its own first sample, a client past its last batch repeats
+    its first one; both weigh 0. ``weights`` is ``None`` when every segment is a full batch of its client
+    (each client's mean is then a plain mean).
+    """
+    for k in range(max(len(s) for s in schedules)):
+        width = max(len(s[k]) for s in schedules if k < len(s))
+        xs, ys, sizes = [], [], []
+        for j, sched in zip(jobs, schedules):
+            idx = sched[k] if k < len(sched) else sched[0][:1]
+            sizes.append(len(idx) if k < len(sched) else 0)
             try:
-                x, y = _collate(j.data.train, order[k * batch_size:(k + 1) * batch_size], j.collate)
+                x, y = _collate(j.data.train, idx + idx[:1] * (width - len(idx)), j.collate)
             except Exception as exc:
                 raise ClientDataError(j.plan.client_id, exc) from exc
             xs.append(x)
             ys.append(y)
-        yield torch.cat(xs), torch.cat(ys)
+        weights = None
+        if any(n != width for n in sizes):
+            mask = torch.arange(width)[None, :] < torch.tensor(sizes)[:, None]
+            weights = mask.float() / torch.tensor(sizes).clamp_min(1)[:, None].float()
+        yield torch.cat(xs), torch.cat(ys), weights
 
 
 def _collate(data: Any, idx: Sequence[int], collate: XYCollate) -> tuple[Tensor, Tensor]:
@@ -171,17 +193,17 @@ def _features(model: HiLoRAViT, x: Tensor) -> Tensor:
 def fit_pass(runtime: ClientRuntime, jobs: list[Job]) -> dict[int, tuple[FitReply, ClientStore] | Exception]:
     """Run the jobs' plans (one structure) together; return each client's reply and new store."""
     model, first = runtime.model, jobs[0].plan
-    assert isinstance(first, LocalPlan) and first.budget.steps is not None
-    budget_steps = first.budget.steps
+    assert isinstance(first, LocalPlan)
     fabric = _fabric(runtime.trainer_kwargs)
+    clip = _clipping(runtime.trainer_kwargs)
     hp = model.hparams
     c = len(jobs)
     model.to(fabric.device)
     model.train()
     try:
         for i, step in enumerate(first.steps):
-            steps = budget_steps if step.share is None else max(1, round(step.share * budget_steps))
             head_w, head_b = _stacked_heads(jobs, fabric.device)
+            schedules = _schedules(jobs, i)
             with _Pass(model, jobs, step.active, step.train, fabric.device) as p:
                 params = [v for t in step.train for v in p.stacked[t].values()]
                 if step.head:
@@ -192,19 +214,26 @@ def fit_pass(runtime: ClientRuntime, jobs: list[Job]) -> dict[int, tuple[FitRepl
                     raise RuntimeError(f"nothing to train in step {i} of client {first.client_id}'s plan")
                 opt = fabric.setup_optimizers(torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"]))
                 penalty = _penalty_groups(model, p, step, c)
-                seeds = [j.plan.steps[i].seed for j in jobs]  # type: ignore[union-attr]
-                for x, y in _batches(jobs, seeds, steps, first.budget.batch_size):
+                finished = _Finished([len(sched) for sched in schedules])
+                for k, (x, y, weights) in enumerate(_batches(jobs, schedules)):
                     x, y = x.to(fabric.device), y.to(fabric.device)
                     with fabric.autocast():
                         logits = stacked_head(_features(model, x).reshape(c, -1, head_w.shape[-1]), head_w, head_b)
                         per_sample = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y,
-                                                     reduction="none")
-                        loss = per_sample.reshape(c, -1).mean(1).sum()  # each client's mean: its own gradient
+                                                     reduction="none").reshape(c, -1)
+                        if weights is None:  # each client's mean: its own gradient
+                            loss = per_sample.mean(1).sum()
+                        else:
+                            loss = (per_sample * weights.to(per_sample.device)).sum()
                         if penalty is not None:
                             loss = loss + _penalty(p, step, penalty, model)
                     opt.zero_grad(set_to_none=True)
                     fabric.backward(loss)
+                    if clip is not None:
+                        _clip_per_client(params, c, *clip)
                     opt.step()
+                    finished.record(k, params)
+                finished.restore(params)
                 for t in step.train:
                     for j, state in zip(jobs, p.states(t)):
                         j.slots[t] = state
@@ -224,6 +253,54 @@ def fit_pass(runtime: ClientRuntime, jobs: list[Job]) -> dict[int, tuple[FitRepl
         except Exception as exc:  # a non-finite update fails that client alone
             out[plan.client_id] = exc
     return out
+
+
+class _Finished:
+    """Each client's rows of the trained parameters as they were after its own last batch.
+
+    AdamW moves a parameter on a zero gradient too (momentum, decoupled decay), so a client whose
+    batches ran out while others go on would drift; its rows are put back when the pass ends.
+    """
+
+    def __init__(self, batches: Sequence[int]) -> None:
+        self.batches, self.last = list(batches), max(batches)
+        self.rows: dict[int, list[Tensor]] = {}
+
+    def record(self, k: int, params: Sequence[Tensor]) -> None:
+        """After pass step ``k``: keep the rows of the clients whose last batch it was (not the longest)."""
+        for n, count in enumerate(self.batches):
+            if count == k + 1 < self.last:
+                self.rows[n] = [q.detach()[n].clone() for q in params]
+
+    @torch.no_grad()
+    def restore(self, params: Sequence[Tensor]) -> None:
+        """Put every finished client's rows back."""
+        for n, rows in self.rows.items():
+            for q, row in zip(params, rows):
+                q[n].copy_(row)
+
+
+def _clipping(trainer_kwargs: Mapping[str, Any]) -> tuple[float, str] | None:
+    """Lightning's ``gradient_clip_val`` / ``gradient_clip_algorithm`` (``None``: no clipping)."""
+    value = trainer_kwargs.get("gradient_clip_val")
+    if value in (None, 0, 0.0):
+        return None
+    return float(value), str(trainer_kwargs.get("gradient_clip_algorithm") or "norm")
+
+
+@torch.no_grad()
+def _clip_per_client(params: Sequence[Tensor], clients: int, value: float, algorithm: str) -> None:
+    """Clip each client's gradient as its own fit clips it: over its rows of every trained parameter
+    (``"norm"``: ``torch.nn.utils.clip_grad_norm_``'s rule, ``"value"``: elementwise)."""
+    grads = [q.grad for q in params if q.grad is not None]
+    if algorithm == "value":
+        for g in grads:
+            g.clamp_(-value, value)
+        return
+    norms = torch.stack([g.reshape(clients, -1).float().norm(dim=1) for g in grads]).norm(dim=0)
+    coef = (value / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype).reshape(clients, *([1] * (g.dim() - 1))))
 
 
 def _penalty_groups(model: HiLoRAViT, p: _Pass, step: Any, clients: int) -> Any:

@@ -34,6 +34,8 @@ from hilora_lightning.tiers import Tier
 __all__ = [
     "LoaderSpec",
     "StepSampler",
+    "batch_order",
+    "client_loader",
     "client_seed",
     "eval_device",
     "evaluate",
@@ -228,6 +230,35 @@ class StepSampler(Sampler[int]):
         return iter(order[: self.num_samples].tolist())
 
 
+def client_loader(train: Dataset, seed: int, batch_size: int, local_steps: int | None, **kwargs: Any) -> DataLoader:
+    """The DataLoader of one local update: ``local_steps`` full batches in one pass (no epoch restarts inside
+    a local update), else shuffled epochs, both drawn from ``seed``. ``kwargs`` go to the DataLoader."""
+    gen = torch.Generator().manual_seed(seed)
+    if local_steps is None:
+        return DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen, **kwargs)
+    sampler = StepSampler(len(train), local_steps * batch_size, gen)  # type: ignore[arg-type]
+    return DataLoader(train, batch_size=batch_size, sampler=sampler, **kwargs)
+
+
+def batch_order(num_samples: int, seed: int, batch_size: int, epochs: int, local_steps: int | None) -> list[list[int]]:
+    """The sample indices of every batch :func:`fit_current`'s loader yields, in order (the last batch of an
+    epoch may be short). The batched backend draws each client's batches by it.
+
+    Example:
+        >>> [len(b) for b in batch_order(5, seed=0, batch_size=2, epochs=2, local_steps=None)]
+        [2, 2, 1, 2, 2, 1]
+        >>> len(batch_order(5, seed=0, batch_size=2, epochs=9, local_steps=4))  # steps win over epochs
+        4
+    """
+    loader = client_loader(range(num_samples), seed, batch_size, local_steps,  # type: ignore[arg-type]
+                           collate_fn=list)
+    out: list[list[int]] = []
+    for _ in range(epochs if local_steps is None else 1):
+        batches = iter(loader)  # Lightning takes len(loader) batches and stops: a shuffled epoch over a multiple
+        out += [next(batches) for _ in range(len(loader))]  # of the batch size never draws the sampler's tail
+    return out
+
+
 def fit_client(
     model: HiLoRAViT,
     train: Dataset,
@@ -257,13 +288,7 @@ def fit_current(
 ) -> None:
     """One local update of whatever the model's switches make trainable (tiers, head, gates)."""
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    spec = (loader or LoaderSpec()).kwargs()
-    if local_steps is None:
-        data = DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen, **spec)
-    else:  # exactly local_steps full batches in one pass: no epoch restarts inside a local update
-        sampler = StepSampler(len(train), local_steps * batch_size, gen)  # type: ignore[arg-type]
-        data = DataLoader(train, batch_size=batch_size, sampler=sampler, **spec)
+    data = client_loader(train, seed, batch_size, local_steps, **(loader or LoaderSpec()).kwargs())
     was_logging = model.train_logging
     model.train_logging = wants_logging(trainer_kwargs)
     with quiet_lightning(), warnings.catch_warnings():

@@ -203,6 +203,18 @@ class Budget:
         """The budget in batches for a client with ``num_samples`` training samples."""
         return self.steps or self.epochs * math.ceil(num_samples / self.batch_size)
 
+    def of_step(self, share: float | None, num_samples: int) -> tuple[int, int | None]:
+        """``(epochs, steps)`` of a :class:`Step` with this ``share`` for a client with ``num_samples``: the
+        whole budget (``share=None``), else ``max(1, round(share * total))`` batches in one epoch.
+
+        Example:
+            >>> Budget(batch_size=32, epochs=2).of_step(None, 100), Budget(batch_size=32, epochs=2).of_step(0.5, 100)
+            ((2, None), (1, 4))
+        """
+        if share is None:
+            return self.epochs, self.steps
+        return 1, max(1, round(share * self.total_steps(num_samples)))
+
 
 @dataclasses.dataclass(frozen=True)
 class LocalPlan:

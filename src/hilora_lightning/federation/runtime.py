@@ -93,14 +93,10 @@ class ClientRuntime:
         """
         model = self.model
         self._load(plan, store)
-        total = plan.budget.total_steps(data.num_samples)
         trainer_kwargs = for_client(self.trainer_kwargs, plan.client_id, plan.round)  # client/<id>/ at the round
         for step in plan.steps:
             model.set_tiers(step.active, step.train, head=step.head, gates=step.gates, penalty=step.penalty)
-            if step.share is None:  # the whole budget: steps if given, else epochs
-                epochs, steps = plan.budget.epochs, plan.budget.steps
-            else:
-                epochs, steps = 1, max(1, round(step.share * total))
+            epochs, steps = plan.budget.of_step(step.share, data.num_samples)
             fit_current(model, data.train, step.seed, plan.budget.batch_size, epochs, steps, trainer_kwargs,
                         self.loader_for(data))
         gates = model.gate_state() if plan.gates is not None else None
