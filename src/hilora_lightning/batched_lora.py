@@ -61,20 +61,28 @@ class StackedDelta:
     Args:
         clients: ``C``; the batch's first dimension is ``C`` equal segments.
         terms: ``(A, B, scale)`` per client-specific slot (stacked as in :func:`stacked_lora_delta`).
+
+    ``index`` (a ``LongTensor`` of client positions, default ``None``: all ``C``) narrows the batch to those
+    clients' segments, in that order: clients whose batches have run out leave the pass.
     """
 
     def __init__(self, clients: int, terms: Sequence[tuple[Tensor, Tensor, float]]) -> None:
         self.clients = clients
         self.terms = list(terms)
+        self.index: Tensor | None = None
 
     def __call__(self, layer: Any, x: Tensor) -> Tensor:
         out = layer.base_layer(x)
         if not self.terms:
             return out  # type: ignore[no-any-return]
-        xc = x.reshape(self.clients, -1, x.shape[-1])
-        oc = out.view(self.clients, -1, out.shape[-1])  # the base output, fresh: the updates go in place
+        index = self.index
+        clients = self.clients if index is None else len(index)
+        xc = x.reshape(clients, -1, x.shape[-1])
+        oc = out.view(clients, -1, out.shape[-1])  # the base output, fresh: the updates go in place
         rows = [(start, stop) for _, start, stop in layer.segments]
         for a, b, scale in self.terms:
+            if index is not None:
+                a, b = a[index], b[index]
             stacked_lora_delta(xc, a, b, rows, scale, out=oc)
         return out  # type: ignore[no-any-return]
 

@@ -112,6 +112,13 @@ class _Pass:
             layer.batched = None
             layer.unmerge()
 
+    def narrow(self, active: Sequence[int]) -> Tensor | None:
+        """Run the next steps on the clients at positions ``active`` only (``None`` back: all of them)."""
+        index = None if len(active) == len(self.jobs) else torch.tensor(active, device=self.device)
+        for layer in self.layers.values():
+            layer.batched.index = index
+        return index
+
     def states(self, t: Tier) -> list[State]:
         """Each client's state of slot ``t`` (CPU float32), keyed as ``export_tier`` keys it."""
         out: list[State] = [{} for _ in self.jobs]
@@ -144,19 +151,20 @@ def _schedules(jobs: Sequence[Job], i: int) -> list[list[list[int]]]:
 
 
 def _batches(jobs: Sequence[Job], schedules: Sequence[list[list[int]]]
-             ) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
-    """Per pass step: every client's batch concatenated in equal segments, and the per-sample loss weights.
+             ) -> Iterator[tuple[list[int], Tensor, Tensor, Tensor | None]]:
+    """Per pass step: the clients with a batch left (positions), their batches concatenated in equal
+    segments, and the per-sample loss weights.
 
-    A short batch (an epoch's last) is padded with its own first sample, a client past its last batch repeats
-    its first one; both weigh 0. ``weights`` is ``None`` when every segment is a full batch of its client
-    (each client's mean is then a plain mean).
+    A short batch (an epoch's last) is padded with its own first sample at weight 0; ``weights`` is
+    ``None`` when every segment is a full batch (each client's mean is then a plain mean).
     """
     for k in range(max(len(s) for s in schedules)):
-        width = max(len(s[k]) for s in schedules if k < len(s))
+        active = [n for n, s in enumerate(schedules) if k < len(s)]
+        width = max(len(schedules[n][k]) for n in active)
         xs, ys, sizes = [], [], []
-        for j, sched in zip(jobs, schedules):
-            idx = sched[k] if k < len(sched) else sched[0][:1]
-            sizes.append(len(idx) if k < len(sched) else 0)
+        for n in active:
+            idx, j = schedules[n][k], jobs[n]
+            sizes.append(len(idx))
             try:
                 x, y = _collate(j.data.train, idx + idx[:1] * (width - len(idx)), j.collate)
             except Exception as exc:
@@ -166,8 +174,8 @@ def _batches(jobs: Sequence[Job], schedules: Sequence[list[list[int]]]
         weights = None
         if any(n != width for n in sizes):
             mask = torch.arange(width)[None, :] < torch.tensor(sizes)[:, None]
-            weights = mask.float() / torch.tensor(sizes).clamp_min(1)[:, None].float()
-        yield torch.cat(xs), torch.cat(ys), weights
+            weights = mask.float() / torch.tensor(sizes)[:, None].float()
+        yield active, torch.cat(xs), torch.cat(ys), weights
 
 
 def _collate(data: Any, idx: Sequence[int], collate: XYCollate) -> tuple[Tensor, Tensor]:
@@ -215,12 +223,15 @@ def fit_pass(runtime: ClientRuntime, jobs: list[Job]) -> dict[int, tuple[FitRepl
                 opt = fabric.setup_optimizers(torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"]))
                 penalty = _penalty_groups(model, p, step, c)
                 finished = _Finished([len(sched) for sched in schedules])
-                for k, (x, y, weights) in enumerate(_batches(jobs, schedules)):
+                for k, (active, x, y, weights) in enumerate(_batches(jobs, schedules)):
                     x, y = x.to(fabric.device), y.to(fabric.device)
+                    index = p.narrow(active)
+                    w, b = (head_w, head_b) if index is None else (head_w[index], None if head_b is None else
+                                                                    head_b[index])
                     with fabric.autocast():
-                        logits = stacked_head(_features(model, x).reshape(c, -1, head_w.shape[-1]), head_w, head_b)
+                        logits = stacked_head(_features(model, x).reshape(len(active), -1, w.shape[-1]), w, b)
                         per_sample = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y,
-                                                     reduction="none").reshape(c, -1)
+                                                     reduction="none").reshape(len(active), -1)
                         if weights is None:  # each client's mean: its own gradient
                             loss = per_sample.mean(1).sum()
                         else:
@@ -258,8 +269,9 @@ def fit_pass(runtime: ClientRuntime, jobs: list[Job]) -> dict[int, tuple[FitRepl
 class _Finished:
     """Each client's rows of the trained parameters as they were after its own last batch.
 
-    AdamW moves a parameter on a zero gradient too (momentum, decoupled decay), so a client whose
-    batches ran out while others go on would drift; its rows are put back when the pass ends.
+    A client whose batches ran out leaves the forward pass, but AdamW moves a parameter on a zero
+    gradient too (momentum, decoupled decay; and its penalty still has one), so it would drift while
+    the others go on: its rows are put back when the pass ends.
     """
 
     def __init__(self, batches: Sequence[int]) -> None:
