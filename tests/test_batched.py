@@ -339,3 +339,36 @@ def test_a_non_finite_shared_slot_fails_every_client_and_leaves_the_base_weights
     for path, layer in model.state_layers().items():
         assert layer.batched is None and layer.merged == ()
         assert torch.equal(layer.base_layer.weight, base[path])
+
+
+@pytest.mark.parametrize("name", ["fedalt", "fdlora"])
+def test_gated_baselines_batch_and_equal_the_sequential_runner(name: str) -> None:
+    """FedALT (an input gate per layer over the frozen rest-of-world and the personal LoRA, trained with it) and
+    FDLoRA (scalar fusion weights trained alone in a fusion phase; its unseen clients fine-tune, then fuse):
+    every client's gates, personal LoRA and head after 3 rounds, and the accuracy tables, as the sequential
+    runner gives them, without a notice."""
+    from hilora_lightning.baselines import BASELINES, BaselineRunner
+
+    everyone = digits_federation(6, num_groups=2)
+    cfg = FederationConfig(rounds=3, schedule="per_round", root_rounds=(1, 1), cluster_rounds=(1, 1),
+                           local_steps=4, batch_size=16, finetune_epochs=1)
+    said: list[str] = []
+
+    def run(backend):
+        runner = BaselineRunner(BASELINES[name](rounds=3, local_rounds=1), HiLoRAViT(lr=3e-3), everyone[:4], cfg,
+                                unseen=everyone[4:], progress=False, backend=backend)
+        return runner, runner.run()
+
+    seq_runner, seq = run(None)
+    bat_runner, bat = run(BatchedBackend(notice=said.append))
+    assert said == []
+    for cid in range(4):
+        a, b = seq_runner.client_store(cid), bat_runner.client_store(cid)
+        assert a.gates and sorted(a.gates) == sorted(b.gates or {})
+        torch.testing.assert_close(b.gates, a.gates, rtol=0, atol=1e-4)
+        assert _gap(a.kept[L], b.kept[L]) < PRODUCT_RTOL, (cid, _gap(a.kept[L], b.kept[L]))
+        torch.testing.assert_close(b.head, a.head, rtol=0, atol=1e-4)
+    for cid, acc in seq.client_accuracy.items():
+        assert abs(bat.client_accuracy[cid] - acc) <= 1 / len(everyone[cid].test) + 1e-9
+    for view, row in seq.tierwise.items():
+        assert abs(bat.tierwise[view]["mean"] - row["mean"]) <= max(1 / len(c.test) for c in everyone) + 1e-9

@@ -2,7 +2,7 @@
 
 Sequential simulation runs one Lightning fit per client. Here the plans of a round that share a
 structure (the same steps, budget and uploads; HiLoRA's stage plans and unseen fine-tunes do, and the
-baselines' without gates) run as *one* pass: the clients' samples are concatenated in equal segments,
+baselines', gated ones too) run as *one* pass: the clients' samples are concatenated in equal segments,
 every tiered layer adds each client's own factors to its segment (:mod:`hilora_lightning.batched_lora`),
 slots every client shares (the frozen root in the cluster stage) are merged into the base weight for the
 pass, the heads are stacked, and the loss is the sum of the per-client mean losses (plus each client's
@@ -16,7 +16,7 @@ their state after its last batch (AdamW moves a parameter on a zero gradient as 
 (``gradient_clip_val``, by norm or value) clips each client's own gradient.
 
 What cannot batch runs one client at a time through the sequential executor, with a one-line notice
-naming why (gates, dropout, batch norm, Lightning callbacks or loggers, other Trainer options, an
+naming why (dropout, batch norm, Lightning callbacks or loggers, other Trainer options, an
 overridden training step or loss). A client whose data raises fails alone: the pass
 runs again without it. Precision and device come from the ``trainer_kwargs`` through Lightning Fabric.
 
@@ -82,16 +82,20 @@ def batch_refusal(model: HiLoRAViT, trainer_kwargs: Mapping[str, Any]) -> str | 
             return "dropout draws differ from a client's own fit"
         if getattr(m, "drop_prob", 0.0):
             return "drop path draws differ from a client's own fit"
-    if any(layer.tier_gate is not None for layer in model.state_layers().values()):
-        return "gated layers"
     if not isinstance(model.head, nn.Linear) or not hasattr(model.model, "forward_head"):
         return "the head is not one nn.Linear after timm's forward_head"
     return None
 
 
-def _plan_refusal(model: HiLoRAViT, plan: LocalPlan, loader: LoaderSpec) -> str | None:
-    if plan.gates is not None or any(s.gates for s in plan.steps):
-        return "gated plans"
+def _gated(model: HiLoRAViT) -> bool:
+    return any(layer.tier_gate is not None for layer in model.state_layers().values())
+
+
+def _plan_refusal(model: HiLoRAViT, plan: LocalPlan | ScorePlan, loader: LoaderSpec) -> str | None:
+    if (plan.gates is None) == _gated(model):
+        return "plans whose gates do not match the model's (gates on one side only)"
+    if isinstance(plan, ScorePlan):
+        return None
     if plan.budget.steps is None and loader.persistent_workers:
         return "epoch budgets with persistent loader workers (they draw another epoch order)"
     acfg = model.adapter_config
@@ -102,8 +106,8 @@ def _plan_refusal(model: HiLoRAViT, plan: LocalPlan, loader: LoaderSpec) -> str 
 
 def _structure(plan: LocalPlan) -> tuple[Any, ...]:
     """What plans must share to run in one pass."""
-    steps = tuple((s.active, s.train, s.head, s.share, s.penalty) for s in plan.steps)
-    return (plan.kind, steps, plan.budget, plan.upload, plan.keep, tuple(sorted(plan.slots)))
+    steps = tuple((s.active, s.train, s.head, s.gates, s.share, s.penalty) for s in plan.steps)
+    return (plan.kind, steps, plan.budget, plan.upload, plan.keep, tuple(sorted(plan.slots)), plan.gates is None)
 
 
 class BatchedBackend(InProcessBackend):
@@ -215,9 +219,11 @@ class BatchedBackend(InProcessBackend):
             raise ClientDataError(plan.client_id, exc) from exc
         slots = {t: dict(s) if s is not None else self._spec.fresh(t, int(plan.slots[t].seed))  # type: ignore[arg-type]
                  for t, s in resolved.items()}
-        head = resolve_head(plan, store) or self._runtime().initial_head
+        runtime = self._runtime()
+        head = resolve_head(plan, store) or runtime.initial_head
+        gates = dict(store.gates or plan.gates or runtime.initial_gates) if plan.gates is not None else None
         data = self.data[plan.client_id]
-        return Job(plan, data, store, slots, dict(head), self._runtime().loader_for(data).collate())
+        return Job(plan, data, store, slots, dict(head), runtime.loader_for(data).collate(), gates)
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, requests: Mapping[int, ScorePlan]) -> dict[int, float | Exception]:
@@ -227,7 +233,7 @@ class BatchedBackend(InProcessBackend):
         groups: dict[tuple[Any, ...], list[int]] = {}
         alone: dict[int, ScorePlan] = {}
         for cid, plan in requests.items():
-            why = reason or ("gated plans" if plan.gates is not None else None)
+            why = reason or _plan_refusal(runtime.model, plan, runtime.loader)
             if why is not None or len(requests) == 1:
                 alone[cid] = plan
             else:

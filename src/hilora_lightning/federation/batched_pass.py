@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from hilora_lightning.batched_lora import StackedDelta, stacked_head
+from hilora_lightning.batched_lora import StackedDelta, StackedGate, stacked_head
 from hilora_lightning.data.clients import ClientData
 from hilora_lightning.data.samples import XYCollate
 from hilora_lightning.federation.local import batch_order
@@ -58,6 +58,7 @@ class Job:
     slots: dict[Tier, State] = dataclasses.field(default_factory=dict)
     head: State = dataclasses.field(default_factory=dict)
     collate: XYCollate = dataclasses.field(default_factory=XYCollate)
+    gates: State | None = None
 
 
 def _same(states: Sequence[State]) -> bool:
@@ -69,15 +70,18 @@ class _Pass:
     """The model set up for one batched step: shared slots merged, per-client terms installed.
 
     ``stacked[slot][(path, "lora_A" | "lora_B")]`` holds every client's factor of one layer as one tensor
-    (``C x segments x ...``; a parameter when the slot trains), used by the forward as it is.
+    (``C x segments x ...``; a parameter when the slot trains), used by the forward as it is; on a gated
+    model ``gates[path]`` holds every client's gate of that layer (nothing is merged there: a gated
+    layer weighs its slots per token).
     """
 
     def __init__(self, model: HiLoRAViT, jobs: Sequence[Job], active: Sequence[Tier], train: Sequence[Tier],
-                 device: torch.device) -> None:
+                 device: torch.device, train_gates: bool = False) -> None:
         self.model, self.jobs, self.device = model, jobs, device
         self.layers = model.state_layers()
         model.set_tiers((), (), head=False)
-        self.shared = [t for t in active if t not in train and _same([j.slots[t] for j in jobs])]
+        self.gates = _stacked_gates(self.layers, jobs, device, train_gates)
+        self.shared = [t for t in active if t not in train and not self.gates and _same([j.slots[t] for j in jobs])]
         self.active = tuple(active)
         self.stacked: dict[Tier, dict[tuple[str, str], Tensor]] = {}
         for t in active:
@@ -99,9 +103,11 @@ class _Pass:
             for path, layer in self.layers.items():
                 if self.shared:
                     layer.merge(self.shared)
-                terms = [(self.stacked[t][(path, "lora_A")], self.stacked[t][(path, "lora_B")], layer.scaling[t])
-                         for t in self.active if t in self.stacked]
-                layer.batched = StackedDelta(len(self.jobs), terms)
+                gated = layer.tier_gate.tiers if layer.tier_gate is not None else ()
+                terms = [(self.stacked[t][(path, "lora_A")], self.stacked[t][(path, "lora_B")], layer.scaling[t],
+                          gated.index(t) if t in gated else None) for t in self.active if t in self.stacked]
+                gate = StackedGate(layer.tier_gate.mode, self.gates[path]) if layer.tier_gate is not None else None
+                layer.batched = StackedDelta(len(self.jobs), terms, gate)
         except BaseException:  # a failed merge (non-finite shared slot): leave no layer merged or batched
             self.__exit__()
             raise
@@ -119,6 +125,15 @@ class _Pass:
             layer.batched.index = index
         return index
 
+    def gate_params(self) -> list[Tensor]:
+        """Every stacked gate tensor (the parameters a gates-training step optimizes)."""
+        return [v for params in self.gates.values() for v in params.values()]
+
+    def gate_states(self) -> list[State]:
+        """Each client's gates (CPU float32), keyed as ``HiLoRAViT.gate_state`` keys them."""
+        return [{f"{path}.tier_gate.{k}": v[n].detach().to("cpu", torch.float32).clone()
+                 for path, params in self.gates.items() for k, v in params.items()} for n in range(len(self.jobs))]
+
     def states(self, t: Tier) -> list[State]:
         """Each client's state of slot ``t`` (CPU float32), keyed as ``export_tier`` keys it."""
         out: list[State] = [{} for _ in self.jobs]
@@ -129,6 +144,21 @@ class _Pass:
                     for s, (seg, _, _) in enumerate(layer.segments):
                         out[n][_key(path, seg, name)] = v[n, s].clone()
         return out
+
+
+def _stacked_gates(layers: Mapping[str, Any], jobs: Sequence[Job], device: torch.device, train: bool
+                   ) -> dict[str, dict[str, Tensor]]:
+    """Every gated layer's clients' gate tensors stacked (``{}``: the model has no gates)."""
+    out: dict[str, dict[str, Tensor]] = {}
+    for path, layer in layers.items():
+        if layer.tier_gate is None:
+            continue
+        out[path] = {}
+        for k in layer.tier_gate.state_dict():
+            key = f"{path}.tier_gate.{k}"
+            v = torch.stack([j.gates[key] for j in jobs]).to(device)  # type: ignore[index]
+            out[path][k] = nn.Parameter(v) if train else v
+    return out
 
 
 def _stacked_heads(jobs: Sequence[Job], device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -212,8 +242,10 @@ def fit_pass(runtime: ClientRuntime, jobs: list[Job]) -> dict[int, tuple[FitRepl
         for i, step in enumerate(first.steps):
             head_w, head_b = _stacked_heads(jobs, fabric.device)
             schedules = _schedules(jobs, i)
-            with _Pass(model, jobs, step.active, step.train, fabric.device) as p:
+            with _Pass(model, jobs, step.active, step.train, fabric.device, step.gates) as p:
                 params = [v for t in step.train for v in p.stacked[t].values()]
+                if step.gates:
+                    params += p.gate_params()
                 if step.head:
                     head_w = nn.Parameter(head_w)
                     head_b = nn.Parameter(head_b) if head_b is not None else None
@@ -248,6 +280,9 @@ def fit_pass(runtime: ClientRuntime, jobs: list[Job]) -> dict[int, tuple[FitRepl
                 for t in step.train:
                     for j, state in zip(jobs, p.states(t)):
                         j.slots[t] = state
+                if step.gates:
+                    for j, gates in zip(jobs, p.gate_states()):
+                        j.gates = gates
             for n, j in enumerate(jobs):
                 j.head = {"weight": head_w[n].detach().to("cpu", torch.float32).clone()}
                 if head_b is not None:
@@ -260,7 +295,7 @@ def fit_pass(runtime: ClientRuntime, jobs: list[Job]) -> dict[int, tuple[FitRepl
         assert isinstance(plan, LocalPlan)
         try:
             out[plan.client_id] = finish_plan(plan, j.data, j.store, {t: j.slots[t] for t in plan.outputs}, j.head,
-                                              None)
+                                              j.gates if plan.gates is not None else None)
         except Exception as exc:  # a non-finite update fails that client alone
             out[plan.client_id] = exc
     return out
