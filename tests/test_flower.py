@@ -104,6 +104,38 @@ def test_every_message_on_every_node_is_audited_and_nothing_personal_travels(flo
     assert sum(1 for e in entries if e["private_arrays"] > 0) >= 8  # the leaf stage: the check had a leaf to find
 
 
+def test_nodes_serving_two_clients_each_run_them_batched_and_match_the_in_process_run(tmp_path) -> None:
+    """2 SuperNodes x 2 clients (a site with several data sets), the batched backend on each node: one message per
+    node carries both clients' plans, the node trains them in one pass, stores each client's leaf under its id,
+    and the federation matches the in-process batched run (as the one-client-per-node simulation does)."""
+    cfg = {**CFG, "backend": {"name": "batched"}}
+    seen: list[tuple[str, list[str]]] = []
+
+    def hook(direction, msg):
+        seen.append((direction, [] if msg.has_error() else sorted(msg.content.keys())))
+
+    orch, result = run_simulation(cfg, num_supernodes=2, clients_per_node=2, out_dir=tmp_path / "run",
+                                  message_hook=hook, audit_dir=tmp_path / "audit")
+    assert [r.stage for r in result.records] == ["root", "cluster", "leaf", "leaf"]
+    assert all(not r.failed and r.succeeded == [0, 1, 2, 3] for r in result.records)
+    out = [keys for d, keys in seen if d == "out" and any(k.endswith("/config") for k in keys)]
+    assert out and all(sorted({k.split("/")[0] for k in keys}) in (["0", "1"], ["2", "3"]) for keys in out)
+    ref = build_experiment(cfg)
+    ref.checkpoint_path, ref.progress = None, False
+    expected = ref.run()
+    assert orch.assignment == ref.assignment
+    _assert_same_products(orch.root, ref.root)
+    for j, cluster in ref.clusters.items():
+        _assert_same_products(orch.clusters[j], cluster)
+    for cid, acc in expected.client_accuracy.items():
+        assert abs(result.client_accuracy[cid] - acc) <= 0.02
+    entries = [json.loads(line) for path in sorted((tmp_path / "audit").glob("node-*.jsonl"))
+               for line in path.read_text().splitlines()]
+    assert len(list((tmp_path / "audit").glob("node-*.jsonl"))) == 2 and entries
+    assert [e for e in entries if e["problems"]] == []
+    assert max(e["private_arrays"] for e in entries) >= 2 * 2 * 8  # both clients' leaves (and heads) checked
+
+
 def test_the_audit_flags_a_leaked_leaf_head_or_raw_image() -> None:
     from flwr.app import ConfigRecord, RecordDict
 
@@ -151,15 +183,25 @@ def test_malformed_or_failed_replies_are_rejected_with_reasons() -> None:
     req = LocalPlan(Kind.TRAIN, 2, 5, {Tier.ROOT: Start.server({})}, HeadStart(None),
                     (Step((Tier.ROOT,), (Tier.ROOT,), seed=0),), upload=(Tier.ROOT, "AB"))
     with pytest.raises(TimeoutError, match="no reply from client 2 for its train plan of round 5"):
-        FlowerBackend._fit_reply(None, req)  # type: ignore[arg-type]
-    with pytest.raises(RuntimeError, match="client error 1: boom"):
-        FlowerBackend._fit_reply(_reply(error="boom"), req)  # type: ignore[arg-type]
+        FlowerBackend._fit_reply(None, req)
     with pytest.raises(ValueError, match="leaves never leave the client"):
-        FlowerBackend._fit_reply(_reply({"leaf": 1, "metrics": 1}), req)  # type: ignore[arg-type]
+        FlowerBackend._fit_reply({"leaf": 1, "metrics": 1}, req)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no 'metrics' record"):
-        FlowerBackend._fit_reply(_reply({"factors": to_record({"a": torch.ones(1)})}), req)  # type: ignore[arg-type]
+        FlowerBackend._fit_reply({"factors": to_record({"a": torch.ones(1)})}, req)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="expected an ArrayRecord of tensors, got dict"):
-        FlowerBackend._fit_reply(_reply({"metrics": 1, "factors": {"a": 1}}), req)  # type: ignore[arg-type]
+        FlowerBackend._fit_reply({"metrics": 1, "factors": {"a": 1}}, req)  # type: ignore[arg-type]
+    # a node serving several clients: each client's part, its own error, or nothing for it
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from hilora_lightning.flower.server_app import _per_client
+
+    parts = _per_client(RecordDict({"2/metrics": MetricRecord({"num_samples": 3}),
+                                    "4/error": ConfigRecord({"message": "OSError: disk on fire"})}), 17, [2, 4, 6])
+    assert FlowerBackend._fit_reply(parts[2], req).num_samples == 3  # type: ignore[arg-type]
+    assert str(parts[4]) == "client error: OSError: disk on fire"
+    assert str(parts[6]) == "malformed reply: node 17 sent nothing for client 6"
+    bad = _per_client(RecordDict({"metrics": MetricRecord({})}), 17, [2])
+    assert str(bad[2]).startswith("malformed reply from node 17: a message for several clients holds only")
 
 
 def test_codec_and_remote_data() -> None:

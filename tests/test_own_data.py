@@ -550,9 +550,14 @@ def test_a_flower_node_builds_only_its_partition(builder_module):
     from hilora_lightning.flower import client_app
 
     cfg = {"seed": 0, "data": {"builder": f"{builder_module}:build", "kwargs": {"n": 4}}}
-    client, unseen = client_app._client(cfg, SimpleNamespace(node_config={"partition-id": 2, "num-partitions": 4}))
+    node = SimpleNamespace(node_config={"partition-id": 2, "num-partitions": 4}, run_config={})
+    ((client, unseen),) = client_app._clients(cfg, node)
     assert sys.modules[builder_module].CALLS[-1] == (4, 2, 4) and not unseen
     want = digits_federation(4, num_groups=2, val_fraction=0)[2]
     assert client.num_samples + len(client.val) == want.num_samples and len(client.test) == len(want.test)
     with pytest.raises(ValueError, match="has no 'num-partitions'"):
-        client_app._client(cfg, SimpleNamespace(node_config={"partition-id": 2}))
+        client_app._clients(cfg, SimpleNamespace(node_config={"partition-id": 2}, run_config={}))
+    # a node serving two partitions (clients-per-node 2 of 2 nodes: 4 partitions) builds both
+    pair = client_app._clients(cfg, SimpleNamespace(node_config={"partition-id": 1, "num-partitions": 2},
+                                                    run_config={"clients-per-node": 2}))
+    assert sys.modules[builder_module].CALLS[-2:] == [(4, 2, 4), (4, 3, 4)] and len(pair) == 2

@@ -25,7 +25,7 @@ Example:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from hilora_lightning.tiers import Tier
 __all__ = ["ALLOWED_METRICS", "ALLOWED_RECORDS", "audit_message", "audit_mod", "shared_shapes"]
 
 #: the records a message may hold (plans: slots, head, gates, config; replies: factors, head, metrics, info)
-ALLOWED_RECORDS = {"slot-root", "slot-cluster", "head", "gates", "config", "factors", "metrics", "info"}
+ALLOWED_RECORDS = {"slot-root", "slot-cluster", "head", "gates", "config", "factors", "metrics", "info", "error"}
 #: the numbers a reply's metrics may hold
 ALLOWED_METRICS = {"num_samples", "score", "num_examples"}
 _INFO = {"client_id", "num_samples", "num_test", "num_val", "group", "unseen"}
@@ -58,12 +58,20 @@ def _private(store: ClientStore) -> dict[str, np.ndarray]:
 Shapes = Mapping[str, Collection[tuple[int, ...]]]
 
 
-def audit_message(content: Any, store: ClientStore, factor_shapes: Shapes, head_shapes: Shapes) -> list[str]:
+def audit_message(content: Any, store: ClientStore | Sequence[ClientStore], factor_shapes: Shapes,
+                  head_shapes: Shapes) -> list[str]:
     """Every way ``content`` (a ``RecordDict``) breaks the rules (empty: nothing personal travels);
-    ``factor_shapes`` / ``head_shapes``: each array name's allowed shapes."""
+    ``store``: the node's client store, or each of its clients' (a node serving several: no client's
+    private arrays may travel, in any client's part); ``factor_shapes`` / ``head_shapes``: each array
+    name's allowed shapes."""
     problems: list[str] = []
-    private = _private(store)
-    for name, record in content.items():
+    private: dict[str, np.ndarray] = {}
+    stores = [store] if isinstance(store, ClientStore) else list(store)
+    for i, one in enumerate(stores):
+        private.update({k if len(stores) == 1 else f"{k} (store {i})": v for k, v in _private(one).items()})
+    for key, record in content.items():
+        head, sep, rest = key.partition("/")
+        name = rest if sep and head.isdigit() else key  # "<client id>/<record>" of a node serving several
         if name not in ALLOWED_RECORDS:
             problems.append(f"record {name!r} may not travel (allowed: {sorted(ALLOWED_RECORDS)})")
             continue
@@ -93,22 +101,22 @@ def audit_mod(log_dir: str | Path, shapes: Callable[[Context], tuple[Shapes, Sha
 
     ``shapes(context)`` gives the shared factor shapes and the head's (the node's model).
     """
-    from hilora_lightning.flower.messages import load_store
+    from hilora_lightning.flower.messages import load_stores
 
     folder = Path(log_dir)
 
     def mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
         reply = call_next(msg, context)
         factor_shapes, head_shapes = shapes(context)
-        store = load_store(context.state)
+        stores = load_stores(context.state)
         entry: dict[str, Any] = {"type": msg.metadata.message_type, "problems": []}
         for direction, message in (("in", msg), ("out", reply)):
             if message.has_error():
                 continue
             entry[direction] = sorted(message.content.keys())
             entry["problems"] += [f"{direction}: {p}" for p in
-                                  audit_message(message.content, store, factor_shapes, head_shapes)]
-        entry["private_arrays"] = len(_private(store))
+                                  audit_message(message.content, stores, factor_shapes, head_shapes)]
+        entry["private_arrays"] = sum(len(_private(store)) for store in stores)
         folder.mkdir(parents=True, exist_ok=True)
         partition = context.node_config.get("partition-id", context.node_id)
         with (folder / f"node-{partition}.jsonl").open("a") as fh:

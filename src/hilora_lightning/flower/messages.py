@@ -39,7 +39,8 @@ from hilora_lightning.federation.plan import (
 from hilora_lightning.flower.codec import from_record, to_record
 from hilora_lightning.tiers import Tier
 
-__all__ = ["decode_plan", "encode_plan", "load_store", "save_store"]
+__all__ = ["decode_plan", "decode_plans", "encode_plan", "encode_plans", "load_store", "load_stores", "save_store",
+           "split_records"]
 
 _STORE = "store-"
 
@@ -114,19 +115,75 @@ def decode_plan(content: RecordDict) -> LocalPlan | ScorePlan:
                      keep_head=bool(c["keep_head"]), return_head=bool(c["return_head"]), **common)
 
 
-def load_store(state: RecordDict) -> ClientStore:
-    """The client store kept in a SuperNode's ``context.state``."""
+def encode_plans(plans: Mapping[int, LocalPlan | ScorePlan]) -> RecordDict:
+    """Several clients' plans in one message, for a node that serves them all: each plan's records under
+    ``"<client id>/"`` (:func:`decode_plans` reads both forms)."""
+    content = RecordDict()
+    for cid, plan in plans.items():
+        for key, record in encode_plan(plan).items():
+            content[f"{cid}/{key}"] = record
+    return content
+
+
+def split_records(content: RecordDict) -> dict[int, RecordDict]:
+    """The per-client parts of a message for (or from) several clients (keys ``"<client id>/<record>"``).
+
+    Example:
+        >>> from flwr.app import ConfigRecord
+        >>> parts = split_records(RecordDict({"3/metrics": ConfigRecord({"a": 1}), "5/metrics": ConfigRecord()}))
+        >>> sorted(parts), list(parts[3].keys())
+        ([3, 5], ['metrics'])
+    """
+    out: dict[int, RecordDict] = {}
+    for key, record in content.items():
+        prefix, sep, name = key.partition("/")
+        if not sep or not prefix.isdigit():
+            raise ValueError(f"a message for several clients holds only '<client id>/<record>' entries, got {key!r}")
+        out.setdefault(int(prefix), RecordDict())[name] = record
+    return out
+
+
+def decode_plans(content: RecordDict) -> dict[int, LocalPlan | ScorePlan]:
+    """The plans a message carries, by client: one (:func:`encode_plan`) or several (:func:`encode_plans`)."""
+    if "config" in content:
+        plan = decode_plan(content)
+        return {plan.client_id: plan}
+    plans = {cid: decode_plan(part) for cid, part in split_records(content).items()}
+    for cid, plan in plans.items():
+        if plan.client_id != cid:
+            raise ValueError(f"the plan filed under client {cid} is for client {plan.client_id}")
+    return plans
+
+
+def _store_prefix(client_id: int | None) -> str:
+    return _STORE if client_id is None else f"{_STORE}{client_id}/"
+
+
+def load_store(state: RecordDict, client_id: int | None = None) -> ClientStore:
+    """The client store kept in a SuperNode's ``context.state`` (``client_id``: one of a node's several
+    clients; ``None``: the node's one client)."""
+    prefix = _store_prefix(client_id)
     flat: dict[str, Mapping[str, Tensor]] = {}
     for key in list(state.keys()):
-        if key.startswith(_STORE) and isinstance(state[key], ArrayRecord):
-            flat[key[len(_STORE):]] = from_record(state[key])
+        name = key[len(prefix):]
+        if key.startswith(prefix) and "/" not in name and isinstance(state[key], ArrayRecord):
+            flat[name] = from_record(state[key])
     return ClientStore.from_dict(flat)
 
 
-def save_store(state: RecordDict, store: ClientStore) -> None:
-    """Replace the client store in ``context.state`` by ``store``."""
+def load_stores(state: RecordDict) -> list[ClientStore]:
+    """Every client store a node's ``context.state`` holds (its one client's, or each of its clients')."""
+    ids = sorted({int(k[len(_STORE):].partition("/")[0]) for k in state.keys()
+                  if k.startswith(_STORE) and "/" in k and k[len(_STORE):].partition("/")[0].isdigit()})
+    return [load_store(state), *(load_store(state, cid) for cid in ids)]
+
+
+def save_store(state: RecordDict, store: ClientStore, client_id: int | None = None) -> None:
+    """Replace the client store in ``context.state`` by ``store`` (``client_id`` as in :func:`load_store`)."""
+    prefix = _store_prefix(client_id)
     flat = store.to_dict()
-    for key in [k for k in state.keys() if k.startswith(_STORE) and k[len(_STORE):] not in flat]:
+    for key in [k for k in state.keys() if k.startswith(prefix) and "/" not in k[len(prefix):]
+                and k[len(prefix):] not in flat]:
         del state[key]
     for key, value in flat.items():
-        state[_STORE + key] = to_record(value)
+        state[prefix + key] = to_record(value)

@@ -36,7 +36,7 @@ from hilora_lightning.federation.plan import FitReply, LocalPlan, ScorePlan
 from hilora_lightning.federation.result import FederatedResult
 from hilora_lightning.flower.client_app import config_from_run
 from hilora_lightning.flower.codec import from_record
-from hilora_lightning.flower.messages import encode_plan
+from hilora_lightning.flower.messages import encode_plan, encode_plans, split_records
 
 __all__ = ["DEFAULT_OUT_DIR", "FlowerBackend", "RemoteData", "flower_out_dir", "make_server_app", "run_federation"]
 
@@ -84,9 +84,13 @@ class RemoteData(Dataset):  # type: ignore[type-arg]
 class FlowerBackend:
     """Runs the orchestrator's client requests as Flower messages over ``grid``.
 
+    A node that serves one client gets one plan per message (:func:`encode_plan`); a node that serves
+    several (a site with several data sets) gets all of its clients' plans of a batch in one message
+    (:func:`encode_plans`) and runs them together (batched, when its config says so), replying per client.
+
     Args:
         grid: the ServerApp's Grid.
-        nodes: client id -> Flower node id.
+        nodes: client id -> Flower node id (several clients may share a node).
         timeout: seconds to wait for the replies of one batch (``None``: wait for all).
         message_hook: called as ``hook("out" | "in", message)`` for every message (auditing, logs).
     """
@@ -95,58 +99,86 @@ class FlowerBackend:
                  message_hook: MessageHook | None = None) -> None:
         self.grid, self.nodes, self.timeout, self.message_hook = grid, dict(nodes), timeout, message_hook
         self.silent: dict[int, str] = {}  # client id -> why its last message got no reply
+        served: dict[int, int] = {}
+        for node in self.nodes.values():
+            served[node] = served.get(node, 0) + 1
+        self.shared_nodes = {node for node, count in served.items() if count > 1}
 
     def _exchange(self, messages: dict[int, Message]) -> dict[int, Message]:
+        """Send one message per node (keyed by node id) and return the replies that came, by node."""
         if self.message_hook is not None:
             for msg in messages.values():
                 self.message_hook("out", msg)
-        by_node = {self.nodes[cid]: cid for cid in messages}
-        for cid in messages:
-            self.silent.pop(cid, None)
         sent = list(messages.items())
         replies: dict[int, Message] = {}
         received = self.grid.send_and_receive([m for _, m in sent], timeout=self.timeout)
-        by_id = {m.metadata.message_id: cid for cid, m in sent}  # ids are given when the Grid pushes them
+        by_id = {m.metadata.message_id: node for node, m in sent}  # ids are given when the Grid pushes them
         for reply in received:
             if self.message_hook is not None:
                 self.message_hook("in", reply)
             # by the message it answers: the SuperLink's own error reply (a node that died) comes from it, not the node
-            answered = by_id.get(reply.metadata.reply_to_message_id, by_node.get(reply.metadata.src_node_id))
-            if answered is not None:
+            answered = by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            if answered in messages:
                 replies[answered] = reply
-        missing = [cid for cid in messages if cid not in replies]
-        if missing:  # why: the SuperLink's own view of the node, else the timeout
-            connected = set(self.grid.get_node_ids())
-            for cid in missing:
-                self.silent[cid] = (f"its node {self.nodes[cid]} is no longer connected to the SuperLink"
-                                    if self.nodes[cid] not in connected else
-                                    f"none within the timeout of {self.timeout:.0f}s" if self.timeout is not None
-                                    else "the SuperLink returned none")
         return replies
 
-    def fit(self, requests: Mapping[int, LocalPlan]) -> dict[int, FitReply | Exception]:
-        messages = {cid: Message(encode_plan(req), self.nodes[cid], MessageType.TRAIN,
-                                 group_id=f"{req.kind.value}-{req.round}")
-                    for cid, req in requests.items() if cid in self.nodes}
+    def _why_silent(self, node: int) -> str:
+        """Why a node sent no reply: the SuperLink's own view of it, else the timeout."""
+        if node not in set(self.grid.get_node_ids()):
+            return f"its node {node} is no longer connected to the SuperLink"
+        return f"none within the timeout of {self.timeout:.0f}s" if self.timeout is not None else \
+            "the SuperLink returned none"
+
+    def _send(self, requests: Mapping[int, LocalPlan | ScorePlan], kind: str, group_id: str
+              ) -> dict[int, RecordDict | Exception | None]:
+        """Each client's reply content (``None``: no reply, the reason in ``silent``; an exception: its error)."""
+        by_node: dict[int, dict[int, LocalPlan | ScorePlan]] = {}
+        for cid, req in requests.items():
+            self.silent.pop(cid, None)
+            if cid in self.nodes:
+                by_node.setdefault(self.nodes[cid], {})[cid] = req
+        messages = {node: Message(encode_plans(plans) if node in self.shared_nodes else
+                                  encode_plan(next(iter(plans.values()))), node, kind, group_id=group_id)
+                    for node, plans in by_node.items()}
         replies = self._exchange(messages)
+        out: dict[int, RecordDict | Exception | None] = {}
+        for node, plans in by_node.items():
+            reply = replies.get(node)
+            if reply is None:
+                why = self._why_silent(node)
+                out.update(dict.fromkeys(plans))
+                self.silent.update(dict.fromkeys(plans, why))
+            elif reply.has_error():
+                out.update(dict.fromkeys(plans, RuntimeError(f"client error {reply.error.code}: {reply.error.reason}")))
+            elif node not in self.shared_nodes:
+                out.update(dict.fromkeys(plans, reply.content))
+            else:
+                out.update(_per_client(reply.content, node, plans))
+        for cid in requests:
+            if cid not in self.nodes:
+                out[cid] = RuntimeError(f"no SuperNode serves client {cid}")
+        return out
+
+    def fit(self, requests: Mapping[int, LocalPlan]) -> dict[int, FitReply | Exception]:
+        first = next(iter(requests.values()), None)
+        group = f"{first.kind.value}-{first.round}" if first is not None else "train"
+        replies = self._send(requests, MessageType.TRAIN, group)
         out: dict[int, FitReply | Exception] = {}
         for cid, req in requests.items():
             try:
-                if cid not in self.nodes:
-                    raise RuntimeError(f"no SuperNode serves client {cid}")
-                out[cid] = self._fit_reply(replies.get(cid), req, self.silent.get(cid, ""))
+                content = replies[cid]
+                if isinstance(content, Exception):
+                    raise content
+                out[cid] = self._fit_reply(content, req, self.silent.get(cid, ""))
             except Exception as exc:  # malformed or failed: dropped and recorded by the runner
                 out[cid] = exc
         return out
 
     @staticmethod
-    def _fit_reply(reply: Message | None, req: LocalPlan, why: str = "") -> FitReply:
-        if reply is None:
+    def _fit_reply(content: RecordDict | None, req: LocalPlan, why: str = "") -> FitReply:
+        if content is None:
             raise TimeoutError(f"no reply from client {req.client_id} for its {req.kind.value} plan of round "
                                f"{req.round}" + (f" ({why})" if why else ""))
-        if reply.has_error():
-            raise RuntimeError(f"client error {reply.error.code}: {reply.error.reason}")
-        content = reply.content
         if "leaf" in content:
             raise ValueError("the reply carries a leaf; leaves never leave the client")
         if "metrics" not in content:
@@ -157,18 +189,18 @@ class FlowerBackend:
         return FitReply(factors, head, int(num))  # type: ignore[arg-type]
 
     def evaluate(self, requests: Mapping[int, ScorePlan]) -> dict[int, float | Exception]:
-        messages = {cid: Message(encode_plan(req), self.nodes[cid], MessageType.EVALUATE, group_id=f"eval-{req.round}")
-                    for cid, req in requests.items() if cid in self.nodes}
-        replies = self._exchange(messages)
-        out: dict[int, float | Exception] = {
-            cid: RuntimeError(f"no reply to its score plan of round {req.round}"
-                              + (f" ({self.silent[cid]})" if cid in self.silent else ""))
-            for cid, req in requests.items()}
-        for cid, reply in replies.items():
-            if reply.has_error():
-                out[cid] = RuntimeError(f"client error {reply.error.code}: {reply.error.reason}")
-            elif "metrics" in reply.content and "score" in reply.content["metrics"]:  # type: ignore[operator]
-                out[cid] = float(reply.content["metrics"]["score"])  # type: ignore[index,arg-type]
+        first = next(iter(requests.values()), None)
+        replies = self._send(requests, MessageType.EVALUATE, f"eval-{first.round if first else 0}")
+        out: dict[int, float | Exception] = {}
+        for cid, req in requests.items():
+            content = replies[cid]
+            if isinstance(content, Exception):
+                out[cid] = content
+            elif content is not None and "metrics" in content and "score" in content["metrics"]:  # type: ignore[operator]
+                out[cid] = float(content["metrics"]["score"])  # type: ignore[index,arg-type]
+            else:
+                out[cid] = RuntimeError(f"no reply to its score plan of round {req.round}"
+                                        + (f" ({self.silent[cid]})" if cid in self.silent else ""))
         return out  # clients that failed to evaluate are left out of the round's accuracy
 
     def reject(self, client_ids: Iterable[int]) -> None:
@@ -181,50 +213,97 @@ class FlowerBackend:
         return None
 
 
+def _per_client(content: RecordDict, node: int, clients: Iterable[int]) -> dict[int, RecordDict | Exception]:
+    """Each client's part of a reply from a node that serves several (its records, or the error it reported)."""
+    try:
+        parts = split_records(content)
+    except ValueError as exc:
+        return dict.fromkeys(clients, ValueError(f"malformed reply from node {node}: {exc}"))
+    out: dict[int, RecordDict | Exception] = {}
+    for cid in clients:
+        part = parts.get(cid)
+        if part is None:
+            out[cid] = ValueError(f"malformed reply: node {node} sent nothing for client {cid}")
+        elif "error" in part:
+            out[cid] = RuntimeError(f"client error: {part['error'].get('message', '')!s}")  # type: ignore[union-attr]
+        else:
+            out[cid] = part
+    return out
+
+
 def discover_clients(grid: Grid, min_nodes: int = 1, timeout: float | None = None, wait_s: float = 120.0,
-                     report_every: float = 5.0) -> tuple[list[ClientData], list[ClientData], dict[int, int]]:
-    """Wait for ``min_nodes`` SuperNodes (saying so every ``report_every`` seconds, giving up after
-    ``wait_s``), then ask each which client it serves (training or unseen).
+                     report_every: float = 5.0, min_clients: int = 1
+                     ) -> tuple[list[ClientData], list[ClientData], dict[int, int]]:
+    """Wait for ``min_nodes`` SuperNodes serving at least ``min_clients`` training clients between them
+    (saying so every ``report_every`` seconds, giving up after ``wait_s``); each node is asked which
+    clients it serves (one, or several: a site with several data sets; training or unseen).
 
     The server keeps the clients' sizes and groups, never their data.
     """
     start = time.monotonic()
     said = -report_every
-    while len(nodes := sorted(grid.get_node_ids())) < min_nodes:
-        waited = time.monotonic() - start
-        if waited > wait_s:
-            raise RuntimeError(
-                f"only {len(nodes)} of the {min_nodes} SuperNodes that min-nodes asks for connected within "
-                f"{wait_s:.0f}s. In a simulation, start as many: flwr run . --federation-config "
-                f"\"num-supernodes={min_nodes}\"; in a deployment, start more flower-supernode processes (one per "
-                "client); or lower min-nodes")
-        if waited - said >= report_every:
-            print(f"hilora: waiting for {min_nodes} SuperNodes, {len(nodes)} connected (giving up in "
-                  f"{wait_s - waited:.0f}s)", flush=True)
-            said = waited
-        time.sleep(0.5)
-    queries = [Message(RecordDict({"config": ConfigRecord({})}), node, MessageType.QUERY) for node in nodes]
     clients: list[ClientData] = []
     unseen: list[ClientData] = []
     mapping: dict[int, int] = {}
-    for reply in grid.send_and_receive(queries, timeout=timeout):
-        if reply.has_error() or "info" not in reply.content:
-            continue  # a node that cannot describe itself does not take part
-        info = reply.content["info"]
-        cid = int(info["client_id"])  # type: ignore[arg-type]
-        if cid in mapping:
-            raise ValueError(f"two SuperNodes serve client {cid}; give each a distinct partition-id")
-        group = int(info["group"])  # type: ignore[arg-type]
-        mapping[cid] = reply.metadata.src_node_id
-        num_val = int(info.get("num_val", 0))  # type: ignore[arg-type]
-        data = ClientData(cid, RemoteData(int(info["num_samples"]), cid),  # type: ignore[arg-type]
-                          RemoteData(int(info["num_test"]), cid),  # type: ignore[arg-type]
-                          None if group < 0 else group,
-                          RemoteData(num_val, cid) if num_val else None, val_fraction=0.0)  # type: ignore[arg-type]
-        (unseen if bool(info.get("unseen", False)) else clients).append(data)
+    asked: set[int] = set()
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= min_nodes:
+            new = [node for node in nodes if node not in asked]
+            asked.update(new)
+            _ask(grid, new, timeout, clients, unseen, mapping)
+            if len(clients) >= min_clients:
+                break
+        waited = time.monotonic() - start
+        if waited > wait_s:
+            if len(nodes) < min_nodes:
+                raise RuntimeError(
+                    f"only {len(nodes)} of the {min_nodes} SuperNodes that min-nodes asks for connected within "
+                    f"{wait_s:.0f}s. In a simulation, start as many: flwr run . --federation-config "
+                    f"\"num-supernodes={min_nodes}\"; in a deployment, start more flower-supernode processes; "
+                    "or lower min-nodes")
+            raise RuntimeError(f"the {len(nodes)} SuperNodes connected within {wait_s:.0f}s serve {len(clients)} "
+                               f"training clients; the federation needs min_clients={min_clients}. Start more "
+                               "SuperNodes (or give them more partition-ids), or lower federation.min_clients")
+        if waited - said >= report_every:
+            print(f"hilora: waiting for {min_nodes} SuperNodes, {len(nodes)} connected (serving {len(clients)} of the "
+                  f"{min_clients} training clients needed; giving up in {wait_s - waited:.0f}s)", flush=True)
+            said = waited
+        time.sleep(0.5)
     if not clients:
-        raise RuntimeError(f"none of the {len(nodes)} SuperNodes answered the client query as a training client")
+        raise RuntimeError(f"none of the {len(asked)} SuperNodes answered the client query as a training client")
     return sorted(clients, key=lambda c: c.client_id), sorted(unseen, key=lambda c: c.client_id), mapping
+
+
+def _ask(grid: Grid, nodes: list[int], timeout: float | None, clients: list[ClientData], unseen: list[ClientData],
+         mapping: dict[int, int]) -> None:
+    """Ask ``nodes`` which clients they serve; add them to ``clients`` / ``unseen`` and ``mapping``."""
+    if not nodes:
+        return
+    queries = [Message(RecordDict({"config": ConfigRecord({})}), node, MessageType.QUERY) for node in nodes]
+    for reply in grid.send_and_receive(queries, timeout=timeout):
+        if reply.has_error():
+            continue  # a node that cannot describe itself does not take part
+        if "info" in reply.content:  # a node serving one client
+            infos = [reply.content["info"]]
+        else:  # a node serving several: "<client id>/info" each
+            try:
+                infos = [part["info"] for part in split_records(reply.content).values() if "info" in part]
+            except ValueError:
+                continue
+        for info in infos:
+            cid = int(info["client_id"])  # type: ignore[arg-type]
+            if cid in mapping:
+                raise ValueError(f"two SuperNodes serve client {cid}; give each a distinct partition-id "
+                                 "(or distinct partition-ids)")
+            group = int(info["group"])  # type: ignore[arg-type]
+            mapping[cid] = reply.metadata.src_node_id
+            num_val = int(info.get("num_val", 0))  # type: ignore[arg-type]
+            data = ClientData(cid, RemoteData(int(info["num_samples"]), cid),  # type: ignore[arg-type]
+                              RemoteData(int(info["num_test"]), cid),  # type: ignore[arg-type]
+                              None if group < 0 else group,
+                              RemoteData(num_val, cid) if num_val else None, val_fraction=0.0)  # type: ignore[arg-type]
+            (unseen if bool(info.get("unseen", False)) else clients).append(data)
 
 
 def run_federation(
@@ -252,7 +331,7 @@ def run_federation(
     """
     validate_config(cfg)
     config = build_federation_config(cfg)
-    clients, unseen, nodes = discover_clients(grid, max(min_nodes, config.min_clients), timeout, wait_s)
+    clients, unseen, nodes = discover_clients(grid, min_nodes, timeout, wait_s, min_clients=config.min_clients)
     backend = FlowerBackend(grid, nodes, timeout, message_hook)
     orch = build_runner(cfg, clients, unseen, checkpoint_path=checkpoint_path, backend=backend, progress=progress)
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():

@@ -35,6 +35,7 @@ def run_simulation(
     stop_after: int | None = None,
     overwrite: bool = False,
     audit_dir: str | Path | None = None,
+    clients_per_node: int = 1,
 ) -> tuple[Any, FederatedResult]:
     """Simulate the federation of ``cfg`` with one virtual SuperNode per client (training, then unseen).
 
@@ -48,12 +49,18 @@ def run_simulation(
         overwrite: replace the run that ``out_dir`` holds (without it, or ``resume``, such a folder is refused).
         audit_dir: every node audits every message it receives and sends into this folder
             (:mod:`hilora_lightning.flower.audit`).
+        clients_per_node: each node serves this many clients (a site with several data sets; node ``p`` serves
+            clients ``p k .. p k + k - 1``) and runs a batch's plans for them together (batched when the config's
+            ``backend.name`` is ``batched``); ``num_supernodes`` then defaults to the clients / ``k``, rounded up.
     """
     clients, unseen = build_clients(cfg.get("data", {}), int(cfg.get("seed", 0)))
-    n = num_supernodes or len(clients) + len(unseen)
-    if n > len(clients) + len(unseen):
-        raise ValueError(f"num_supernodes={n} exceeds the {len(clients)} training and {len(unseen)} unseen clients "
-                         "of the config")
+    if clients_per_node < 1:
+        raise ValueError(f"clients_per_node must be >= 1, got {clients_per_node}")
+    total = len(clients) + len(unseen)
+    n = num_supernodes or -(-total // clients_per_node)
+    if (n - 1) * clients_per_node >= total:
+        raise ValueError(f"num_supernodes={n} exceeds what the {len(clients)} training and {len(unseen)} unseen "
+                         f"clients of the config fill at {clients_per_node} per node")
     captured: dict[str, Any] = {}
 
     def keep(orch: Any, result: FederatedResult) -> None:
@@ -62,8 +69,8 @@ def run_simulation(
     server = make_server_app(cfg, out_dir=out_dir, resume=resume, on_result=keep, message_hook=message_hook,
                              min_nodes=n, stop_after=stop_after, overwrite=overwrite)
     backend: dict[str, Any] = {"client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": 0.0}}
-    flwr_run_simulation(server, make_client_app(cfg, fault, audit_dir=audit_dir), num_supernodes=n,
-                        backend_config=backend, verbose_logging=verbose)
+    client = make_client_app(cfg, fault, audit_dir=audit_dir, clients_per_node=clients_per_node)
+    flwr_run_simulation(server, client, num_supernodes=n, backend_config=backend, verbose_logging=verbose)
     if "result" not in captured:
         raise RuntimeError("the Flower simulation ended without a result; see the log above for the ServerApp error")
     return captured["orch"], captured["result"]
