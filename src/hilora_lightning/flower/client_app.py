@@ -222,7 +222,7 @@ def make_client_app(
             client = mine[plan.client_id]
             if fault is not None:
                 fault(client.client_id, plan.round, kind)
-            return Message(_one(runtime, plan, client, context, None), reply_to=msg)
+            return Message(_one(runtime, plan, client, context), reply_to=msg)
         content = RecordDict()
         results: dict[int, Any] = {}
         for cid, plan in plans.items():
@@ -290,13 +290,12 @@ def _reply_records(result: FitReply | float, plan: LocalPlan | ScorePlan, client
     return records
 
 
-def _one(runtime: ClientRuntime, plan: LocalPlan | ScorePlan, client: ClientData, context: Context,
-         client_id: int | None) -> RecordDict:
-    """Run one plan on the node's runtime with the client's store in ``context.state``."""
-    store = load_store(context.state, client_id)
+def _one(runtime: ClientRuntime, plan: LocalPlan | ScorePlan, client: ClientData, context: Context) -> RecordDict:
+    """Run the one plan of a node serving one client, its store in ``context.state``."""
+    store = load_store(context.state)
     if isinstance(plan, LocalPlan):
         reply, new = runtime.fit(plan, client, store)
-        save_store(context.state, new, client_id)  # only after the plan succeeded
+        save_store(context.state, new)  # only after the plan succeeded
         return RecordDict(_reply_records(reply, plan, client))
     try:
         score = runtime.evaluate(plan, client, store)

@@ -122,9 +122,9 @@ class FlowerBackend:
                 replies[answered] = reply
         return replies
 
-    def _why_silent(self, node: int) -> str:
-        """Why a node sent no reply: the SuperLink's own view of it, else the timeout."""
-        if node not in set(self.grid.get_node_ids()):
+    def _why_silent(self, node: int, connected: set[int]) -> str:
+        """Why a node sent no reply: the SuperLink's own view of it (``connected``), else the timeout."""
+        if node not in connected:
             return f"its node {node} is no longer connected to the SuperLink"
         return f"none within the timeout of {self.timeout:.0f}s" if self.timeout is not None else \
             "the SuperLink returned none"
@@ -142,10 +142,11 @@ class FlowerBackend:
                     for node, plans in by_node.items()}
         replies = self._exchange(messages)
         out: dict[int, RecordDict | Exception | None] = {}
+        connected = set(self.grid.get_node_ids()) if len(replies) < len(by_node) else set()
         for node, plans in by_node.items():
             reply = replies.get(node)
             if reply is None:
-                why = self._why_silent(node)
+                why = self._why_silent(node, connected)
                 out.update(dict.fromkeys(plans))
                 self.silent.update(dict.fromkeys(plans, why))
             elif reply.has_error():
