@@ -12,9 +12,14 @@ each repetition and the median is reported, on ``hilora-mnist-vit`` (32 px, 16 t
     python benchmarks/simulation_throughput.py --smoke          # seconds: what the test suite runs
     python benchmarks/simulation_throughput.py --device cuda --precision bf16-mixed --models vit_base@224
 
+A second table runs the library's default budget, one local epoch, over clients of uneven sizes
+(``--epoch-sizes``, default 20-200 samples: each client its own number of batches, the last one short),
+sequential vs batched on the first model.
+
 JSON (flat): ``batched_speedup_<N>`` (sequential / batched), ``batched_over_floor_<N>`` (batched /
-floor), the three wall times per model and N, and the peak memory (``peak_rss_mib`` on the CPU,
-``peak_cuda_mib_<method>_<N>`` on a GPU). Keys without a model prefix are the first model's.
+floor), ``epochs_batched_speedup_<N>`` (the uneven epoch), the wall times per model and N, and the
+peak memory (``peak_rss_mib`` on the CPU, ``peak_cuda_mib_<method>_<N>`` on a GPU). Keys without a
+model prefix are the first model's.
 """
 
 from __future__ import annotations
@@ -52,15 +57,16 @@ def _model(key: str) -> HiLoRAViT:
     return HiLoRAViT(backbone=name, num_classes=classes, backbone_kwargs=kwargs, lr=1e-3)
 
 
-def _clients(key: str, n: int, per_client: int) -> list[ClientData]:
+def _clients(key: str, n: int, per_client: int | list[int]) -> list[ClientData]:
     _, img, classes, _ = MODELS[key]
     g = torch.Generator().manual_seed(0)
     out = []
     for cid in range(n):
-        x = torch.randn(per_client, 1 if key == "mnist" else 3, img, img, generator=g)
+        size = per_client[cid] if isinstance(per_client, list) else per_client
+        x = torch.randn(size, 1 if key == "mnist" else 3, img, img, generator=g)
         if key == "mnist":
             x = x.expand(-1, 3, -1, -1).clone()
-        y = torch.randint(0, classes, (per_client,), generator=g)
+        y = torch.randint(0, classes, (size,), generator=g)
         out.append(ClientData(cid, TensorDataset(x, y), TensorDataset(x[:8], y[:8])))
     return out
 
@@ -131,6 +137,34 @@ def measure(key: str, n: int, steps: int, batch: int, reps: int, device: str, pr
     return out
 
 
+def measure_epochs(key: str, n: int, batch: int, reps: int, device: str, precision: str,
+                   sizes: tuple[int, int]) -> dict[str, float]:
+    """One local epoch (the library's default budget) over clients of uneven sizes, drawn in ``sizes``:
+    each client its own number of batches and a short last one; sequential vs batched, interleaved."""
+    model = _model(key)
+    g = torch.Generator().manual_seed(1)
+    per_client = torch.randint(sizes[0], sizes[1] + 1, (n,), generator=g).tolist()
+    clients = _clients(key, n, per_client)
+    cfg = FederationConfig(rounds=3, root_rounds=(1, 1), cluster_rounds=(1, 1), local_epochs=1, batch_size=batch)
+    strategy = HiLoRAStrategy(model, cfg)
+    state = strategy.initial_state([c.client_id for c in clients])
+    plans = strategy.configure_fit(state, 1, [c.client_id for c in clients], Tier.ROOT)
+    trainer = {"accelerator": "gpu" if device == "cuda" else "cpu", "precision": precision}
+    backends = {"sequential": InProcessBackend(), "batched": BatchedBackend()}
+    for backend in backends.values():
+        backend.bind(ClientRuntime(model, trainer), clients)
+    backends["batched"].fit(plans)  # warm-up; not timed
+    times: dict[str, list[float]] = {m: [] for m in backends}
+    for rep in range(reps):
+        for name in list(backends)[rep % 2:] + list(backends)[:rep % 2]:
+            times[name].append(_timed(lambda b=backends[name]: b.fit(plans), device))  # type: ignore[misc]
+    med = {m: statistics.median(v) for m, v in times.items()}
+    out = {f"epochs_seconds_{m}_{n}": t for m, t in med.items()}
+    out[f"epochs_batched_speedup_{n}"] = med["sequential"] / med["batched"]
+    out[f"epochs_batches_{n}"] = float(sum(-(-k // batch) for k in per_client))
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="8,30", help="client counts, comma-separated")
@@ -140,11 +174,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--epoch-sizes", default="20,200",
+                        help="the uneven-epoch rows (first model): client sizes drawn in this range")
     parser.add_argument("--smoke", action="store_true", help="2 clients, 2 steps, 1 repetition, mnist only")
     parser.add_argument("--json", help="write the headline figures here")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.clients, args.models, args.steps, args.batch, args.reps = "2", "mnist", 2, 4, 1
+        args.clients, args.models, args.steps, args.batch, args.reps, args.epoch_sizes = "2", "mnist", 2, 4, 1, "5,11"
     warnings.filterwarnings("ignore")
     counts = [int(n) for n in str(args.clients).split(",")]
     models = str(args.models).split(",")
@@ -160,6 +196,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             results.update({f"{key}_{k}": v for k, v in r.items()})
             if i == 0:
                 results.update(r)
+    lo, hi = (int(v) for v in str(args.epoch_sizes).split(","))
+    print(f"\none local epoch, batch {args.batch}, clients of {lo}-{hi} samples ({models[0]}):")
+    print(f"{'N':>4}{'batches':>9}{'sequential s':>14}{'batched s':>11}{'seq/batched':>13}")
+    for n in counts:
+        r = measure_epochs(models[0], n, args.batch, args.reps, args.device, args.precision, (lo, hi))
+        print(f"{n:>4}{r[f'epochs_batches_{n}']:>9.0f}{r[f'epochs_seconds_sequential_{n}']:>14.2f}"
+              f"{r[f'epochs_seconds_batched_{n}']:>11.2f}{r[f'epochs_batched_speedup_{n}']:>13.2f}", flush=True)
+        results.update(r)
     results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.json:
         with open(args.json, "w") as fh:

@@ -35,6 +35,7 @@ from hilora_lightning.federation.client import client_seed, state_bytes
 from hilora_lightning.federation.config import FederationConfig
 from hilora_lightning.federation.engine import RoundContext
 from hilora_lightning.federation.fingerprint import config_items
+from hilora_lightning.federation.heads import HeadPolicy
 from hilora_lightning.federation.plan import Budget, HeadStart, Kind, LocalPlan, Phase, ScorePlan, Start, Step
 from hilora_lightning.federation.replies import Expected, Payload
 from hilora_lightning.federation.result import FederatedResult, accuracy_summary
@@ -69,6 +70,7 @@ class BaselineStrategy:
         self.initial_global = self.spec.fresh(G, config.seed)  # the shared-seed global LoRA: B = 0, A from the seed
         self.initial_row = self.spec.fresh(R, config.seed)
         self.initial_head = dict(self.spec.head)
+        self.heads = HeadPolicy(config.head_policy, self.initial_head)
         self.initial_gates = dict(self.spec.gates)
         self.upload_slot = P if method.rule == "others" else G
 
@@ -114,7 +116,7 @@ class BaselineStrategy:
         return tuple(Step.of(p, client_seed(seed, i, cid, "phase"), whole) for i, p in enumerate(phases))
 
     def _head(self, state: ServerState) -> State:
-        return state.global_head if self.config.head_policy == "tier" else self.initial_head
+        return self.heads.global_head(state)
 
     def _fallback_head(self, state: ServerState, cid: int) -> State | None:
         """The head a client without its own starts from, sent only when it needs it: it holds none yet and
@@ -138,7 +140,7 @@ class BaselineStrategy:
     def configure_fit(self, state: ServerState, t: int, selected: Sequence[int], phase: Tier) -> dict[int, LocalPlan]:
         cfg, method = self.config, self.method
         uploads = method.uploads(t)
-        share_head = uploads and cfg.head_policy == "tier"
+        share_head = uploads and self.heads.shared
         upload = (self.upload_slot, "A" if method.rule == "A" else "AB") if uploads else None
         budget = Budget(cfg.batch_size, cfg.local_epochs, cfg.local_steps)
         phases = method.phases(t)
@@ -169,7 +171,7 @@ class BaselineStrategy:
         shapes = self.spec.shapes(self.upload_slot)
         if self.method.rule == "A":
             shapes = {k: v for k, v in shapes.items() if k.endswith(".lora_A")}
-        head = self.head_shapes if self.config.head_policy == "tier" else None
+        head = self.head_shapes if self.heads.shared else None
         return Expected(shapes, head, self.config.max_update_norm,
                         self.config.outlier_norm)
 
@@ -180,7 +182,7 @@ class BaselineStrategy:
     # ------------------------------------------------------------------ server
     def aggregate_fit(self, state: ServerState, t: int, phase: Tier, payloads: Mapping[int, Payload],
                       ok: Sequence[int]) -> float | None:
-        if not (self.method.uploads(t) and self.config.head_policy == "tier"):  # these clients kept their head
+        if not (self.method.uploads(t) and self.heads.shared):  # these clients kept their head
             state.extra["own_head"] = sorted({*state.extra.get("own_head", ()), *ok})
         if not self.method.uploads(t):
             return None
@@ -194,7 +196,7 @@ class BaselineStrategy:
         state.extra["weights"] = {c: weights[c] for c in set(state.extra["latest"]) | set(ids)}
         if self.method.rule == "others":
             state.extra["row"] = row
-        if self.config.head_policy == "tier":
+        if self.heads.shared:
             state.global_head = fedavg_states([payloads[c].head for c in ids],  # type: ignore[misc]
                                               [weights[c] for c in ids])
         return None

@@ -30,6 +30,7 @@ from hilora_lightning.federation.client import client_seed, state_bytes
 from hilora_lightning.federation.config import FederationConfig
 from hilora_lightning.federation.engine import RoundContext
 from hilora_lightning.federation.fingerprint import config_items
+from hilora_lightning.federation.heads import HeadPolicy
 from hilora_lightning.federation.newcomers import Newcomers
 from hilora_lightning.federation.plan import Budget, ClientStore, HeadStart, Kind, LocalPlan, ScorePlan, Start, Step
 from hilora_lightning.federation.private import PrivacyLedger, privacy_summary
@@ -78,6 +79,7 @@ class HiLoRAStrategy(Newcomers):
         self.initial_root = self.spec.fresh(Tier.ROOT, config.seed)  # the shared-seed root: B = 0, A from the seed
         self.initial_head = dict(self.spec.head)
         self.head_shapes = {k: tuple(v.shape) for k, v in self.initial_head.items()}
+        self.heads = HeadPolicy(config.head_policy, self.initial_head)
         if self.spec.rank(Tier.CLUSTER) == self.spec.rank(Tier.ROOT):  # the probe starts as the root did in round 1
             self.probe_start = self.initial_root
         else:
@@ -108,11 +110,7 @@ class HiLoRAStrategy(Newcomers):
     # ------------------------------------------------------------------ heads and requests
     def head_for(self, state: ServerState, cid: int, tier: Tier) -> State:
         """The server's head for client ``cid`` at ``tier`` (its own head, if it has one, wins on the client)."""
-        if self.config.head_policy == "local":
-            return self.initial_head
-        if tier is Tier.ROOT or not state.assignment:
-            return state.global_head
-        return state.cluster_heads[state.assignment[cid]]
+        return self.heads.for_tier(state, cid, tier)
 
     def client_model(self, state: ServerState, cid: int, store: ClientStore, unseen: bool = False
                      ) -> tuple[dict[Tier, State], State]:
@@ -132,8 +130,8 @@ class HiLoRAStrategy(Newcomers):
             tiers[Tier.LEAF] = dict(store.kept[Tier.LEAF])
         if store.head is not None:  # its personal (or fine-tuned) head
             head = store.head
-        elif cluster is not None and self.config.head_policy == "tier":
-            head = state.cluster_heads[cluster]  # also an unseen client's routed cluster (not in the assignment)
+        elif cluster is not None and self.heads.shared:
+            head = self.heads.cluster_head(state, cluster)  # also an unseen client's routed cluster (not assigned)
         else:
             head = self.head_for(state, cid, Tier.ROOT)
         return tiers, dict(head)
@@ -178,15 +176,15 @@ class HiLoRAStrategy(Newcomers):
         out: dict[int, LocalPlan] = {}
         for cid in selected:
             has_own_head = leaf and cid in state.has_final[Tier.CLUSTER]
-            send_head = cfg.head_policy == "tier" and not has_own_head
+            send_head = self.heads.shared and not has_own_head
             out[cid] = LocalPlan(
                 Kind.TRAIN, cid, t, self._slots(state, cid, list(Tier)[: tier.position + 1],
                                                 above if cfg.schedule == "stagewise" else ()),
                 HeadStart(self.head_for(state, cid, tier) if send_head else None,
-                          own=cfg.head_policy == "local" or leaf),
+                          own=self.heads.own(leaf)),
                 (self.stage_step(tier, client_seed(cfg.seed, t, cid)),), budget,
                 upload=None if leaf else (tier, "AB"), keep=((Tier.LEAF, "AB"),) if leaf else (),
-                keep_head=leaf or cfg.head_policy == "local", return_head=cfg.head_policy == "tier" and not leaf)
+                keep_head=self.heads.keeps(leaf), return_head=self.heads.returns(leaf))
         return out
 
     def download_bytes(self, state: ServerState, plan: LocalPlan) -> int:
@@ -200,7 +198,7 @@ class HiLoRAStrategy(Newcomers):
     def expected(self, state: ServerState, tier: Tier) -> Expected:
         if tier is Tier.LEAF:  # leaf and personal head never leave the client
             return Expected(None, None)
-        head = self.head_shapes if self.config.head_policy == "tier" else None
+        head = self.head_shapes if self.heads.shared else None
         private = self.privacy is not None and self.privacy.applies(tier.value)  # clipped, not rejected
         return Expected(self.spec.shapes(tier), head, self.config.max_update_norm,
                         None if private else self.config.outlier_norm)
@@ -250,7 +248,7 @@ class HiLoRAStrategy(Newcomers):
                     folded = cs.study_features[cfg.clustering.feature]
                 cs.features = transition.update_features(cs.features, p.factors, before, cfg.clustering, rank,
                                                          folded)
-        share_head = cfg.head_policy == "tier"
+        share_head = self.heads.shared
         private = self.privacy is not None and self.privacy.applies(tier.value)
         if private:
             self.privacy.spend(state)  # type: ignore[union-attr]  # each client is in one aggregate per round
@@ -304,7 +302,7 @@ class HiLoRAStrategy(Newcomers):
     def form_clusters(self, state: ServerState, ctx: RoundContext) -> None:
         """LSAC (or the configured method) at the end of the root stage; one fresh adapter per cluster."""
         cfg, rank = self.config, self.spec.rank(Tier.ROOT)
-        head = state.global_head if cfg.head_policy == "tier" else self.initial_head
+        head = self.heads.global_head(state)
 
         def probe(ids: Sequence[int]) -> dict[int, dict[str, Tensor]]:
             return self.probe_features(state, ctx, ids, head, "transition probe")
@@ -330,7 +328,7 @@ class HiLoRAStrategy(Newcomers):
         always the client's.
         """
         level = head_level or tiers[-1]
-        own_head = self.config.head_policy == "local" or (level is Tier.LEAF and bool(state.assignment))
+        own_head = self.heads.own(level is Tier.LEAF and bool(state.assignment))
         out: dict[int, ScorePlan] = {}
         for cid in sorted(state.clients) if ids is None else ids:
             out[cid] = ScorePlan(cid, state.round + 1, tuple(tiers), self._slots(state, cid, tiers),

@@ -25,6 +25,7 @@ from torch import Tensor
 from hilora_lightning.federation import transition
 from hilora_lightning.federation.client import client_seed
 from hilora_lightning.federation.engine import RoundContext
+from hilora_lightning.federation.heads import HeadPolicy
 from hilora_lightning.federation.plan import Budget, HeadStart, Kind, LocalPlan, ScorePlan, Start
 from hilora_lightning.federation.result import accuracy_summary
 from hilora_lightning.federation.server_state import ServerState
@@ -41,6 +42,7 @@ class Newcomers:
     spec: Any
     probe_start: dict[str, Tensor]
     initial_head: dict[str, Tensor]
+    heads: HeadPolicy
     stage_step: Callable[[Tier, int], Any]
     leaf_seed: Callable[[int], int]
 
@@ -76,11 +78,10 @@ class Newcomers:
         if state.num_clusters <= 1:
             return dict.fromkeys(ids, 0)
         if cfg.route_by == "loss":
-            heads = {j: state.cluster_heads[j] if cfg.head_policy == "tier" else self.initial_head
-                     for j in state.clusters}
+            heads = {j: self.heads.cluster_head(state, j) for j in state.clusters}
             routed = transition.route_by_loss(ids, state, heads, lambda r: ctx.scores(r, "unseen loss routing"))
         else:
-            head = state.global_head if cfg.head_policy == "tier" else self.initial_head
+            head = self.heads.global_head(state)
             features = self.probe_features(state, ctx, ids, head, "unseen probe")
             routed = {c: transition.route_to_cluster(transition.client_subspaces(f, rank), state.cluster_centers)[0]
                       for c, f in features.items()}
@@ -92,9 +93,8 @@ class Newcomers:
         cfg = self.config
         ids = sorted(ctx.unseen)
         routing = self.route_unseen(state, ctx, ids)
-        tier_head = cfg.head_policy == "tier"
-        root_head = state.global_head if tier_head else self.initial_head
-        heads = {c: state.cluster_heads[routing[c]] if tier_head else self.initial_head for c in ids}
+        root_head = self.heads.global_head(state)
+        heads = {c: self.heads.cluster_head(state, routing[c]) for c in ids}
         rnd = state.round + 1
         root_only = {c: ScorePlan(c, rnd, (Tier.ROOT,), {Tier.ROOT: Start.server(state.root)}, HeadStart(root_head))
                      for c in ids}
