@@ -11,9 +11,11 @@ parameters equals per-client AdamWs (it is elementwise). Each client draws its b
 seeded sampler as the sequential executor does, so the two agree up to float32 summation order.
 
 Clients with different numbers of batches (epoch budgets over data sets of different sizes) share a
-pass too: a short batch (an epoch's last) is padded with weight 0, and a client's rows are put back to
-their state after its last batch (AdamW moves a parameter on a zero gradient as well). Gradient clipping
-(``gradient_clip_val``, by norm or value) clips each client's own gradient.
+pass too: a short batch (an epoch's last) is padded with weight 0, a client whose batches have run out
+leaves the pass, and its rows are put back to their state after its last batch (AdamW moves a parameter
+on a zero gradient as well). Gated layers (FedALT's routers, FDLoRA's fusion weights) carry every
+client's own gates, stacked. Gradient clipping (``gradient_clip_val``, by norm or value) clips each
+client's own gradient.
 
 What cannot batch runs one client at a time through the sequential executor, with a one-line notice
 naming why (dropout, batch norm, Lightning callbacks or loggers, other Trainer options, an
