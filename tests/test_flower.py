@@ -158,8 +158,17 @@ def test_the_audit_flags_a_leaked_leaf_head_or_raw_image() -> None:
     image = RecordDict({"factors": to_record({"m.lora_A": torch.rand(1, 8, 8)}), "slot-leaf": to_record(leaf)})
     assert audit_message(image, store, factor_shapes, head_shapes) == [
         "factors/m.lora_A of shape (1, 8, 8) is not a shared factor array",
-        "record 'slot-leaf' may not travel (allowed: ['config', 'factors', 'gates', 'head', 'info', 'metrics', "
-        "'slot-cluster', 'slot-root'])"]
+        "record 'slot-leaf' may not travel (allowed: ['config', 'error', 'factors', 'gates', 'head', 'info', "
+        "'metrics', 'slot-cluster', 'slot-root'])"]
+    # a node serving two clients: client 3's part may not carry client 5's head, nor its own leaf
+    other = ClientStore(head={k: v + 2 for k, v in head.items()})
+    mixed = RecordDict({"3/head": to_record(other.head), "3/metrics": ConfigRecord({"num_samples": 3}),
+                        "5/factors": to_record(leaf)})
+    assert audit_message(mixed, [ClientStore(), store, other], factor_shapes, head_shapes) == [
+        "head/weight equals the client's own personal head/weight (store 2)",
+        "head/bias equals the client's own personal head/bias (store 2)",
+        "factors/m.lora_A equals the client's own leaf/m.lora_A (store 1)",
+        "factors/m.lora_B equals the client's own leaf/m.lora_B (store 1)"]
 
 
 def test_a_failing_client_is_dropped_and_the_run_completes() -> None:
