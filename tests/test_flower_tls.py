@@ -105,7 +105,8 @@ def test_the_tls_deployment_runs_and_refuses_unknown_and_plaintext_nodes(deploym
     out = d["tmp"] / "out"
     (d["tmp"] / "tiny.yaml").write_text(TINY_FLOWER)
     run = flwr("run", ".", "tls", "--stream", "--run-config",
-               f"config='{d['tmp'] / 'tiny.yaml'}' min-nodes=2 wait-s=240 out-dir='{out}'")
+               f"config='{d['tmp'] / 'tiny.yaml'}' overrides='federation.eval_every=3' min-nodes=2 wait-s=240 "
+               f"out-dir='{out}'")  # each message starts a ClientApp process (~20 s here): no per-round scores
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-3000:]
     assert "round 3/3 [leaf] clients 2/2" in log, log[-3000:]
