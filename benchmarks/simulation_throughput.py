@@ -31,6 +31,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -101,17 +102,24 @@ def floor_round(model: HiLoRAViT, clients: list[ClientData], steps: int, batch: 
     model.cpu()
 
 
-def measure(key: str, n: int, steps: int, batch: int, reps: int, device: str, precision: str) -> dict[str, float]:
-    model = _model(key)
-    clients = _clients(key, n, per_client=max(batch * 2, 64))
-    cfg = FederationConfig(rounds=3, root_rounds=(1, 1), cluster_rounds=(1, 1), local_steps=steps, batch_size=batch)
+def _root_round(model: HiLoRAViT, clients: list[ClientData], cfg: FederationConfig, device: str, precision: str
+                ) -> tuple[dict[int, Any], dict[str, Any]]:
+    """The root stage's first-round plans of every client, and both backends bound to the clients."""
     strategy = HiLoRAStrategy(model, cfg)
     state = strategy.initial_state([c.client_id for c in clients])
     plans = strategy.configure_fit(state, 1, [c.client_id for c in clients], Tier.ROOT)
     trainer = {"accelerator": "gpu" if device == "cuda" else "cpu", "precision": precision}
-    backends = {"sequential": InProcessBackend(), "batched": BatchedBackend()}
+    backends: dict[str, Any] = {"sequential": InProcessBackend(), "batched": BatchedBackend()}
     for backend in backends.values():
         backend.bind(ClientRuntime(model, trainer), clients)
+    return plans, backends
+
+
+def measure(key: str, n: int, steps: int, batch: int, reps: int, device: str, precision: str) -> dict[str, float]:
+    model = _model(key)
+    clients = _clients(key, n, per_client=max(batch * 2, 64))
+    cfg = FederationConfig(rounds=3, root_rounds=(1, 1), cluster_rounds=(1, 1), local_steps=steps, batch_size=batch)
+    plans, backends = _root_round(model, clients, cfg, device, precision)
     runs: dict[str, Callable[[], object]] = {
         "sequential": lambda: backends["sequential"].fit(plans),
         "batched": lambda: backends["batched"].fit(plans),
@@ -146,13 +154,7 @@ def measure_epochs(key: str, n: int, batch: int, reps: int, device: str, precisi
     per_client = torch.randint(sizes[0], sizes[1] + 1, (n,), generator=g).tolist()
     clients = _clients(key, n, per_client)
     cfg = FederationConfig(rounds=3, root_rounds=(1, 1), cluster_rounds=(1, 1), local_epochs=1, batch_size=batch)
-    strategy = HiLoRAStrategy(model, cfg)
-    state = strategy.initial_state([c.client_id for c in clients])
-    plans = strategy.configure_fit(state, 1, [c.client_id for c in clients], Tier.ROOT)
-    trainer = {"accelerator": "gpu" if device == "cuda" else "cpu", "precision": precision}
-    backends = {"sequential": InProcessBackend(), "batched": BatchedBackend()}
-    for backend in backends.values():
-        backend.bind(ClientRuntime(model, trainer), clients)
+    plans, backends = _root_round(model, clients, cfg, device, precision)
     backends["batched"].fit(plans)  # warm-up; not timed
     times: dict[str, list[float]] = {m: [] for m in backends}
     for rep in range(reps):
